@@ -1,0 +1,277 @@
+"""Exact loss and gradient of a gated deep linear network, and the path form of MATH.md §2.
+
+Two engines compute the same numbers:
+
+- ``"samples"``: forward/backward propagation over the samples (BLAS products, sample-first);
+- ``"moments"``: forward/backward propagation of transfer matrices per context, using the gated
+  moments of ``stats.gated_moments`` — its cost does not grow with the number of samples.
+
+Neither computes a block that a gate switches off. Real-valued gates are exact in both.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from .data import Dataset
+from .errors import WeightsError
+from .network import DEFAULT_PATH_LIMIT, Network
+from .stats import GatedMoments, gated_moments, path_correlations
+
+Weights = dict[str, np.ndarray]
+ENGINES = ("auto", "samples", "moments")
+
+
+def check_weights(net: Network, weights: Mapping[str, object]) -> Weights:
+    """Validate ``weights`` ({edge: (dim target, dim source)}) against ``net``; float64 copies."""
+    net.validate()
+    if not isinstance(weights, Mapping):
+        raise WeightsError(f"weights must be a mapping {{edge name: array}}, got {type(weights)}")
+    for name in weights:
+        if name not in net.edges:
+            raise WeightsError(f"weights[{name!r}]: unknown edge (edges are {list(net.edges)})")
+    out: Weights = {}
+    for e in net.edges:
+        if e not in weights:
+            raise WeightsError(f"weights: missing edge {e!r}")
+        try:
+            arr = np.asarray(weights[e], dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise WeightsError(f"weights[{e!r}]: not a float array ({exc})") from None
+        if arr.shape != net.weight_shape(e):
+            raise WeightsError(f"weights[{e!r}]: expected shape {net.weight_shape(e)} "
+                               f"(dim target, dim source), got {arr.shape}")
+        if not np.all(np.isfinite(arr)):
+            raise WeightsError(f"weights[{e!r}]: contains NaN or inf")
+        out[e] = np.ascontiguousarray(arr)
+    return out
+
+
+def choose_engine(net: Network, data: Dataset, engine: str = "auto") -> str:
+    """The engine to use: ``"moments"`` when contexts are few compared with samples."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine != "auto":
+        return engine
+    n_ctx = data.contexts(net).count
+    d_in = sum(net.dim(u) for u in net.inputs)
+    return "moments" if n_ctx * d_in <= data.n_samples else "samples"
+
+
+# ---------------------------------------------------------------------- samples engine
+def _forward_samples(net: Network, data: Dataset, W: Weights):
+    g_nodes, g_edges = data.gate_matrix(net)
+    node_col = {v: i for i, v in enumerate(net.nodes)}
+    edge_col = {e: i for i, e in enumerate(net.edges)}
+    P = data.n_samples
+    h: dict[str, np.ndarray] = {}
+    for v in net.order:
+        gv = g_nodes[:, node_col[v]]
+        if not net.in_edges(v):
+            h[v] = gv[:, None] * data.inputs[v]
+            continue
+        z = np.zeros((P, net.dim(v)))
+        for e in net.in_edges(v):
+            src = net.edge(e).source
+            a = g_edges[:, edge_col[e]] * gv
+            rows = np.flatnonzero(a)
+            if rows.size == P:
+                z += a[:, None] * (h[src] @ W[e].T)
+            elif rows.size:
+                z[rows] += a[rows, None] * (h[src][rows] @ W[e].T)
+        h[v] = z
+    return h, g_nodes, g_edges, node_col, edge_col
+
+
+def _loss_gradient_samples(net: Network, data: Dataset, W: Weights, need_grad: bool):
+    h, g_nodes, g_edges, node_col, edge_col = _forward_samples(net, data, W)
+    w = data.weights
+    delta: dict[str, np.ndarray] = {}
+    loss = 0.0
+    for out in net.outputs:
+        r = h[out] - data.targets[out]
+        loss += 0.5 * float(np.einsum("n,ni,ni->", w, r, r))
+        delta[out] = w[:, None] * r
+    if not need_grad:
+        return loss, None
+    P = data.n_samples
+    grad: Weights = {}
+    for v in reversed(net.order):
+        if v not in delta:  # no path from v to an output carries gradient (cannot happen) or input
+            delta[v] = np.zeros((P, net.dim(v)))
+        dv = delta[v]
+        for e in net.in_edges(v):
+            src = net.edge(e).source
+            a = g_edges[:, edge_col[e]] * g_nodes[:, node_col[v]]
+            rows = np.flatnonzero(a)
+            if rows.size == P:
+                ad = a[:, None] * dv
+                grad[e] = ad.T @ h[src]
+                back = ad @ W[e]
+            elif rows.size:
+                ad = a[rows, None] * dv[rows]
+                grad[e] = ad.T @ h[src][rows]
+                back = np.zeros((P, net.dim(src)))
+                back[rows] = ad @ W[e]
+            else:
+                grad[e] = np.zeros(net.weight_shape(e))
+                continue
+            if net.in_edges(src):  # inputs need no delta
+                if src in delta:
+                    delta[src] += back
+                else:
+                    delta[src] = back
+    return loss, {e: grad[e] for e in net.edges}
+
+
+# ---------------------------------------------------------------------- moments engine
+def transfer_matrices(net: Network, moments: GatedMoments, W: Weights) -> dict[str, np.ndarray]:
+    """Per context, the linear map from stacked inputs to each node: (n_ctx, dim(v), Din)."""
+    ctx = moments.contexts
+    node_col = {v: i for i, v in enumerate(net.nodes)}
+    edge_col = {e: i for i, e in enumerate(net.edges)}
+    n_ctx = ctx.count
+    d_in = moments.xx.shape[1]
+    T: dict[str, np.ndarray] = {}
+    for v in net.order:
+        gv = ctx.node_gates[:, node_col[v]]
+        if not net.in_edges(v):
+            t = np.zeros((n_ctx, net.dim(v), d_in))
+            sl = moments.input_slices[v]
+            t[:, :, sl] = gv[:, None, None] * np.eye(net.dim(v))
+            T[v] = t
+            continue
+        t = np.zeros((n_ctx, net.dim(v), d_in))
+        for e in net.in_edges(v):
+            a = ctx.edge_gates[:, edge_col[e]] * gv
+            act = np.flatnonzero(a)
+            if act.size:
+                t[act] += a[act, None, None] * np.matmul(W[e], T[net.edge(e).source][act])
+        T[v] = t
+    return T
+
+
+def _loss_gradient_moments(net: Network, data: Dataset, W: Weights, need_grad: bool):
+    m = gated_moments(net, data)
+    ctx = m.contexts
+    T = transfer_matrices(net, m, W)
+    A = np.concatenate([T[w] for w in net.outputs], axis=1)  # (n_ctx, Dout, Din)
+    AS = np.matmul(A, m.xx)
+    loss = float(0.5 * m.yy.sum() - np.sum(A * m.yx) + 0.5 * np.sum(AS * A))
+    if not need_grad:
+        return loss, None
+    E = m.yx - AS  # per context: Σ w (y - h) xᵀ, stacked outputs
+    node_col = {v: i for i, v in enumerate(net.nodes)}
+    edge_col = {e: i for i, e in enumerate(net.edges)}
+    F = {w: np.ascontiguousarray(E[:, m.output_slices[w], :]) for w in net.outputs}
+    grad: Weights = {}
+    for v in reversed(net.order):
+        if not net.in_edges(v):
+            continue
+        Fv = F.get(v)
+        if Fv is None:  # every edge out of v is gated off: nothing flows back
+            for e in net.in_edges(v):
+                grad[e] = np.zeros(net.weight_shape(e))
+            continue
+        gv = ctx.node_gates[:, node_col[v]]
+        for e in net.in_edges(v):
+            src = net.edge(e).source
+            a = ctx.edge_gates[:, edge_col[e]] * gv
+            act = np.flatnonzero(a)
+            if not act.size:
+                grad[e] = np.zeros(net.weight_shape(e))
+                continue
+            aF = a[act, None, None] * Fv[act]  # (k, dim v, Din)
+            Ts = T[src][act]  # (k, dim s, Din)
+            k, dv, d_in = aF.shape
+            left = aF.transpose(1, 0, 2).reshape(dv, k * d_in)
+            right = Ts.transpose(1, 0, 2).reshape(Ts.shape[1], k * d_in)
+            grad[e] = -(left @ right.T)
+            if net.in_edges(src):
+                back = np.matmul(W[e].T, aF)
+                if src not in F:
+                    F[src] = np.zeros((ctx.count, net.dim(src), d_in))
+                F[src][act] += back
+    return loss, {e: grad[e] for e in net.edges}
+
+
+# ---------------------------------------------------------------------- public functions
+def loss_and_gradient(net: Network, data: Dataset, weights: Mapping[str, object],
+                      engine: str = "auto") -> tuple[float, Weights]:
+    """Loss ``Σ_n w_n ½ Σ_out |y − h|²`` and its gradient {edge: ∂L/∂W_e} (MATH.md §1)."""
+    data.check(net)
+    W = check_weights(net, weights)
+    if choose_engine(net, data, engine) == "moments":
+        return _loss_gradient_moments(net, data, W, True)  # type: ignore[return-value]
+    return _loss_gradient_samples(net, data, W, True)  # type: ignore[return-value]
+
+
+def loss(net: Network, data: Dataset, weights: Mapping[str, object], engine: str = "auto") -> float:
+    """The loss ``L(W) = Σ_n w_n · ½ Σ_{v∈Out} |y_v(n) − h_v(n)|²`` (a float)."""
+    data.check(net)
+    W = check_weights(net, weights)
+    if choose_engine(net, data, engine) == "moments":
+        return _loss_gradient_moments(net, data, W, False)[0]
+    return _loss_gradient_samples(net, data, W, False)[0]
+
+
+def gradient(net: Network, data: Dataset, weights: Mapping[str, object],
+             engine: str = "auto") -> Weights:
+    """Exact gradient {edge: ∂L/∂W_e}, each of shape (dim target, dim source)."""
+    return loss_and_gradient(net, data, weights, engine)[1]
+
+
+def forward(net: Network, data: Dataset, weights: Mapping[str, object]) -> dict[str, np.ndarray]:
+    """Activity of every node for every sample: {node: (P, dim)}."""
+    data.check(net)
+    return _forward_samples(net, data, check_weights(net, weights))[0]
+
+
+def path_gradient(net: Network, data: Dataset, weights: Mapping[str, object],
+                  limit: int = DEFAULT_PATH_LIMIT) -> Weights:
+    """∂L/∂W_e from the path-sum formula of MATH.md §2 (exact for 0/1 gates).
+
+    ``−∂L/∂W_e = Σ_{p∈P(e)} W_{t̄(p,e)}ᵀ E(p) W_{s̄(p,e)}ᵀ``,
+    ``E(p) = Σyx(p) − Σ_{j∈T(p)} W_j Σx(j, p)``.
+    """
+    data.check(net)
+    W = check_weights(net, weights)
+    corr = path_correlations(net, data, limit)
+    paths = corr.paths
+
+    def product(edges: tuple[str, ...], dim: int) -> np.ndarray:
+        out = np.eye(dim)
+        for e in edges:
+            out = W[e] @ out
+        return out
+
+    W_path = [product(p.edges, net.dim(p.source)) for p in paths]
+    E = [corr.yx[i] - sum(W_path[j] @ corr.xx[(j, i)] for j in corr.targets[i])
+         for i in range(len(paths))]
+    grad = {e: np.zeros(net.weight_shape(e)) for e in net.edges}
+    for i, p in enumerate(paths):
+        for e in p.edges:
+            before, after = p.split(e)
+            W_before = product(before, net.dim(p.source))
+            W_after = product(after, net.dim(net.edge(e).target))
+            grad[e] -= W_after.T @ E[i] @ W_before.T
+    return grad
+
+
+def conserved_quantities(net: Network, weights: Mapping[str, object]) -> dict[str, np.ndarray]:
+    """Q_v = Σ_{in} W Wᵀ − Σ_{out} Wᵀ W for every hidden node v, each (dim v, dim v).
+
+    Constant under gradient flow; drifts by O(η²) per step under gradient descent.
+    """
+    W = check_weights(net, weights)
+    Q = {}
+    for v in net.hidden:
+        q = np.zeros((net.dim(v), net.dim(v)))
+        for e in net.in_edges(v):
+            q += W[e] @ W[e].T
+        for e in net.out_edges(v):
+            q -= W[e].T @ W[e]
+        Q[v] = q
+    return Q

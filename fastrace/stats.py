@@ -1,0 +1,116 @@
+"""Gated statistics: second moments per context and the per-path correlations of MATH.md §2.
+
+The gradient of a gated deep linear network depends on the data only through these moments, so
+they are computed once and every later step costs nothing per sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .data import Contexts, Dataset
+from .network import DEFAULT_PATH_LIMIT, Network, Path
+
+
+@dataclass(frozen=True)
+class GatedMoments:
+    """Per-context second moments of the stacked inputs ``x`` (Din) and targets ``y`` (Dout).
+
+    ``xx[c] = Σ_{n in c} w_n x_n x_nᵀ`` (n_ctx, Din, Din), ``yx[c] = Σ w_n y_n x_nᵀ``
+    (n_ctx, Dout, Din), ``yy[c] = Σ w_n |y_n|²`` (n_ctx,). ``input_slices`` and ``output_slices``
+    locate each node's block in the stacked vectors.
+    """
+
+    contexts: Contexts
+    input_slices: dict[str, slice]
+    output_slices: dict[str, slice]
+    xx: np.ndarray
+    yx: np.ndarray
+    yy: np.ndarray
+
+    @property
+    def n_contexts(self) -> int:
+        return self.contexts.count
+
+
+def _slices(net: Network, nodes: tuple[str, ...]) -> dict[str, slice]:
+    out, start = {}, 0
+    for v in nodes:
+        out[v] = slice(start, start + net.dim(v))
+        start += net.dim(v)
+    return out
+
+
+def gated_moments(net: Network, data: Dataset) -> GatedMoments:
+    """Per-context moments of ``data`` for ``net`` (cached on the data set per architecture)."""
+    key = ("moments", net.signature())
+    cached = data._cache.get(key)
+    if cached is not None:
+        return cached  # type: ignore[return-value]
+    ctx = data.contexts(net)
+    x = data.stacked_inputs(net)
+    y = data.stacked_targets(net)
+    w = data.weights
+    n_ctx = ctx.count
+    xx = np.zeros((n_ctx, x.shape[1], x.shape[1]))
+    yx = np.zeros((n_ctx, y.shape[1], x.shape[1]))
+    yy = np.zeros(n_ctx)
+    order = np.argsort(ctx.index, kind="stable")
+    bounds = np.searchsorted(ctx.index[order], np.arange(n_ctx + 1))
+    for c in range(n_ctx):
+        rows = order[bounds[c]:bounds[c + 1]]
+        xc, yc, wc = x[rows], y[rows], w[rows]
+        wx = xc * wc[:, None]
+        xx[c] = wx.T @ xc
+        yx[c] = yc.T @ wx
+        yy[c] = np.einsum("n,ni,ni->", wc, yc, yc)
+    moments = GatedMoments(ctx, _slices(net, net.inputs), _slices(net, net.outputs), xx, yx, yy)
+    data._cache[key] = moments
+    return moments
+
+
+def path_gates(net: Network, ctx: Contexts, path: Path) -> np.ndarray:
+    """g_p per context (n_ctx,): gate of the source node times each edge gate and target gate."""
+    nodes = {v: i for i, v in enumerate(net.nodes)}
+    edges = {e: i for i, e in enumerate(net.edges)}
+    g = ctx.node_gates[:, nodes[path.source]].copy()
+    for e in path.edges:
+        g *= ctx.edge_gates[:, edges[e]] * ctx.node_gates[:, nodes[net.edge(e).target]]
+    return g
+
+
+@dataclass(frozen=True)
+class PathCorrelations:
+    """Σyx(p) and Σx(j, p) of MATH.md §2 for every path of a network.
+
+    ``paths``: the paths in ``net.paths()`` order; ``yx[p]``: (dim t(p), dim s(p));
+    ``targets[p]``: indices j of T(p) (paths ending where p ends); ``xx[(j, p)]``:
+    (dim s(j), dim s(p)) for j in T(p).
+    """
+
+    paths: tuple[Path, ...]
+    yx: tuple[np.ndarray, ...]
+    targets: tuple[tuple[int, ...], ...]
+    xx: dict[tuple[int, int], np.ndarray]
+
+
+def path_correlations(net: Network, data: Dataset,
+                      limit: int = DEFAULT_PATH_LIMIT) -> PathCorrelations:
+    """Gated input-output and input-input correlations of every path (MATH.md §2)."""
+    moments = gated_moments(net, data)
+    paths = net.paths(limit)
+    ctx = moments.contexts
+    gates = [path_gates(net, ctx, p) for p in paths]
+    ins, outs = moments.input_slices, moments.output_slices
+    yx = tuple(np.einsum("c,cij->ij", g, moments.yx[:, outs[p.target], ins[p.source]])
+               for g, p in zip(gates, paths))
+    targets = tuple(tuple(j for j, q in enumerate(paths) if q.target == p.target) for p in paths)
+    xx = {}
+    for i, p in enumerate(paths):
+        for j in targets[i]:
+            q = paths[j]
+            xx[(j, i)] = np.einsum("c,cij->ij", gates[j] * gates[i],
+                                   moments.xx[:, ins[q.source], ins[p.source]])
+    return PathCorrelations(paths, yx, targets, xx)

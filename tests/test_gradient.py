@@ -1,0 +1,187 @@
+"""The loss and gradient: finite differences, the path-sum formula, engines and contexts."""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastrace as fr
+from conftest import random_dag, random_data
+
+seeds = st.integers(0, 2**32 - 1)
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# the largest relative discrepancy seen by each comparison, reported by test_report_discrepancy
+WORST = {"finite differences": 0.0, "path sum": 0.0, "engines": 0.0}
+
+
+def rel(a, b):
+    scale = max(max(np.abs(b[e]).max() for e in b), 1e-300)
+    return max(np.abs(a[e] - b[e]).max() for e in b) / scale
+
+
+def directional_fd(net, data, W, h=0.5):
+    """Exact-by-construction check: every path holds an edge at most once, so the loss is a
+    quadratic function of any single weight matrix and central differences along a direction
+    D_e are exact up to round-off, whatever the step h."""
+    rng = np.random.default_rng(0)
+    fd, dirs = {}, {}
+    for e in net.edges:
+        D = rng.standard_normal(W[e].shape)
+        plus = dict(W, **{e: W[e] + h * D})
+        minus = dict(W, **{e: W[e] - h * D})
+        fd[e] = (fr.loss(net, data, plus, engine="samples")
+                 - fr.loss(net, data, minus, engine="samples")) / (2 * h)
+        dirs[e] = D
+    return fd, dirs
+
+
+def random_case(seed, gates):
+    rng = np.random.default_rng(seed)
+    net = random_dag(rng, n_inputs=int(rng.integers(1, 4)), n_hidden=int(rng.integers(1, 5)),
+                     extra_edges=int(rng.integers(0, 5)))
+    data = random_data(rng, net, n_samples=int(rng.integers(3, 30)), gates=gates)
+    W = fr.init.gaussian(net, std=0.6, seed=rng)
+    return net, data, W
+
+
+@SETTINGS
+@given(seed=seeds, gates=st.sampled_from(["binary", "real", "none"]))
+def test_gradient_matches_finite_differences(seed, gates):
+    net, data, W = random_case(seed, gates)
+    G = fr.gradient(net, data, W, engine="samples")
+    fd, dirs = directional_fd(net, data, W)
+    for e in net.edges:
+        exact = float(np.sum(G[e] * dirs[e]))
+        scale = max(abs(exact), max(np.abs(G[f]).max() for f in G), 1e-12)
+        err = abs(fd[e] - exact) / scale
+        WORST["finite differences"] = max(WORST["finite differences"], err)
+        assert err <= 1e-9, (e, fd[e], exact)
+
+
+def test_loss_is_quadratic_in_each_weight():
+    # the premise of directional_fd: second differences are constant along a line
+    net, data, W = random_case(7, "real")
+    e = net.edges[0]
+    D = np.random.default_rng(1).standard_normal(W[e].shape)
+    values = [fr.loss(net, data, dict(W, **{e: W[e] + t * D})) for t in (-2, -1, 0, 1, 2)]
+    third = values[4] - 3 * values[3] + 3 * values[2] - values[1]
+    assert abs(third) <= 1e-10 * max(1.0, max(abs(v) for v in values))
+
+
+@SETTINGS
+@given(seed=seeds)
+def test_gradient_matches_path_sum_formula(seed):
+    net, data, W = random_case(seed, "binary")
+    G = fr.gradient(net, data, W, engine="samples")
+    err = rel(fr.path_gradient(net, data, W), G)
+    WORST["path sum"] = max(WORST["path sum"], err)
+    assert err <= 1e-9
+
+
+@SETTINGS
+@given(seed=seeds, gates=st.sampled_from(["binary", "real"]))
+def test_engines_agree(seed, gates):
+    net, data, W = random_case(seed, gates)
+    L1, G1 = fr.loss_and_gradient(net, data, W, engine="samples")
+    L2, G2 = fr.loss_and_gradient(net, data, W, engine="moments")
+    assert L2 == pytest.approx(L1, rel=1e-11, abs=1e-13)
+    err = rel(G2, G1)
+    WORST["engines"] = max(WORST["engines"], err)
+    assert err <= 1e-10
+
+
+def test_loss_against_plain_loop():
+    # an independent, deliberately naive forward pass sample by sample
+    net, data, W = random_case(11, "real")
+    total = 0.0
+    nodes = list(net.nodes)
+    for n in range(data.n_samples):
+        g = {v: data.node_gates.get(v, np.ones(data.n_samples))[n] for v in nodes}
+        h = {}
+        for v in net.order:
+            if v in net.inputs:
+                h[v] = g[v] * data.inputs[v][n]
+            else:
+                h[v] = g[v] * sum(data.edge_gates.get(e, np.ones(data.n_samples))[n]
+                                  * W[e] @ h[net.edge(e).source] for e in net.in_edges(v))
+        total += data.weights[n] * 0.5 * sum(np.sum((data.targets[w][n] - h[w]) ** 2)
+                                             for w in net.outputs)
+    assert fr.loss(net, data, W, engine="samples") == pytest.approx(total, rel=1e-13)
+    assert fr.loss(net, data, W, engine="moments") == pytest.approx(total, rel=1e-12)
+
+
+def test_repeated_contexts_give_same_loss_and_gradient():
+    rng = np.random.default_rng(5)
+    net = random_dag(rng, n_inputs=2, n_hidden=3)
+    data = random_data(rng, net, n_samples=400, gates="binary", n_patterns=5)
+    ctx = data.contexts(net)
+    assert ctx.count <= 5
+    assert np.isclose(ctx.weight.sum(), 1.0)
+    W = fr.init.orthogonal(net, gain=0.9, seed=2)
+    assert fr.gradient.__module__ == "fastrace.gradient"
+    from fastrace.gradient import choose_engine
+    assert choose_engine(net, data) == "moments"
+    L1, G1 = fr.loss_and_gradient(net, data, W, engine="samples")
+    L2, G2 = fr.loss_and_gradient(net, data, W, engine="moments")
+    assert L2 == pytest.approx(L1, rel=1e-12)
+    assert rel(G2, G1) <= 1e-11
+    # duplicating every sample at half weight changes nothing
+    twice = fr.Dataset({u: np.vstack([x, x]) for u, x in data.inputs.items()},
+                       {w: np.vstack([y, y]) for w, y in data.targets.items()},
+                       {v: np.concatenate([g, g]) for v, g in data.node_gates.items()},
+                       {e: np.concatenate([g, g]) for e, g in data.edge_gates.items()},
+                       np.concatenate([data.weights, data.weights]) / 2)
+    assert fr.loss(net, twice, W) == pytest.approx(L1, rel=1e-12)
+
+
+def test_gated_off_edge_gets_zero_gradient():
+    net = fr.Network.chain([3, 4, 2], names=["x", "h", "y"])
+    rng = np.random.default_rng(0)
+    data = fr.Dataset({"x": rng.standard_normal((10, 3))}, {"y": rng.standard_normal((10, 2))},
+                      edge_gates={"h->y": np.zeros(10)})
+    G = fr.gradient(net, data, fr.init.gaussian(net, 1.0, seed=0))
+    assert np.all(G["x->h"] == 0) and np.all(G["h->y"] == 0)
+
+
+def test_conserved_quantities_are_invariant_to_balanced_rescaling():
+    net = fr.Network.chain([3, 5, 5, 2])
+    W = fr.init.gaussian(net, 0.7, seed=3)
+    Q = fr.conserved_quantities(net, W)
+    assert set(Q) == {"h1", "h2"}
+    # an invertible change of basis at a hidden node, orthogonal, leaves Q conjugated
+    R = fr.init.random_orthogonal(5, 5, np.random.default_rng(1))
+    W2 = dict(W, **{"h0->h1": R @ W["h0->h1"], "h1->h2": W["h1->h2"] @ R.T})
+    Q2 = fr.conserved_quantities(net, W2)
+    np.testing.assert_allclose(Q2["h1"], R @ Q["h1"] @ R.T, atol=1e-12)
+    # gradient flow: d/dt Q_v = 0, i.e. Σ_in (G Wᵀ + W Gᵀ) − Σ_out (Gᵀ W + Wᵀ G) = 0
+    rng = np.random.default_rng(4)
+    data = fr.Dataset({"h0": rng.standard_normal((20, 3))}, {"h3": rng.standard_normal((20, 2))})
+    G = fr.gradient(net, data, W)
+    for v in ("h1", "h2"):
+        dq = np.zeros((5, 5))
+        for e in net.in_edges(v):
+            dq += G[e] @ W[e].T + W[e] @ G[e].T
+        for e in net.out_edges(v):
+            dq -= G[e].T @ W[e] + W[e].T @ G[e]
+        assert np.abs(dq).max() <= 1e-12
+
+
+def test_initialisers():
+    net = fr.Network.chain([4, 64, 7])
+    W = fr.init.orthogonal(net, gain=0.2, seed=0)
+    for e in net.edges:
+        np.testing.assert_allclose(np.linalg.svd(W[e], compute_uv=False), 0.2, rtol=1e-12)
+    again = fr.init.orthogonal(net, gain=0.2, seed=0)
+    assert all(np.array_equal(W[e], again[e]) for e in net.edges)
+    other = fr.init.orthogonal(net, gain=0.2, seed=1)
+    assert not np.array_equal(W["h0->h1"], other["h0->h1"])
+    G = fr.init.gaussian(net, std=0.5, seed=np.random.default_rng(3))
+    assert abs(G["h0->h1"].std() - 0.5) < 0.05
+    with pytest.raises(fr.WeightsError, match="std"):
+        fr.init.gaussian(net, std=-1)
+
+
+def test_report_discrepancy():
+    """Runs last in this module: prints the largest discrepancies the tests above saw."""
+    print("\nlargest relative gradient discrepancies:", WORST)
