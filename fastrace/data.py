@@ -8,7 +8,7 @@ A *context* is a distinct gate pattern: samples that share all their node and ed
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -106,7 +106,7 @@ class Dataset:
         return arr
 
     # ------------------------------------------------------------------ checks against a network
-    def check(self, net: Network) -> "Dataset":
+    def check(self, net: Network) -> Dataset:
         """Raise DataError unless this data set fits ``net`` (nodes, edges and dimensions)."""
         key = ("check", net.signature())
         if key in self._cache:
@@ -177,7 +177,7 @@ class Dataset:
         self.check(net)
         return np.concatenate([self.targets[w] for w in net.outputs], axis=1)
 
-    def subset(self, index) -> "Dataset":
+    def subset(self, index) -> Dataset:
         """The samples selected by ``index`` (weights kept as they are, not renormalised)."""
         idx = np.asarray(index)
         return Dataset({k: v[idx] for k, v in self.inputs.items()},

@@ -236,7 +236,7 @@ class MomentsPlan:
                              (_STATE, gcol + pos[v][k][u], width[v]),
                              (_STATE, T_off[s] + start[s][ks] + pos[s][ks][u], width[s]),
                              (g_off + offsets[e], net.dim(s)), -a, first(("grad", e)))
-            for e, s, k, ks, a, c in links(v):
+            for e, s, k, ks, a, _ in links(v):
                 if s in inputs:
                     continue
                 gcol = G_off[v] + start[v][k]

@@ -11,7 +11,7 @@ Neither computes a block that a gate switches off. Real-valued gates are exact i
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import operator
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from .errors import NetworkError, PathExplosionError
 
@@ -64,7 +64,7 @@ class Network:
         self._cache: dict[str, object] = {}
 
     # ------------------------------------------------------------------ building
-    def add_node(self, name: str, dim: int, role: str | None = None) -> "Network":
+    def add_node(self, name: str, dim: int, role: str | None = None) -> Network:
         """Add a node of ``dim`` units; ``role`` may declare it an "input" or "output" node."""
         if not isinstance(name, str) or not name:
             raise NetworkError(f"node name must be a non-empty string, got {name!r}")
@@ -88,7 +88,7 @@ class Network:
         self._cache.clear()
         return self
 
-    def add_edge(self, source: str, target: str, name: str | None = None) -> "Network":
+    def add_edge(self, source: str, target: str, name: str | None = None) -> Network:
         """Add the edge ``source -> target`` (named ``"source->target"`` unless ``name`` is given)."""
         for node in (source, target):
             if node not in self._dims:
@@ -190,7 +190,7 @@ class Network:
         self.validate()
         return self._cache["edge_order"]  # type: ignore[return-value]
 
-    def validate(self) -> "Network":
+    def validate(self) -> Network:
         """Check the whole graph; raise NetworkError naming the first problem found."""
         if "order" in self._cache:
             return self
@@ -310,7 +310,7 @@ class Network:
         })
 
     @classmethod
-    def from_json(cls, text: str) -> "Network":
+    def from_json(cls, text: str) -> Network:
         """Rebuild a network from ``to_json`` output."""
         spec = json.loads(text)
         net = cls()
@@ -321,7 +321,7 @@ class Network:
         return net
 
     @classmethod
-    def chain(cls, dims: Sequence[int], names: Sequence[str] | None = None) -> "Network":
+    def chain(cls, dims: Sequence[int], names: Sequence[str] | None = None) -> Network:
         """A single chain ``dims[0] -> dims[1] -> ...`` (a plain deep linear network)."""
         names = list(names) if names is not None else [f"h{i}" for i in range(len(dims))]
         if len(names) != len(dims) or len(dims) < 2:

@@ -26,7 +26,8 @@ def W(net):
 @pytest.mark.parametrize("make, cls, message", [
     (lambda X, Y: fr.Dataset({"x": X["x"][:, :2]}, Y), fr.DataError,
      r"inputs\['x'\]: node has dimension 3, array has 2 columns"),
-    (lambda X, Y: fr.Dataset({"x": X["x"][:4]}, Y), fr.DataError, r"targets\[.y.\]: has 5 samples but inputs\[.x.\] has 4"),
+    (lambda X, Y: fr.Dataset({"x": X["x"][:4]}, Y), fr.DataError,
+     r"targets\[.y.\]: has 5 samples but inputs\[.x.\] has 4"),
     (lambda X, Y: fr.Dataset({"z": X["x"]}, Y), fr.DataError, r"missing input node 'x'"),
     (lambda X, Y: fr.Dataset(X, {"h": np.ones((5, 4)), **Y}), fr.DataError,
      r"targets\['h'\]: not an output node"),

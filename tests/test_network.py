@@ -97,7 +97,7 @@ def test_unconnected_node_and_empty():
     net = fr.Network().add_node("x", 2).add_node("y", 2).add_node("lonely", 2)
     net.add_edge("x", "y")
     with pytest.raises(fr.NetworkError, match="'lonely' is not connected"):
-        net.inputs
+        _ = net.inputs
 
 
 def test_declared_roles_are_enforced():
