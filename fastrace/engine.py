@@ -204,21 +204,31 @@ class MomentsPlan:
         for w in net.outputs:
             dw = net.dim(w)
             rows = m.output_slices[w]
+            blocks = []
             for k in sorted(cols[w], key=lambda k: start[w][k]):
                 members = np.flatnonzero(group_of[w] == k)
                 idx = np.concatenate([np.arange(m.input_slices[u].start, m.input_slices[u].stop)
                                       for u in cols[w][k]])
-                n = idx.size
-                yx = m.yx[members][:, rows][:, :, idx].sum(axis=0)
-                xx = m.xx[members][:, idx][:, :, idx].sum(axis=0)
-                yx_at, xx_at = constant(yx), constant(xx)
-                blk = T_off[w] + start[w][k]
-                gblk = G_off[w] + start[w][k]
-                ops.axpby(dw, n, (_CONST, yx_at, n), (gblk, width[w]), 1.0, 0.0)
-                ops.gemm("nn", dw, n, n, (_STATE, blk, width[w]), (_CONST, xx_at, n),
-                         (gblk, width[w]), -1.0)
-                ops.dot(dw, n, (_STATE, blk, width[w]), (_CONST, yx_at, n), -0.5)
-                ops.dot(dw, n, (_STATE, blk, width[w]), (_STATE, gblk, width[w]), -0.5)
+                blocks.append((k, m.yx[members][:, rows][:, :, idx].sum(axis=0),
+                               m.xx[members][:, idx][:, :, idx].sum(axis=0)))
+            if not blocks:
+                continue
+            n0, xx0 = blocks[0][2].shape[0], blocks[0][2]
+            if all(b[2].shape[0] == n0 and np.array_equal(b[2], xx0) for b in blocks):
+                # every group has the same input moments: the (dw, G·n) row-major block matrix
+                # read as (dw·G, n) holds one group row per row, so one product does them all
+                yx_at = constant(np.concatenate([b[1] for b in blocks], axis=1))
+                xx_at = constant(xx0)
+                pieces = [(dw * len(blocks), n0, T_off[w], G_off[w], n0, yx_at, xx_at)]
+            else:
+                pieces = [(dw, b[2].shape[0], T_off[w] + start[w][b[0]],
+                           G_off[w] + start[w][b[0]], width[w], constant(b[1]), constant(b[2]))
+                          for b in blocks]
+            for rows_, n, blk, gblk, ld, yx_at, xx_at in pieces:
+                ops.axpby(rows_, n, (_CONST, yx_at, n), (gblk, ld), 1.0, 0.0)
+                ops.gemm("nn", rows_, n, n, (_STATE, blk, ld), (_CONST, xx_at, n), (gblk, ld), -1.0)
+                ops.dot(rows_, n, (_STATE, blk, ld), (_CONST, yx_at, n), -0.5)
+                ops.dot(rows_, n, (_STATE, blk, ld), (_STATE, gblk, ld), -0.5)
         # backward: gradients and G_s += a W_eᵀ G_v, in reverse topological order
         for v in reversed(order):
             if v in inputs:
