@@ -33,6 +33,7 @@ from .gradient import (
     path_gradient,
 )
 from .network import Edge, Network, Path
+from .reduce import ReducedSolution, Reduction, reduce
 from .stats import GatedMoments, PathCorrelations, gated_moments, path_correlations
 
 __version__ = "0.1.0"
@@ -45,8 +46,6 @@ _LAZY = {
     "simulate": "simulate",
     "resume": "simulate",
     "Trajectory": "simulate",
-    "reduce": "reduce",
-    "Reduction": "reduce",
     "exact": None,
     "store": None,
     "tasks": None,
@@ -84,7 +83,8 @@ def get_include() -> str:
 __all__ = [
     "ConfigError", "Contexts", "DataError", "Dataset", "DivergenceError", "Edge",
     "FastraceError", "GatedMoments", "IntegrationError", "Network", "NetworkError", "Path",
-    "PathCorrelations", "PathExplosionError", "ReductionError", "StoreError", "WeightsError",
+    "PathCorrelations", "PathExplosionError", "ReducedSolution", "Reduction", "ReductionError",
+    "StoreError", "WeightsError", "reduce",
     "conserved_quantities", "forward", "gated_moments", "get_include", "gradient", "init", "loss",
     "loss_and_gradient", "path_correlations", "path_gradient", *_LAZY,
 ]
