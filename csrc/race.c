@@ -1,80 +1,104 @@
 /*
- * race.c -- the fastrace C core (see race.h).  C99 + libm, no Python.
+ * race.c -- right-hand side, Jacobian and integrators of a race system (see race.h).
  *
- * The numba kernels in fastrace/_kernels/race.py mirror these algorithms operation for
- * operation (same formulas, same summation order, same step control), and the build turns
- * off floating-point contraction (-ffp-contract=off), so both give the same numbers to
- * round-off.  Any change here must be made there too.
+ * fastrace/_kernels/race.py mirrors every algorithm here operation for operation (same
+ * formulas, same order of floating-point operations, same step control), so the numba and
+ * C trajectories agree to round-off.  Change both together.  Build with -ffp-contract=off:
+ * fused multiply-adds would break that agreement.
  */
 #include "race.h"
 
+#include <float.h>
 #include <math.h>
-#include <string.h>
 
-/* ---------------------------------------------------------------- layout of `work` --- */
-/*
- *   pi   [n_paths]   path strengths
- *   r    [n_paths]   path residuals s_p - sum_j d_jp pi_j
- *   dpi  [nnz]       d pi_p / d b_e for the k-th entry of path p (prefix * suffix product)
- *   g    [n_edges]   scratch row (Jacobian)
- *   suf  [max_len]   suffix products along one path (Jacobian)
- * and, for the integrators, before those: 16 vectors of n_edges (stages, dense output).
- */
+#define UROUND DBL_EPSILON
 
-static int64_t max_path_length(const race_system *sys)
+/* ---------------------------------------------------------------------------------------- */
+/* structure                                                                                 */
+
+int race_check(const race_system *sys)
+{
+    if (sys == NULL || sys->n_edges < 1 || sys->n_paths < 1 || sys->path_ptr == NULL ||
+        sys->path_edges == NULL || sys->target_ptr == NULL || sys->target_paths == NULL)
+        return RACE_BAD_INPUT;
+    if (sys->path_ptr[0] != 0 || sys->target_ptr[0] != 0)
+        return RACE_BAD_INPUT;
+    for (int64_t p = 0; p < sys->n_paths; ++p) {
+        int64_t lo = sys->path_ptr[p], hi = sys->path_ptr[p + 1];
+        if (hi <= lo)
+            return RACE_BAD_INPUT;
+        for (int64_t k = lo; k < hi; ++k) {
+            int64_t e = sys->path_edges[k];
+            if (e < 0 || e >= sys->n_edges)
+                return RACE_BAD_INPUT;
+            for (int64_t m = lo; m < k; ++m)
+                if (sys->path_edges[m] == e)
+                    return RACE_BAD_INPUT;
+        }
+        lo = sys->target_ptr[p];
+        hi = sys->target_ptr[p + 1];
+        if (hi < lo)
+            return RACE_BAD_INPUT;
+        for (int64_t k = lo; k < hi; ++k)
+            if (sys->target_paths[k] < 0 || sys->target_paths[k] >= sys->n_paths)
+                return RACE_BAD_INPUT;
+    }
+    return RACE_OK;
+}
+
+int64_t race_max_path_length(const race_system *sys)
 {
     int64_t longest = 0;
     for (int64_t p = 0; p < sys->n_paths; ++p) {
         int64_t len = sys->path_ptr[p + 1] - sys->path_ptr[p];
-        if (len > longest) longest = len;
+        if (len > longest)
+            longest = len;
     }
     return longest;
 }
 
-#define N_INTEGRATOR_VECTORS 16
-
+/* rhs / jacobian / loss scratch: pi (n_paths), r (n_paths), pre and suf (L + 1 each),
+ * dpi (nnz), gradr (n_edges). */
 size_t race_work_size(const race_system *sys)
 {
-    size_t n_edges = (size_t)sys->n_edges;
-    size_t n_paths = (size_t)sys->n_paths;
-    size_t nnz = (size_t)sys->path_ptr[sys->n_paths];
-    size_t eval = 2 * n_paths + nnz + n_edges + (size_t)max_path_length(sys);
-    return N_INTEGRATOR_VECTORS * n_edges + eval;
+    int64_t L = race_max_path_length(sys);
+    int64_t nnz = sys->path_ptr[sys->n_paths];
+    return (size_t)(2 * sys->n_paths + 2 * (L + 1) + nnz + sys->n_edges);
 }
 
-/* --------------------------------------------------------------- path quantities --- */
+size_t race_gd_work_size(const race_system *sys)
+{
+    return (size_t)(2 * sys->n_edges) + race_work_size(sys);
+}
+
+/* y, k1..k7, ytmp, ynew, rc2..rc5, errv (15 vectors), pi_old, pi_new, then rhs scratch */
+size_t race_dopri5_work_size(const race_system *sys)
+{
+    return (size_t)(15 * sys->n_edges + 2 * sys->n_paths) + race_work_size(sys);
+}
+
+/* y, ynew, f0, f1, ytmp, ftmp, k1..k4 (10 vectors), J and G (n x n each), pi_old, pi_new,
+ * then rhs scratch */
+size_t race_rodas3_work_size(const race_system *sys)
+{
+    return (size_t)(10 * sys->n_edges + 2 * sys->n_edges * sys->n_edges + 2 * sys->n_paths) +
+           race_work_size(sys);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* right-hand side, Jacobian, loss                                                           */
 
 void race_path_strengths(const race_system *sys, const double *b, double *pi)
 {
     for (int64_t p = 0; p < sys->n_paths; ++p) {
-        double prod = 1.0;
+        double x = 1.0;
         for (int64_t k = sys->path_ptr[p]; k < sys->path_ptr[p + 1]; ++k)
-            prod *= b[sys->path_edges[k]];
-        pi[p] = prod;
+            x *= b[sys->path_edges[k]];
+        pi[p] = x;
     }
 }
 
-/* pi[p] and dpi[k] = prod_{l != k in path p} b_l, by a forward (prefix) and a backward
- * (suffix) sweep; no division. */
-static void path_products(const race_system *sys, const double *b, double *pi, double *dpi)
-{
-    for (int64_t p = 0; p < sys->n_paths; ++p) {
-        const int64_t start = sys->path_ptr[p], stop = sys->path_ptr[p + 1];
-        double prefix = 1.0;
-        for (int64_t k = start; k < stop; ++k) {
-            dpi[k] = prefix;
-            prefix *= b[sys->path_edges[k]];
-        }
-        pi[p] = prefix;
-        double suffix = 1.0;
-        for (int64_t k = stop - 1; k >= start; --k) {
-            dpi[k] *= suffix;
-            suffix *= b[sys->path_edges[k]];
-        }
-    }
-}
-
-/* r[p] = s[p] - sum_{k in row p} d[k] pi[target_paths[k]]. */
+/* r[p] = s[p] - sum_{k in row p} d[k] pi[target_paths[k]] */
 static void residuals(const race_system *sys, const double *s, const double *d,
                       const double *pi, double *r)
 {
@@ -86,197 +110,313 @@ static void residuals(const race_system *sys, const double *s, const double *d,
     }
 }
 
-/* The right-hand side, with work laid out as pi | r | dpi. */
-static void rhs_eval(const race_system *sys, const double *s, const double *d, const double *b,
-                     double *db, double *work)
+/* prefix and suffix products of path p: pre[k] = prod of its first k edges,
+ * suf[k] = prod of its edges k .. L-1; returns L. */
+static int64_t prefix_suffix(const race_system *sys, int64_t p, const double *b, double *pre,
+                             double *suf)
 {
-    const int64_t n_paths = sys->n_paths;
-    double *pi = work;
-    double *r = pi + n_paths;
-    double *dpi = r + n_paths;
-
-    path_products(sys, b, pi, dpi);
-    residuals(sys, s, d, pi, r);
-    for (int64_t e = 0; e < sys->n_edges; ++e) db[e] = 0.0;
-    for (int64_t p = 0; p < n_paths; ++p) {
-        const double rp = r[p];
-        for (int64_t k = sys->path_ptr[p]; k < sys->path_ptr[p + 1]; ++k)
-            db[sys->path_edges[k]] += dpi[k] * rp;
-    }
-    if (sys->rate != NULL)
-        for (int64_t e = 0; e < sys->n_edges; ++e) db[e] *= sys->rate[e];
+    const int64_t *edges = sys->path_edges + sys->path_ptr[p];
+    int64_t L = sys->path_ptr[p + 1] - sys->path_ptr[p];
+    pre[0] = 1.0;
+    for (int64_t k = 0; k < L; ++k)
+        pre[k + 1] = pre[k] * b[edges[k]];
+    suf[L] = 1.0;
+    for (int64_t k = L - 1; k >= 0; --k)
+        suf[k] = b[edges[k]] * suf[k + 1];
+    return L;
 }
 
 void race_rhs(const race_system *sys, const double *s, const double *d, const double *b,
               double *db, double *work)
 {
-    rhs_eval(sys, s, d, b, db, work + N_INTEGRATOR_VECTORS * sys->n_edges);
+    const int64_t n = sys->n_edges, np = sys->n_paths;
+    const int64_t L = race_max_path_length(sys);
+    double *pi = work, *r = work + np, *pre = work + 2 * np, *suf = pre + (L + 1);
+
+    race_path_strengths(sys, b, pi);
+    residuals(sys, s, d, pi, r);
+    for (int64_t e = 0; e < n; ++e)
+        db[e] = 0.0;
+    for (int64_t p = 0; p < np; ++p) {
+        const int64_t *edges = sys->path_edges + sys->path_ptr[p];
+        int64_t len = prefix_suffix(sys, p, b, pre, suf);
+        for (int64_t k = 0; k < len; ++k)
+            db[edges[k]] += (pre[k] * suf[k + 1]) * r[p];
+    }
+    if (sys->rate != NULL)
+        for (int64_t e = 0; e < n; ++e)
+            db[e] *= sys->rate[e];
 }
 
 void race_jacobian(const race_system *sys, const double *s, const double *d, const double *b,
                    double *jac, double *work)
 {
-    const int64_t n_edges = sys->n_edges, n_paths = sys->n_paths;
-    double *pi = work + N_INTEGRATOR_VECTORS * n_edges;
-    double *r = pi + n_paths;
-    double *dpi = r + n_paths;
-    double *g = dpi + sys->path_ptr[n_paths];
-    double *suf = g + n_edges;
+    const int64_t n = sys->n_edges, np = sys->n_paths;
+    const int64_t L = race_max_path_length(sys);
+    double *pi = work, *r = work + np, *pre = work + 2 * np, *suf = pre + (L + 1);
+    double *dpi = suf + (L + 1), *gradr = dpi + sys->path_ptr[np];
 
-    path_products(sys, b, pi, dpi);
+    /* dpi[path_ptr[j] + m] = d pi_j / d b_(m-th edge of j) */
+    for (int64_t j = 0; j < np; ++j) {
+        int64_t len = prefix_suffix(sys, j, b, pre, suf);
+        for (int64_t m = 0; m < len; ++m)
+            dpi[sys->path_ptr[j] + m] = pre[m] * suf[m + 1];
+        pi[j] = pre[len];
+    }
     residuals(sys, s, d, pi, r);
-    for (int64_t i = 0; i < n_edges * n_edges; ++i) jac[i] = 0.0;
+    for (int64_t i = 0; i < n * n; ++i)
+        jac[i] = 0.0;
 
-    for (int64_t p = 0; p < n_paths; ++p) {
-        const int64_t start = sys->path_ptr[p], stop = sys->path_ptr[p + 1];
-        const int64_t len = stop - start;
-        const double rp = r[p];
-
-        /* g[f] = d r_p / d b_f = -sum_{j in T(p)} d_jp d pi_j / d b_f */
-        for (int64_t f = 0; f < n_edges; ++f) g[f] = 0.0;
-        for (int64_t k = sys->target_ptr[p]; k < sys->target_ptr[p + 1]; ++k) {
-            const int64_t j = sys->target_paths[k];
-            const double djp = d[k];
-            for (int64_t q = sys->path_ptr[j]; q < sys->path_ptr[j + 1]; ++q)
-                g[sys->path_edges[q]] -= djp * dpi[q];
-        }
-        /* the term (prod_{e' != e} b_e') * d r_p / d b_f */
-        for (int64_t k = start; k < stop; ++k) {
-            double *row = jac + sys->path_edges[k] * n_edges;
-            const double w = dpi[k];
-            for (int64_t f = 0; f < n_edges; ++f) row[f] += w * g[f];
-        }
-        /* the term d(prod_{e' != e} b_e')/d b_f * r_p: products leaving out two edges */
-        double suffix = 1.0;
-        for (int64_t i = len - 1; i >= 0; --i) {
-            suf[i] = suffix; /* product of the edges after position i */
-            suffix *= b[sys->path_edges[start + i]];
-        }
-        double prefix = 1.0; /* product of the edges before position i */
-        for (int64_t i = 0; i < len; ++i) {
-            const int64_t ei = sys->path_edges[start + i];
-            double mid = prefix; /* product of the edges before l, except i */
-            for (int64_t l = i + 1; l < len; ++l) {
-                const int64_t el = sys->path_edges[start + l];
-                const double both = (mid * suf[l]) * rp;
-                jac[ei * n_edges + el] += both;
-                jac[el * n_edges + ei] += both;
-                mid *= b[el];
+    for (int64_t p = 0; p < np; ++p) {
+        const int64_t *edges = sys->path_edges + sys->path_ptr[p];
+        int64_t len = prefix_suffix(sys, p, b, pre, suf);
+        /* r_p times the second derivative of pi_p: products without edges k and l */
+        for (int64_t k = 0; k < len; ++k) {
+            double mid = 1.0;
+            for (int64_t l = k + 1; l < len; ++l) {
+                double v = pre[k] * mid * suf[l + 1] * r[p];
+                jac[edges[k] * n + edges[l]] += v;
+                jac[edges[l] * n + edges[k]] += v;
+                mid *= b[edges[l]];
             }
-            prefix *= b[ei];
+        }
+        /* (d pi_p / d b_e) times d r_p / d b_f */
+        for (int64_t f = 0; f < n; ++f)
+            gradr[f] = 0.0;
+        for (int64_t k = sys->target_ptr[p]; k < sys->target_ptr[p + 1]; ++k) {
+            int64_t j = sys->target_paths[k];
+            for (int64_t m = sys->path_ptr[j]; m < sys->path_ptr[j + 1]; ++m)
+                gradr[sys->path_edges[m]] -= d[k] * dpi[m];
+        }
+        for (int64_t k = 0; k < len; ++k) {
+            double o = dpi[sys->path_ptr[p] + k];
+            double *row = jac + edges[k] * n;
+            for (int64_t f = 0; f < n; ++f)
+                row[f] += o * gradr[f];
         }
     }
     if (sys->rate != NULL)
-        for (int64_t e = 0; e < n_edges; ++e) {
-            const double rate = sys->rate[e];
-            for (int64_t f = 0; f < n_edges; ++f) jac[e * n_edges + f] *= rate;
-        }
+        for (int64_t e = 0; e < n; ++e)
+            for (int64_t f = 0; f < n; ++f)
+                jac[e * n + f] *= sys->rate[e];
 }
 
 double race_loss(const race_system *sys, const double *s, const double *d, const double *b,
                  double *work)
 {
-    double *pi = work + N_INTEGRATOR_VECTORS * sys->n_edges;
-    race_path_strengths(sys, b, pi);
+    double *pi = work;
     double loss = 0.0;
+    race_path_strengths(sys, b, pi);
     for (int64_t p = 0; p < sys->n_paths; ++p) {
         double acc = 0.0;
         for (int64_t k = sys->target_ptr[p]; k < sys->target_ptr[p + 1]; ++k)
             acc += d[k] * pi[sys->target_paths[k]];
-        loss += pi[p] * (0.5 * acc - s[p]);
+        loss += (0.5 * acc - s[p]) * pi[p];
     }
     return loss;
 }
 
-/* ------------------------------------------------------------------------ events --- */
+/* ---------------------------------------------------------------------------------------- */
+/* helpers shared by the integrators                                                         */
 
-/* pi of one path. */
-static double path_strength(const race_system *sys, int64_t p, const double *b)
-{
-    double prod = 1.0;
-    for (int64_t k = sys->path_ptr[p]; k < sys->path_ptr[p + 1]; ++k)
-        prod *= b[sys->path_edges[k]];
-    return prod;
-}
-
-/* g0[i] = pi_{path[i]}(b0) - level[i]; event_time[i] = t0 if that is zero, NaN otherwise.
- * g0 is kept in event_time's place as a sign only through `sign0`. */
-static int crossed(double g0, double g)
-{
-    return g == 0.0 || (g0 > 0.0 && g < 0.0) || (g0 < 0.0 && g > 0.0);
-}
-
-static int all_finite(const double *v, int64_t n)
+static int all_finite(int64_t n, const double *x)
 {
     for (int64_t i = 0; i < n; ++i)
-        if (!isfinite(v[i])) return 0;
+        if (!isfinite(x[i]))
+            return 0;
     return 1;
 }
 
-static void fill_nan(double *out, int64_t out_stride, int64_t from, int64_t n_out, int64_t n_edges)
+static void fill_nan(int64_t n, double *x)
 {
-    for (int64_t i = from; i < n_out; ++i)
-        for (int64_t e = 0; e < n_edges; ++e) out[i * out_stride + e] = NAN;
+    for (int64_t i = 0; i < n; ++i)
+        x[i] = NAN;
 }
 
-/* ---------------------------------------------------------------- gradient descent --- */
-
-race_result race_gd_map(const race_system *sys, const double *s, const double *d,
-                        const double *b0, double lr, int64_t n_steps,
-                        const int64_t *record_steps, int64_t n_record,
-                        double *out, int64_t out_stride,
-                        const int64_t *event_path, const double *event_level, int64_t n_events,
-                        double *event_time, double *work)
+static void copy(int64_t n, const double *src, double *dst)
 {
-    const int64_t n_edges = sys->n_edges;
-    double *y = work;
-    double *f = y + n_edges;
-    double *g0 = f + n_edges; /* event values at step 0: n_events <= ... see below */
-    double *eval = work + N_INTEGRATOR_VECTORS * n_edges;
-    race_result res = {RACE_OK, 0, 0, 0, 0.0};
-    int64_t next = 0;
+    for (int64_t i = 0; i < n; ++i)
+        dst[i] = src[i];
+}
 
-    (void)g0;
-    for (int64_t e = 0; e < n_edges; ++e) y[e] = b0[e];
-    for (int64_t i = 0; i < n_events; ++i) event_time[i] = NAN;
-    /* The sign at step 0 of each event function is recomputed on demand from b0. */
-    for (int64_t i = 0; i < n_events; ++i) {
-        const double gi = path_strength(sys, event_path[i], b0) - event_level[i];
-        if (gi == 0.0) event_time[i] = 0.0;
+static void init_stats(race_stats *st, double t)
+{
+    st->n_accepted = 0;
+    st->n_rejected = 0;
+    st->n_rhs = 0;
+    st->t_reached = t;
+}
+
+/* sqrt(mean((err_i / (atol + rtol max(|y_i|, |ynew_i|)))^2)) */
+static double error_norm(int64_t n, const double *err, const double *y, const double *ynew,
+                         double rtol, double atol)
+{
+    double acc = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+        double sk = atol + rtol * fmax(fabs(y[i]), fabs(ynew[i]));
+        double q = err[i] / sk;
+        acc += q * q;
     }
-    while (next < n_record && record_steps[next] <= 0) {
-        for (int64_t e = 0; e < n_edges; ++e) out[next * out_stride + e] = y[e];
-        ++next;
+    return sqrt(acc / (double)n);
+}
+
+/* Hairer's starting step (HINIT in DOPRI5/RADAU) for a method of order `order`;
+ * f0 = f(y0); uses ytmp and f1 as scratch. */
+static double initial_step(const race_system *sys, const double *s, const double *d,
+                           const double *y0, const double *f0, double hmax, double rtol,
+                           double atol, double order, double *ytmp, double *f1, double *work)
+{
+    const int64_t n = sys->n_edges;
+    double dnf = 0.0, dny = 0.0, h, der2, der12, h1;
+    for (int64_t i = 0; i < n; ++i) {
+        double sk = atol + rtol * fabs(y0[i]);
+        dnf += (f0[i] / sk) * (f0[i] / sk);
+        dny += (y0[i] / sk) * (y0[i] / sk);
     }
-    for (int64_t k = 1; k <= n_steps; ++k) {
-        rhs_eval(sys, s, d, y, f, eval);
-        res.n_rhs += 1;
-        for (int64_t e = 0; e < n_edges; ++e) y[e] = y[e] + lr * f[e];
-        if (!all_finite(y, n_edges)) {
-            res.status = RACE_NONFINITE;
+    if (dnf <= 1e-10 || dny <= 1e-10)
+        h = 1e-6;
+    else
+        h = sqrt(dny / dnf) * 0.01;
+    h = fmin(h, hmax);
+    for (int64_t i = 0; i < n; ++i)
+        ytmp[i] = y0[i] + h * f0[i];
+    race_rhs(sys, s, d, ytmp, f1, work);
+    der2 = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+        double sk = atol + rtol * fabs(y0[i]);
+        der2 += ((f1[i] - f0[i]) / sk) * ((f1[i] - f0[i]) / sk);
+    }
+    der2 = sqrt(der2) / h;
+    der12 = fmax(fabs(der2), sqrt(dnf));
+    if (der12 <= 1e-15)
+        h1 = fmax(1e-6, fabs(h) * 1e-3);
+    else
+        h1 = pow(0.01 / der12, 1.0 / order);
+    h = fmin(fmin(100.0 * fabs(h), h1), hmax);
+    return h;
+}
+
+/* Events at the start of a run: pi_old = path strengths of y0; a pending event whose path
+ * strength equals its threshold happens at t0. */
+static void events_start(const race_system *sys, const double *thresholds, const double *y0,
+                         double t0, double *pi_old, double *event_times)
+{
+    race_path_strengths(sys, y0, pi_old);
+    for (int64_t p = 0; p < sys->n_paths; ++p)
+        if (isnan(event_times[p]) && !isnan(thresholds[p]) && pi_old[p] - thresholds[p] == 0.0)
+            event_times[p] = t0;
+}
+
+/* A crossing of 0 from g_old (non-zero) to g_new. */
+static int crosses(double g_old, double g_new)
+{
+    return (g_old < 0.0 && g_new >= 0.0) || (g_old > 0.0 && g_new <= 0.0);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* gradient descent                                                                          */
+
+int race_gd_map(const race_system *sys, const double *s, const double *d, const double *b0,
+                double lr, int64_t n_record, const int64_t *record_steps, double *out,
+                race_stats *stats, double *work)
+{
+    const int64_t n = sys->n_edges;
+    double *b = work, *db = work + n, *rwork = work + 2 * n;
+    race_stats local;
+    int64_t step = 0, k = 0, last;
+    int status = RACE_OK;
+
+    if (stats == NULL)
+        stats = &local;
+    init_stats(stats, 0.0);
+    if (n_record < 1)
+        return RACE_OK;
+    last = record_steps[n_record - 1];
+    copy(n, b0, b);
+    if (!all_finite(n, b))
+        status = RACE_NONFINITE;
+    while (status == RACE_OK) {
+        while (k < n_record && record_steps[k] == step) {
+            copy(n, b, out + k * n);
+            ++k;
+        }
+        if (step >= last)
             break;
-        }
-        res.n_accepted = k;
-        res.t = (double)k * lr;
-        for (int64_t i = 0; i < n_events; ++i) {
-            if (!isnan(event_time[i])) continue;
-            const double gstart = path_strength(sys, event_path[i], b0) - event_level[i];
-            const double gk = path_strength(sys, event_path[i], y) - event_level[i];
-            if (crossed(gstart, gk)) event_time[i] = (double)k * lr;
-        }
-        while (next < n_record && record_steps[next] <= k) {
-            for (int64_t e = 0; e < n_edges; ++e) out[next * out_stride + e] = y[e];
-            ++next;
-        }
+        race_rhs(sys, s, d, b, db, rwork);
+        for (int64_t e = 0; e < n; ++e)
+            b[e] = b[e] + lr * db[e];
+        ++step;
+        stats->n_rhs += 1;
+        if (!all_finite(n, b))
+            status = RACE_NONFINITE;
     }
-    fill_nan(out, out_stride, next, n_record, n_edges);
-    return res;
+    stats->n_accepted = step;
+    stats->t_reached = (double)step * lr;
+    for (; k < n_record; ++k)
+        fill_nan(n, out + k * n);
+    return status;
 }
 
-/* --------------------------------------------------------------- Dormand-Prince 5(4) --- */
+/* ---------------------------------------------------------------------------------------- */
+/* events                                                                                    */
 
-/* Hairer & Wanner, "Solving ODEs I", 2nd ed., Table 5.2, and the DOPRI5 code's dense output. */
-static const double C2 = 1.0 / 5.0, C3 = 3.0 / 10.0, C4 = 4.0 / 5.0, C5 = 8.0 / 9.0;
+/* Path strength of path p at a point of a step, from per-edge interpolation. */
+typedef double (*dense_edge_fn)(const void *ctx, int64_t e, double theta);
+
+static double path_at(const race_system *sys, int64_t p, dense_edge_fn fn, const void *ctx,
+                      double theta)
+{
+    double x = 1.0;
+    for (int64_t k = sys->path_ptr[p]; k < sys->path_ptr[p + 1]; ++k)
+        x *= fn(ctx, sys->path_edges[k], theta);
+    return x;
+}
+
+/* After an accepted step from t (path strengths pi_old) over h (pi_new at its end): record the
+ * first crossing of every pending event, located by bisection in theta = (time - t) / h. */
+static void locate_events(const race_system *sys, const double *thresholds, const double *pi_old,
+                          const double *pi_new, double t, double h, dense_edge_fn fn,
+                          const void *ctx, double *event_times)
+{
+    for (int64_t p = 0; p < sys->n_paths; ++p) {
+        double thr = thresholds[p], lo = 0.0, hi = 1.0, glo;
+        if (isnan(thr) || !isnan(event_times[p]))
+            continue;
+        glo = pi_old[p] - thr;
+        if (!crosses(glo, pi_new[p] - thr))
+            continue;
+        for (int it = 0; it < 64 && hi - lo > 1e-15; ++it) {
+            double mid = 0.5 * (lo + hi);
+            double gm = path_at(sys, p, fn, ctx, mid) - thr;
+            if (crosses(glo, gm)) {
+                hi = mid;
+            } else {
+                lo = mid;
+                glo = gm;
+            }
+        }
+        event_times[p] = t + hi * h;
+    }
+}
+
+/* Is any pending event crossed between pi_old and pi_new? */
+static int any_crossing(const race_system *sys, const double *thresholds, const double *pi_old,
+                        const double *pi_new, const double *event_times)
+{
+    for (int64_t p = 0; p < sys->n_paths; ++p) {
+        double thr = thresholds[p];
+        if (!isnan(thr) && isnan(event_times[p]) && crosses(pi_old[p] - thr, pi_new[p] - thr))
+            return 1;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Dormand-Prince 5(4)                                                                       */
+
+/* Coefficients: Dormand & Prince (1980) as tabulated by Hairer, Norsett & Wanner, Solving
+ * Ordinary Differential Equations I, table II.5.2; error coefficients E = b - b_hat and the
+ * dense-output coefficients D of Hairer's DOPRI5 code (4th-order continuous extension). */
 static const double A21 = 1.0 / 5.0;
 static const double A31 = 3.0 / 40.0, A32 = 9.0 / 40.0;
 static const double A41 = 44.0 / 45.0, A42 = -56.0 / 15.0, A43 = 32.0 / 9.0;
@@ -292,265 +432,575 @@ static const double D1 = -12715105075.0 / 11282082432.0, D3 = 87487479700.0 / 32
                     D4 = -10690763975.0 / 1880347072.0, D5 = 701980252875.0 / 199316789632.0,
                     D6 = -1453857185.0 / 822651844.0, D7 = 69997945.0 / 29380423.0;
 
-/* Step control constants of Hairer's DOPRI5. */
-#define UROUND 2.3e-16
-#define SAFE 0.9
-#define FAC1 0.2  /* smallest step ratio */
-#define FAC2 10.0 /* largest step ratio */
-#define BETA 0.04
-#define EXPO1 (0.2 - BETA * 0.75)
+/* step control of Hairer's DOPRI5 */
+#define DP_SAFE 0.9
+#define DP_BETA 0.04
+#define DP_EXPO1 0.17 /* 1/5 - 0.75 * beta */
+#define DP_FACC1 5.0  /* 1 / (smallest factor 0.2) */
+#define DP_FACC2 0.1  /* 1 / (largest factor 10) */
 
-void race_dopri5_default_options(race_dopri5_options *opt)
+typedef struct dp_dense {
+    const double *y, *rc2, *rc3, *rc4, *rc5;
+} dp_dense;
+
+static double dp_dense_edge(const void *ctx, int64_t e, double theta)
 {
-    opt->rtol = 1e-8;
-    opt->atol = 1e-10;
-    opt->h0 = 0.0;
-    opt->hmax = 0.0;
-    opt->max_steps = 1000000;
+    const dp_dense *c = (const dp_dense *)ctx;
+    double theta1 = 1.0 - theta;
+    return c->y[e] +
+           theta * (c->rc2[e] + theta1 * (c->rc3[e] + theta * (c->rc4[e] + theta1 * c->rc5[e])));
 }
 
-/* Hairer's starting step size (HINIT of DOPRI5, order 5).  f0 = f(y); y1, f1 are scratch. */
-static double initial_step(const race_system *sys, const double *s, const double *d,
-                           const double *y, const double *f0, double *y1, double *f1,
-                           double rtol, double atol, double hmax, double *eval)
+/* Where a run ended: outputs written, time, last step size, and whether DOPRI5 stopped because
+ * the problem turned stiff. */
+typedef struct run_end {
+    int64_t k_out;
+    double t, h;
+    int stiff;
+} run_end;
+
+/* DOPRI5 from b0 at t0 (y is work[0 .. n-1] throughout, also at the end).  Adds to stats, writes
+ * outputs and pending events but neither resets events nor fills unreached outputs.  With
+ * detect_stiff it stops after an accepted step once Hairer's stiffness test (h |lambda| > 3.25
+ * estimated from the last two stages) has fired 15 times before 6 non-stiff steps in a row. */
+static int dopri5_core(const race_system *sys, const double *s, const double *d, const double *b0,
+                       double t0, double t_end, int64_t n_out, const double *t_out,
+                       const race_ode_options *opt, const double *thresholds, double *out,
+                       double *event_times, race_stats *stats, double *work, int detect_stiff,
+                       run_end *end)
 {
-    const int64_t n = sys->n_edges;
-    double dnf = 0.0, dny = 0.0;
-    for (int64_t i = 0; i < n; ++i) {
-        const double sk = atol + rtol * fabs(y[i]);
-        dnf += (f0[i] / sk) * (f0[i] / sk);
-        dny += (y[i] / sk) * (y[i] / sk);
-    }
-    double h;
-    if (dnf <= 1e-10 || dny <= 1e-10)
-        h = 1.0e-6;
-    else
-        h = sqrt(dny / dnf) * 0.01;
-    if (h > hmax) h = hmax;
-    for (int64_t i = 0; i < n; ++i) y1[i] = y[i] + h * f0[i];
-    rhs_eval(sys, s, d, y1, f1, eval);
-    double der2 = 0.0;
-    for (int64_t i = 0; i < n; ++i) {
-        const double sk = atol + rtol * fabs(y[i]);
-        der2 += ((f1[i] - f0[i]) / sk) * ((f1[i] - f0[i]) / sk);
-    }
-    der2 = sqrt(der2) / h;
-    double der12 = sqrt(dnf);
-    if (fabs(der2) > der12) der12 = fabs(der2);
-    double h1;
-    if (der12 <= 1e-15) {
-        h1 = fabs(h) * 1.0e-3;
-        if (h1 < 1.0e-6) h1 = 1.0e-6;
-    } else {
-        h1 = pow(0.01 / der12, 1.0 / 5.0);
-    }
-    double hnew = 100.0 * fabs(h);
-    if (h1 < hnew) hnew = h1;
-    if (hmax < hnew) hnew = hmax;
-    return hnew;
-}
+    const int64_t n = sys->n_edges, np = sys->n_paths;
+    double *y = work, *k1 = y + n, *k2 = k1 + n, *k3 = k2 + n, *k4 = k3 + n, *k5 = k4 + n;
+    double *k6 = k5 + n, *k7 = k6 + n, *ytmp = k7 + n, *ynew = ytmp + n, *rc2 = ynew + n;
+    double *rc3 = rc2 + n, *rc4 = rc3 + n, *rc5 = rc4 + n, *errv = rc5 + n;
+    double *pi_old = errv + n, *pi_new = pi_old + np, *rwork = pi_new + np;
+    const int events = thresholds != NULL && event_times != NULL;
+    dp_dense dense = {y, rc2, rc3, rc4, rc5};
+    int64_t k_out = 0, nstep = 0, iasti = 0, nonsti = 0;
+    int status = RACE_OK, reject = 0, last = 0, nonfinite = 0;
+    double t = t0, h = 0.0, hmax, facold = 1e-4, rtol = opt->rtol, atol = opt->atol;
 
-/* The 4th-order continuous extension at theta in [0, 1] (Hairer's CONTD5). */
-static void dense_eval(int64_t n, const double *rc1, const double *rc2, const double *rc3,
-                       const double *rc4, const double *rc5, double theta, double *y)
-{
-    const double theta1 = 1.0 - theta;
-    for (int64_t i = 0; i < n; ++i)
-        y[i] = rc1[i] + theta * (rc2[i] + theta1 * (rc3[i] + theta * (rc4[i] + theta1 * rc5[i])));
-}
-
-race_result race_dopri5(const race_system *sys, const double *s, const double *d,
-                        const double *b0, double t0, double t_end,
-                        const double *t_out, int64_t n_out, double *out, int64_t out_stride,
-                        const int64_t *event_path, const double *event_level, int64_t n_events,
-                        double *event_time, const race_dopri5_options *opt, double *work)
-{
-    const int64_t n = sys->n_edges;
-    double *y = work, *y1 = y + n, *ysti = y1 + n;
-    double *k1 = ysti + n, *k2 = k1 + n, *k3 = k2 + n, *k4 = k3 + n, *k5 = k4 + n, *k6 = k5 + n,
-           *k7 = k6 + n;
-    double *rc1 = k7 + n, *rc2 = rc1 + n, *rc3 = rc2 + n, *rc4 = rc3 + n, *rc5 = rc4 + n;
-    double *ytmp = rc5 + n;
-    double *eval = work + N_INTEGRATOR_VECTORS * n;
-
-    const double rtol = opt->rtol, atol = opt->atol;
-    const double hmax = opt->hmax > 0.0 ? opt->hmax : t_end - t0;
-    race_result res = {RACE_OK, 0, 0, 0, t0};
-    int64_t next = 0;
-
-    for (int64_t i = 0; i < n; ++i) y[i] = b0[i];
-    for (int64_t i = 0; i < n_events; ++i) {
-        const double g0 = path_strength(sys, event_path[i], y) - event_level[i];
-        event_time[i] = g0 == 0.0 ? t0 : NAN;
+    end->stiff = 0;
+    copy(n, b0, y);
+    race_rhs(sys, s, d, y, k1, rwork);
+    stats->n_rhs += 1;
+    if (!all_finite(n, y) || !all_finite(n, k1)) {
+        status = RACE_NONFINITE;
+        goto done;
     }
-    while (next < n_out && t_out[next] <= t0) {
-        for (int64_t i = 0; i < n; ++i) out[next * out_stride + i] = y[i];
-        ++next;
+    if (events)
+        events_start(sys, thresholds, y, t0, pi_old, event_times);
+    while (k_out < n_out && t_out[k_out] <= t0) {
+        copy(n, y, out + k_out * n);
+        ++k_out;
     }
-
-    rhs_eval(sys, s, d, y, k1, eval);
-    res.n_rhs = 1;
-    if (!all_finite(k1, n)) {
-        res.status = RACE_NONFINITE;
-        fill_nan(out, out_stride, next, n_out, n);
-        return res;
-    }
-    double h;
+    hmax = opt->hmax > 0.0 ? opt->hmax : t_end - t0;
     if (opt->h0 > 0.0) {
-        h = opt->h0 < hmax ? opt->h0 : hmax;
+        h = fmin(opt->h0, hmax);
     } else {
-        h = initial_step(sys, s, d, y, k1, y1, k2, rtol, atol, hmax, eval);
-        res.n_rhs += 1;
+        h = initial_step(sys, s, d, y, k1, hmax, rtol, atol, 5.0, ytmp, k2, rwork);
+        stats->n_rhs += 1;
     }
-
-    double t = t0, facold = 1.0e-4;
-    int reject = 0, last = 0, nonfinite = 0;
-    int64_t n_attempts = 0;
 
     for (;;) {
-        if (n_attempts >= opt->max_steps) {
-            res.status = RACE_MAX_STEPS;
+        double err, fac11, fac, hnew, tnew;
+        if (nstep >= opt->max_steps) {
+            status = RACE_MAX_STEPS;
             break;
         }
         if (0.1 * fabs(h) <= fabs(t) * UROUND || !(h > 0.0)) {
-            res.status = nonfinite ? RACE_NONFINITE : RACE_STEP_TOO_SMALL;
+            status = nonfinite ? RACE_NONFINITE : RACE_STEP_TOO_SMALL;
             break;
         }
-        if ((t + 1.01 * h - t_end) > 0.0) {
+        if (t + 1.01 * h - t_end > 0.0) {
             h = t_end - t;
             last = 1;
         }
-        ++n_attempts;
+        ++nstep;
 
-        for (int64_t i = 0; i < n; ++i) y1[i] = y[i] + h * (A21 * k1[i]);
-        rhs_eval(sys, s, d, y1, k2, eval);
-        for (int64_t i = 0; i < n; ++i) y1[i] = y[i] + h * (A31 * k1[i] + A32 * k2[i]);
-        rhs_eval(sys, s, d, y1, k3, eval);
         for (int64_t i = 0; i < n; ++i)
-            y1[i] = y[i] + h * (A41 * k1[i] + A42 * k2[i] + A43 * k3[i]);
-        rhs_eval(sys, s, d, y1, k4, eval);
+            ytmp[i] = y[i] + h * (A21 * k1[i]);
+        race_rhs(sys, s, d, ytmp, k2, rwork);
         for (int64_t i = 0; i < n; ++i)
-            y1[i] = y[i] + h * (A51 * k1[i] + A52 * k2[i] + A53 * k3[i] + A54 * k4[i]);
-        rhs_eval(sys, s, d, y1, k5, eval);
+            ytmp[i] = y[i] + h * (A31 * k1[i] + A32 * k2[i]);
+        race_rhs(sys, s, d, ytmp, k3, rwork);
         for (int64_t i = 0; i < n; ++i)
-            ysti[i] = y[i] + h * (A61 * k1[i] + A62 * k2[i] + A63 * k3[i] + A64 * k4[i]
-                                  + A65 * k5[i]);
-        rhs_eval(sys, s, d, ysti, k6, eval);
+            ytmp[i] = y[i] + h * (A41 * k1[i] + A42 * k2[i] + A43 * k3[i]);
+        race_rhs(sys, s, d, ytmp, k4, rwork);
         for (int64_t i = 0; i < n; ++i)
-            y1[i] = y[i] + h * (A71 * k1[i] + A73 * k3[i] + A74 * k4[i] + A75 * k5[i]
-                                + A76 * k6[i]);
-        rhs_eval(sys, s, d, y1, k7, eval);
-        res.n_rhs += 6;
-        const double t_new = last ? t_end : t + h;
+            ytmp[i] = y[i] + h * (A51 * k1[i] + A52 * k2[i] + A53 * k3[i] + A54 * k4[i]);
+        race_rhs(sys, s, d, ytmp, k5, rwork);
+        for (int64_t i = 0; i < n; ++i)
+            ytmp[i] = y[i] + h * (A61 * k1[i] + A62 * k2[i] + A63 * k3[i] + A64 * k4[i] +
+                                  A65 * k5[i]);
+        race_rhs(sys, s, d, ytmp, k6, rwork);
+        for (int64_t i = 0; i < n; ++i)
+            ynew[i] = y[i] + h * (A71 * k1[i] + A73 * k3[i] + A74 * k4[i] + A75 * k5[i] +
+                                  A76 * k6[i]);
+        race_rhs(sys, s, d, ynew, k7, rwork);
+        stats->n_rhs += 6;
+        for (int64_t i = 0; i < n; ++i)
+            errv[i] = h * (E1 * k1[i] + E3 * k3[i] + E4 * k4[i] + E5 * k5[i] + E6 * k6[i] +
+                           E7 * k7[i]);
+        err = error_norm(n, errv, y, ynew, rtol, atol);
 
-        double err = 0.0;
-        for (int64_t i = 0; i < n; ++i) {
-            const double ay = fabs(y[i]), ay1 = fabs(y1[i]);
-            const double sk = atol + rtol * (ay > ay1 ? ay : ay1);
-            const double ei = h * (E1 * k1[i] + E3 * k3[i] + E4 * k4[i] + E5 * k5[i] + E6 * k6[i]
-                                   + E7 * k7[i]);
-            err += (ei / sk) * (ei / sk);
-        }
-        err = sqrt(err / (double)n);
-
-        if (!(err <= 1.0) || !all_finite(y1, n) || !all_finite(k7, n)) {
-            /* rejected */
-            double hnew;
-            if (isfinite(err)) {
-                nonfinite = 0;
-                const double fac11 = pow(err, EXPO1);
-                double fac = fac11 / SAFE;
-                if (fac > 1.0 / FAC1) fac = 1.0 / FAC1;
-                hnew = h / fac;
-            } else {
-                nonfinite = 1;
-                hnew = h * FAC1;
-            }
+        if (!(err <= DBL_MAX)) { /* inf or NaN: shrink hard */
+            h = h * 0.1;
             reject = 1;
             last = 0;
-            res.n_rejected += 1;
-            h = hnew;
+            nonfinite = 1;
+            stats->n_rejected += 1;
             continue;
         }
-
-        /* accepted */
-        nonfinite = 0;
-        const double fac11 = pow(err, EXPO1);
-        double fac = fac11 / pow(facold, BETA);
-        fac = fac / SAFE;
-        if (fac > 1.0 / FAC1) fac = 1.0 / FAC1;
-        if (fac < 1.0 / FAC2) fac = 1.0 / FAC2;
-        double hnew = h / fac;
-        facold = err > 1.0e-4 ? err : 1.0e-4;
-        res.n_accepted += 1;
-
-        int have_dense = 0;
-        const int need_out = next < n_out && t_out[next] <= t_new;
-        int need_events = 0;
-        for (int64_t i = 0; i < n_events; ++i)
-            if (isnan(event_time[i]) && !isnan(event_level[i])) {
-                const double g0 = path_strength(sys, event_path[i], b0) - event_level[i];
-                const double g1 = path_strength(sys, event_path[i], y1) - event_level[i];
-                if (crossed(g0, g1)) need_events = 1;
-            }
-        if (need_out || need_events) {
-            for (int64_t i = 0; i < n; ++i) {
-                const double ydiff = y1[i] - y[i];
-                const double bspl = h * k1[i] - ydiff;
-                rc1[i] = y[i];
-                rc2[i] = ydiff;
-                rc3[i] = bspl;
-                rc4[i] = ydiff - h * k7[i] - bspl;
-                rc5[i] = h * (D1 * k1[i] + D3 * k3[i] + D4 * k4[i] + D5 * k5[i] + D6 * k6[i]
-                              + D7 * k7[i]);
-            }
-            have_dense = 1;
-        }
-        (void)have_dense;
-        while (next < n_out && t_out[next] <= t_new) {
-            double *o = out + next * out_stride;
-            if (t_out[next] == t_new) {
-                for (int64_t i = 0; i < n; ++i) o[i] = y1[i];
-            } else {
-                dense_eval(n, rc1, rc2, rc3, rc4, rc5, (t_out[next] - t) / h, o);
-            }
-            ++next;
-        }
-        if (need_events) {
-            for (int64_t i = 0; i < n_events; ++i) {
-                if (!isnan(event_time[i]) || isnan(event_level[i])) continue;
-                const int64_t p = event_path[i];
-                const double level = event_level[i];
-                const double g0 = path_strength(sys, p, b0) - level;
-                if (!crossed(g0, path_strength(sys, p, y1) - level)) continue;
-                /* bisection: lo is on g0's side, hi is across */
-                double lo = t, hi = t_new;
-                for (int iter = 0; iter < 200; ++iter) {
-                    const double mid = 0.5 * (lo + hi);
-                    if (!(mid > lo && mid < hi)) break;
-                    if (hi - lo <= 1e-13 * fabs(hi)) break;
-                    dense_eval(n, rc1, rc2, rc3, rc4, rc5, (mid - t) / h, ytmp);
-                    if (crossed(g0, path_strength(sys, p, ytmp) - level))
-                        hi = mid;
-                    else
-                        lo = mid;
+        fac11 = pow(err, DP_EXPO1);
+        fac = fac11 / pow(facold, DP_BETA);
+        fac = fmax(DP_FACC2, fmin(DP_FACC1, fac / DP_SAFE));
+        hnew = h / fac;
+        if (err <= 1.0) {
+            int need_dense;
+            facold = fmax(err, 1e-4);
+            stats->n_accepted += 1;
+            tnew = last ? t_end : t + h;
+            if (events)
+                race_path_strengths(sys, ynew, pi_new);
+            need_dense = (k_out < n_out && t_out[k_out] < tnew) ||
+                         (events && any_crossing(sys, thresholds, pi_old, pi_new, event_times));
+            if (need_dense) {
+                for (int64_t i = 0; i < n; ++i) {
+                    double ydiff = ynew[i] - y[i];
+                    double bspl = h * k1[i] - ydiff;
+                    rc2[i] = ydiff;
+                    rc3[i] = bspl;
+                    rc4[i] = ydiff - h * k7[i] - bspl;
+                    rc5[i] = h * (D1 * k1[i] + D3 * k3[i] + D4 * k4[i] + D5 * k5[i] +
+                                  D6 * k6[i] + D7 * k7[i]);
                 }
-                event_time[i] = hi;
             }
+            while (k_out < n_out && t_out[k_out] <= tnew) {
+                double *o = out + k_out * n;
+                if (t_out[k_out] == tnew) {
+                    copy(n, ynew, o);
+                } else {
+                    double theta = (t_out[k_out] - t) / h;
+                    for (int64_t i = 0; i < n; ++i)
+                        o[i] = dp_dense_edge(&dense, i, theta);
+                }
+                ++k_out;
+            }
+            if (events) {
+                if (need_dense)
+                    locate_events(sys, thresholds, pi_old, pi_new, t, h, dp_dense_edge, &dense,
+                                  event_times);
+                copy(np, pi_new, pi_old);
+            }
+            if (detect_stiff) {
+                /* ytmp still holds the point of stage 6 and k6 its slope */
+                double stnum = 0.0, stden = 0.0;
+                for (int64_t i = 0; i < n; ++i) {
+                    stnum += (k7[i] - k6[i]) * (k7[i] - k6[i]);
+                    stden += (ynew[i] - ytmp[i]) * (ynew[i] - ytmp[i]);
+                }
+                if (stden > 0.0 && h * sqrt(stnum / stden) > 3.25) {
+                    nonsti = 0;
+                    iasti += 1;
+                } else {
+                    nonsti += 1;
+                    if (nonsti == 6)
+                        iasti = 0;
+                }
+            }
+            copy(n, ynew, y);
+            copy(n, k7, k1);
+            t = tnew;
+            stats->t_reached = t;
+            if (last)
+                break;
+            if (fabs(hnew) > hmax)
+                hnew = hmax;
+            if (reject)
+                hnew = fmin(fabs(hnew), fabs(h));
+            reject = 0;
+            nonfinite = 0;
+            if (iasti >= 15) {
+                end->stiff = 1;
+                h = hnew;
+                break;
+            }
+        } else {
+            hnew = h / fmin(DP_FACC1, fac11 / DP_SAFE);
+            reject = 1;
+            last = 0;
+            stats->n_rejected += 1;
         }
-
-        for (int64_t i = 0; i < n; ++i) {
-            k1[i] = k7[i];
-            y[i] = y1[i];
-        }
-        t = t_new;
-        res.t = t;
-        if (last) break;
-        if (fabs(hnew) > hmax) hnew = hmax;
-        if (reject && hnew > h) hnew = h;
-        reject = 0;
         h = hnew;
     }
-    fill_nan(out, out_stride, next, n_out, n);
-    return res;
+
+done:
+    end->k_out = k_out;
+    end->t = t;
+    end->h = h;
+    return status;
+}
+
+static int options_ok(double t0, double t_end, const race_ode_options *opt)
+{
+    return opt != NULL && t_end > t0 && opt->rtol > 0.0 && opt->atol > 0.0 && isfinite(t0) &&
+           isfinite(t_end) && opt->max_steps >= 1;
+}
+
+/* common start and end of the public integrators */
+static void run_begin(const race_system *sys, double t0, double *event_times, race_stats *stats)
+{
+    init_stats(stats, t0);
+    if (event_times != NULL)
+        for (int64_t p = 0; p < sys->n_paths; ++p)
+            event_times[p] = NAN;
+}
+
+static void run_finish(const race_system *sys, int64_t k_out, int64_t n_out, double *out)
+{
+    for (; k_out < n_out; ++k_out)
+        fill_nan(sys->n_edges, out + k_out * sys->n_edges);
+}
+
+int race_dopri5(const race_system *sys, const double *s, const double *d, const double *b0,
+                double t0, double t_end, int64_t n_out, const double *t_out,
+                const race_ode_options *opt, const double *thresholds, double *out,
+                double *event_times, race_stats *stats, double *work)
+{
+    race_stats local;
+    run_end end = {0, t0, 0.0, 0};
+    int status = RACE_BAD_INPUT;
+    if (stats == NULL)
+        stats = &local;
+    run_begin(sys, t0, event_times, stats);
+    if (options_ok(t0, t_end, opt))
+        status = dopri5_core(sys, s, d, b0, t0, t_end, n_out, t_out, opt, thresholds, out,
+                             event_times, stats, work, 0, &end);
+    run_finish(sys, end.k_out, n_out, out);
+    return status;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* dense LU with partial pivoting (n is small)                                              */
+
+/* Factor a (n x n, row-major) in place as P a = L U; returns 0, or 1 when singular. */
+static int lu_factor(int64_t n, double *a, int64_t *piv)
+{
+    for (int64_t k = 0; k < n; ++k) {
+        int64_t p = k;
+        double amax = fabs(a[k * n + k]);
+        for (int64_t i = k + 1; i < n; ++i) {
+            if (fabs(a[i * n + k]) > amax) {
+                amax = fabs(a[i * n + k]);
+                p = i;
+            }
+        }
+        piv[k] = p;
+        if (!(amax > 0.0) || !isfinite(amax))
+            return 1;
+        if (p != k) {
+            for (int64_t j = 0; j < n; ++j) {
+                double tmp = a[k * n + j];
+                a[k * n + j] = a[p * n + j];
+                a[p * n + j] = tmp;
+            }
+        }
+        for (int64_t i = k + 1; i < n; ++i) {
+            double l = a[i * n + k] / a[k * n + k];
+            a[i * n + k] = l;
+            for (int64_t j = k + 1; j < n; ++j)
+                a[i * n + j] -= l * a[k * n + j];
+        }
+    }
+    return 0;
+}
+
+/* Solve (P^T L U) x = b in place. */
+static void lu_solve(int64_t n, const double *a, const int64_t *piv, double *b)
+{
+    for (int64_t k = 0; k < n; ++k) {
+        if (piv[k] != k) {
+            double tmp = b[k];
+            b[k] = b[piv[k]];
+            b[piv[k]] = tmp;
+        }
+    }
+    for (int64_t i = 1; i < n; ++i)
+        for (int64_t j = 0; j < i; ++j)
+            b[i] -= a[i * n + j] * b[j];
+    for (int64_t i = n - 1; i >= 0; --i) {
+        for (int64_t j = i + 1; j < n; ++j)
+            b[i] -= a[i * n + j] * b[j];
+        b[i] = b[i] / a[i * n + i];
+    }
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* RODAS3                                                                                    */
+
+/* RODAS3 in the form  (1/(h gamma) - J) k_i = f(y + sum_j a_ij k_j) + sum_j (c_ij / h) k_j,
+ * y_new = y + sum_i m_i k_i, error estimate k_4.  Coefficients of Sandu, Verwer, Blom,
+ * Spee, Carmichael & Potra, "Benchmarking stiff ODE solvers for atmospheric chemistry
+ * problems II: Rosenbrock solvers", Atmos. Environ. 31 (1997) 3459-3472 (as used in KPP):
+ * gamma = 1/2, a31 = a41 = 2, a43 = 1 (others 0), c21 = 4, c31 = 1, c32 = -1, c41 = 1,
+ * c42 = -1, c43 = -8/3, m = (2, 0, 1, 1), e = (0, 0, 0, 1).  Stage 2 reuses f(y). */
+#define RO_GAMMA 0.5
+#define RO_C21 4.0
+#define RO_C31 1.0
+#define RO_C32 (-1.0)
+#define RO_C41 1.0
+#define RO_C42 (-1.0)
+#define RO_C43 (-8.0 / 3.0)
+#define RO_SAFE 0.9
+#define RO_FACMIN 0.2
+#define RO_FACMAX 6.0
+#define RO_DENSE (4.0 / 27.0)
+
+typedef struct hermite_dense {
+    const double *y, *f0, *ynew, *f1;
+    double h;
+} hermite_dense;
+
+/* cubic Hermite interpolant on a step of length h */
+static double hermite_edge(const void *ctx, int64_t e, double theta)
+{
+    const hermite_dense *c = (const hermite_dense *)ctx;
+    double u = 1.0 - theta;
+    double h00 = (1.0 + 2.0 * theta) * u * u;
+    double h10 = theta * u * u;
+    double h01 = theta * theta * (3.0 - 2.0 * theta);
+    double h11 = -theta * theta * u;
+    return h00 * c->y[e] + h10 * (c->h * c->f0[e]) + h01 * c->ynew[e] + h11 * (c->h * c->f1[e]);
+}
+
+/* RODAS3 from b0 at t0; same contract as dopri5_core (without stiffness detection). */
+static int rodas3_core(const race_system *sys, const double *s, const double *d, const double *b0,
+                       double t0, double t_end, int64_t n_out, const double *t_out,
+                       const race_ode_options *opt, const double *thresholds, double *out,
+                       double *event_times, race_stats *stats, double *work, int64_t *iwork,
+                       run_end *end)
+{
+    const int64_t n = sys->n_edges, np = sys->n_paths;
+    double *y = work, *ynew = y + n, *f0 = ynew + n, *f1 = f0 + n, *ytmp = f1 + n;
+    double *ftmp = ytmp + n, *k1 = ftmp + n, *k2 = k1 + n, *k3 = k2 + n, *k4 = k3 + n;
+    double *jac = k4 + n, *g = jac + n * n, *pi_old = g + n * n, *pi_new = pi_old + np;
+    double *rwork = pi_new + np;
+    int64_t *piv = iwork;
+    const int events = thresholds != NULL && event_times != NULL;
+    hermite_dense dense = {y, f0, ynew, f1, 0.0};
+    int64_t k_out = 0, nstep = 0;
+    int status = RACE_OK, reject = 0, last = 0, nonfinite = 0, jac_current = 0;
+    double t = t0, h = 0.0, hmax, rtol = opt->rtol, atol = opt->atol;
+
+    end->stiff = 0;
+    copy(n, b0, y);
+    race_rhs(sys, s, d, y, f0, rwork);
+    stats->n_rhs += 1;
+    if (!all_finite(n, y) || !all_finite(n, f0)) {
+        status = RACE_NONFINITE;
+        goto done;
+    }
+    if (events)
+        events_start(sys, thresholds, y, t0, pi_old, event_times);
+    while (k_out < n_out && t_out[k_out] <= t0) {
+        copy(n, y, out + k_out * n);
+        ++k_out;
+    }
+    hmax = opt->hmax > 0.0 ? opt->hmax : t_end - t0;
+    if (opt->h0 > 0.0) {
+        h = fmin(opt->h0, hmax);
+    } else {
+        h = initial_step(sys, s, d, y, f0, hmax, rtol, atol, 3.0, ytmp, ftmp, rwork);
+        stats->n_rhs += 1;
+    }
+
+    for (;;) {
+        double err, errc, fac, hnew, tnew, hinv, diag;
+        if (nstep >= opt->max_steps) {
+            status = RACE_MAX_STEPS;
+            break;
+        }
+        if (0.1 * fabs(h) <= fabs(t) * UROUND || !(h > 0.0)) {
+            status = nonfinite ? RACE_NONFINITE : RACE_STEP_TOO_SMALL;
+            break;
+        }
+        if (t + 1.01 * h - t_end > 0.0) {
+            h = t_end - t;
+            last = 1;
+        }
+        ++nstep;
+        if (!jac_current) {
+            race_jacobian(sys, s, d, y, jac, rwork);
+            jac_current = 1;
+        }
+        hinv = 1.0 / h;
+        diag = 1.0 / (h * RO_GAMMA);
+        for (int64_t i = 0; i < n * n; ++i)
+            g[i] = -jac[i];
+        for (int64_t i = 0; i < n; ++i)
+            g[i * n + i] = diag - jac[i * n + i];
+        if (lu_factor(n, g, piv) != 0) {
+            h = h * 0.1;
+            reject = 1;
+            last = 0;
+            nonfinite = 1;
+            stats->n_rejected += 1;
+            continue;
+        }
+        for (int64_t i = 0; i < n; ++i)
+            k1[i] = f0[i];
+        lu_solve(n, g, piv, k1);
+        for (int64_t i = 0; i < n; ++i)
+            k2[i] = f0[i] + (RO_C21 * hinv) * k1[i];
+        lu_solve(n, g, piv, k2);
+        for (int64_t i = 0; i < n; ++i)
+            ytmp[i] = y[i] + 2.0 * k1[i];
+        race_rhs(sys, s, d, ytmp, ftmp, rwork);
+        for (int64_t i = 0; i < n; ++i)
+            k3[i] = ftmp[i] + (RO_C31 * hinv) * k1[i] + (RO_C32 * hinv) * k2[i];
+        lu_solve(n, g, piv, k3);
+        for (int64_t i = 0; i < n; ++i)
+            ytmp[i] = y[i] + 2.0 * k1[i] + k3[i];
+        race_rhs(sys, s, d, ytmp, ftmp, rwork);
+        for (int64_t i = 0; i < n; ++i)
+            k4[i] = ftmp[i] + (RO_C41 * hinv) * k1[i] + (RO_C42 * hinv) * k2[i] +
+                    (RO_C43 * hinv) * k3[i];
+        lu_solve(n, g, piv, k4);
+        for (int64_t i = 0; i < n; ++i)
+            ynew[i] = y[i] + 2.0 * k1[i] + k3[i] + k4[i];
+        race_rhs(sys, s, d, ynew, f1, rwork);
+        stats->n_rhs += 3;
+        err = error_norm(n, k4, y, ynew, rtol, atol);
+        if (!all_finite(n, f1)) {
+            err = NAN;
+        } else {
+            /* the dense output must meet the tolerance too: deviation of the cubic Hermite
+             * interpolant from the quadratic one (through y, f0, ynew) at theta = 2/3 */
+            double err_dense;
+            for (int64_t i = 0; i < n; ++i)
+                ftmp[i] = RO_DENSE * (h * (f0[i] + f1[i]) - 2.0 * (ynew[i] - y[i]));
+            err_dense = error_norm(n, ftmp, y, ynew, rtol, atol);
+            if (err_dense > err)
+                err = err_dense;
+        }
+        if (!(err <= DBL_MAX)) {
+            h = h * 0.1;
+            reject = 1;
+            last = 0;
+            nonfinite = 1;
+            stats->n_rejected += 1;
+            continue;
+        }
+        errc = err > 1e-10 ? err : 1e-10;
+        fac = fmin(RO_FACMAX, fmax(RO_FACMIN, RO_SAFE * pow(errc, -1.0 / 3.0)));
+        hnew = h * fac;
+        if (err <= 1.0) {
+            stats->n_accepted += 1;
+            tnew = last ? t_end : t + h;
+            dense.h = h;
+            while (k_out < n_out && t_out[k_out] <= tnew) {
+                double *o = out + k_out * n;
+                if (t_out[k_out] == tnew) {
+                    copy(n, ynew, o);
+                } else {
+                    double theta = (t_out[k_out] - t) / h;
+                    for (int64_t i = 0; i < n; ++i)
+                        o[i] = hermite_edge(&dense, i, theta);
+                }
+                ++k_out;
+            }
+            if (events) {
+                race_path_strengths(sys, ynew, pi_new);
+                locate_events(sys, thresholds, pi_old, pi_new, t, h, hermite_edge, &dense,
+                              event_times);
+                copy(np, pi_new, pi_old);
+            }
+            copy(n, ynew, y);
+            copy(n, f1, f0);
+            jac_current = 0;
+            t = tnew;
+            stats->t_reached = t;
+            if (last)
+                break;
+            if (hnew > hmax)
+                hnew = hmax;
+            if (reject)
+                hnew = fmin(hnew, h);
+            reject = 0;
+            nonfinite = 0;
+        } else {
+            reject = 1;
+            last = 0;
+            stats->n_rejected += 1;
+        }
+        h = hnew;
+    }
+
+done:
+    end->k_out = k_out;
+    end->t = t;
+    end->h = h;
+    return status;
+}
+
+int race_rodas3(const race_system *sys, const double *s, const double *d, const double *b0,
+                double t0, double t_end, int64_t n_out, const double *t_out,
+                const race_ode_options *opt, const double *thresholds, double *out,
+                double *event_times, race_stats *stats, double *work, int64_t *iwork)
+{
+    race_stats local;
+    run_end end = {0, t0, 0.0, 0};
+    int status = RACE_BAD_INPUT;
+    if (stats == NULL)
+        stats = &local;
+    run_begin(sys, t0, event_times, stats);
+    if (options_ok(t0, t_end, opt))
+        status = rodas3_core(sys, s, d, b0, t0, t_end, n_out, t_out, opt, thresholds, out,
+                             event_times, stats, work, iwork, &end);
+    run_finish(sys, end.k_out, n_out, out);
+    return status;
+}
+
+size_t race_auto_work_size(const race_system *sys)
+{
+    size_t a = race_dopri5_work_size(sys), b = race_rodas3_work_size(sys);
+    return (a > b ? a : b) + (size_t)sys->n_edges;
+}
+
+int race_auto(const race_system *sys, const double *s, const double *d, const double *b0,
+              double t0, double t_end, int64_t n_out, const double *t_out,
+              const race_ode_options *opt, const double *thresholds, double *out,
+              double *event_times, race_stats *stats, double *work, int64_t *iwork)
+{
+    const int64_t n = sys->n_edges;
+    race_stats local;
+    run_end end = {0, t0, 0.0, 0};
+    int status = RACE_BAD_INPUT;
+    if (stats == NULL)
+        stats = &local;
+    run_begin(sys, t0, event_times, stats);
+    if (options_ok(t0, t_end, opt)) {
+        status = dopri5_core(sys, s, d, b0, t0, t_end, n_out, t_out, opt, thresholds, out,
+                             event_times, stats, work, 1, &end);
+        if (status == RACE_OK && end.stiff) {
+            /* continue from the state DOPRI5 left in work[0 .. n-1] */
+            race_ode_options rest = *opt;
+            double *y = work + race_auto_work_size(sys) - n;
+            int64_t k_done = end.k_out;
+            rest.h0 = end.h;
+            rest.max_steps = opt->max_steps - (stats->n_accepted + stats->n_rejected);
+            if (rest.max_steps < 1) {
+                status = RACE_MAX_STEPS;
+            } else {
+                copy(n, work, y);
+                status = rodas3_core(sys, s, d, y, end.t, t_end, n_out - k_done,
+                                     t_out + k_done, &rest, thresholds, out + k_done * n,
+                                     event_times, stats, work, iwork, &end);
+                end.k_out += k_done;
+            }
+        }
+    }
+    run_finish(sys, end.k_out, n_out, out);
+    return status;
 }

@@ -96,6 +96,7 @@ size_t race_work_size(const race_system *sys);          /* rhs, jacobian, loss *
 size_t race_gd_work_size(const race_system *sys);
 size_t race_dopri5_work_size(const race_system *sys);
 size_t race_rodas3_work_size(const race_system *sys);  /* plus n_edges int64_t in iwork */
+size_t race_auto_work_size(const race_system *sys);    /* plus n_edges int64_t in iwork */
 
 /* pi (n_paths) = path strengths of b (n_edges). */
 void race_path_strengths(const race_system *sys, const double *b, double *pi);
@@ -153,6 +154,9 @@ int race_dopri5(const race_system *sys, const double *s, const double *d, const 
  * L-stable; Sandu et al., Atmos. Environ. 31 (1997) 3459) with the analytic Jacobian and
  * a dense LU with partial pivoting.  Same error norm, output and event conventions as
  * race_dopri5; dense output is the cubic Hermite interpolant of (y, f) at both step ends.
+ * The error of a step is the larger of the embedded estimate (k_4) and a dense-output
+ * estimate, (4/27) * (h (f(y) + f(ynew)) - 2 (ynew - y)), the deviation of the cubic Hermite
+ * interpolant from the quadratic one at theta = 2/3, so saved points meet the tolerance too.
  * Step control: h_new = h * clamp(0.9 * err^(-1/3), 0.2, 6), no increase right after a
  * rejection; a non-finite error or a singular matrix rejects the step with h *= 0.1.
  * iwork holds n_edges int64_t.
@@ -161,6 +165,19 @@ int race_rodas3(const race_system *sys, const double *s, const double *d, const 
                 double t0, double t_end, int64_t n_out, const double *t_out,
                 const race_ode_options *opt, const double *thresholds, double *out,
                 double *event_times, race_stats *stats, double *work, int64_t *iwork);
+
+/*
+ * Automatic stiffness switching: race_dopri5 until Hairer's stiffness test fires (the
+ * estimate h |lambda| = h |k7 - k6| / |ynew - y6| from the last two stages exceeds 3.25 on
+ * 15 accepted steps, with no run of 6 non-stiff steps in between), then race_rodas3 from that
+ * point to t_end (first step: the step DOPRI5 proposed; the step limit counts both phases).
+ * Race systems turn stiff once a mode has been learnt, so long runs cost far fewer steps.
+ * Same arguments, outputs and events as race_dopri5; iwork holds n_edges int64_t.
+ */
+int race_auto(const race_system *sys, const double *s, const double *d, const double *b0,
+              double t0, double t_end, int64_t n_out, const double *t_out,
+              const race_ode_options *opt, const double *thresholds, double *out,
+              double *event_times, race_stats *stats, double *work, int64_t *iwork);
 
 #ifdef __cplusplus
 }

@@ -34,6 +34,7 @@ from .gradient import (
 )
 from .network import Edge, Network, Path
 from .reduce import ReducedSolution, Reduction, reduce
+from .simulate import Trajectory, resume, simulate
 from .stats import GatedMoments, PathCorrelations, gated_moments, path_correlations
 
 __version__ = "0.1.0"
@@ -43,15 +44,14 @@ _LAZY = {
     "RaceSystem": "system",
     "RaceSolution": "integrate",
     "integrate_system": "integrate",
-    "simulate": "simulate",
-    "resume": "simulate",
-    "Trajectory": "simulate",
     "exact": None,
     "store": None,
     "tasks": None,
     "analysis": None,
     "integrate": None,
-    "sweep": None,
+    "experiments": None,
+    "plot": None,
+    "engine": None,
 }
 
 
@@ -84,7 +84,7 @@ __all__ = [
     "ConfigError", "Contexts", "DataError", "Dataset", "DivergenceError", "Edge",
     "FastraceError", "GatedMoments", "IntegrationError", "Network", "NetworkError", "Path",
     "PathCorrelations", "PathExplosionError", "ReducedSolution", "Reduction", "ReductionError",
-    "StoreError", "WeightsError", "reduce",
+    "StoreError", "Trajectory", "WeightsError", "reduce", "resume", "simulate",
     "conserved_quantities", "forward", "gated_moments", "get_include", "gradient", "init", "loss",
     "loss_and_gradient", "path_correlations", "path_gradient", *_LAZY,
 ]

@@ -1,0 +1,608 @@
+/*
+ * _race.c -- the CPython module fastrace._race: the C core (race.c) over batches of systems.
+ *
+ * Every function takes the structure of one race system (path_ptr, path_edges, target_ptr,
+ * target_paths: C-contiguous int64 arrays, see race.h) and a batch of n_sys systems sharing
+ * it: b or b0 (n_sys, n_edges) defines n_sys; s (rows, n_paths), d (rows, nnz_t) and
+ * rate (rows, n_edges) or None, where rows divides n_sys and system i uses row i % rows.
+ * All float arrays are C-contiguous float64.  The loop over systems runs in C with the GIL
+ * released.  The Python front end (fastrace.integrate, fastrace.system) validates values;
+ * this layer checks types, shapes and the structure and raises ValueError.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#include <numpy/arrayobject.h>
+
+#include <stdlib.h>
+
+#include "race.h"
+
+/* ---------------------------------------------------------------------------------------- */
+/* argument checking                                                                         */
+
+static PyArrayObject *as_array(PyObject *obj, const char *name, int typenum, int ndim)
+{
+    PyArrayObject *a;
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_ValueError, "%s must be a numpy array", name);
+        return NULL;
+    }
+    a = (PyArrayObject *)obj;
+    if (PyArray_TYPE(a) != typenum) {
+        PyErr_Format(PyExc_ValueError, "%s must have dtype %s", name,
+                     typenum == NPY_INT64 ? "int64" : "float64");
+        return NULL;
+    }
+    if (PyArray_NDIM(a) != ndim) {
+        PyErr_Format(PyExc_ValueError, "%s must have %d dimension(s), got %d", name, ndim,
+                     PyArray_NDIM(a));
+        return NULL;
+    }
+    if (!PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISALIGNED(a)) {
+        PyErr_Format(PyExc_ValueError, "%s must be C-contiguous and aligned", name);
+        return NULL;
+    }
+    return a;
+}
+
+/* The structure arrays, checked with race_check. */
+typedef struct structure {
+    race_system sys;
+    int64_t nnz_t;
+} structure;
+
+static int parse_structure(PyObject *path_ptr, PyObject *path_edges, PyObject *target_ptr,
+                           PyObject *target_paths, structure *st)
+{
+    PyArrayObject *pp = as_array(path_ptr, "path_ptr", NPY_INT64, 1);
+    PyArrayObject *pe = pp ? as_array(path_edges, "path_edges", NPY_INT64, 1) : NULL;
+    PyArrayObject *tp = pe ? as_array(target_ptr, "target_ptr", NPY_INT64, 1) : NULL;
+    PyArrayObject *tt = tp ? as_array(target_paths, "target_paths", NPY_INT64, 1) : NULL;
+    npy_intp n_paths;
+    if (tt == NULL)
+        return -1;
+    n_paths = PyArray_DIM(pp, 0) - 1;
+    if (n_paths < 1 || PyArray_DIM(tp, 0) != n_paths + 1) {
+        PyErr_SetString(PyExc_ValueError,
+                        "path_ptr and target_ptr must both have n_paths + 1 >= 2 entries");
+        return -1;
+    }
+    st->sys.n_paths = n_paths;
+    st->sys.path_ptr = (const int64_t *)PyArray_DATA(pp);
+    st->sys.path_edges = (const int64_t *)PyArray_DATA(pe);
+    st->sys.target_ptr = (const int64_t *)PyArray_DATA(tp);
+    st->sys.target_paths = (const int64_t *)PyArray_DATA(tt);
+    st->sys.rate = NULL;
+    if (st->sys.path_ptr[n_paths] != PyArray_DIM(pe, 0) ||
+        st->sys.target_ptr[n_paths] != PyArray_DIM(tt, 0)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "path_ptr[-1] must equal len(path_edges) and target_ptr[-1] "
+                        "len(target_paths)");
+        return -1;
+    }
+    st->nnz_t = PyArray_DIM(tt, 0);
+    return 0;
+}
+
+/* n_edges is fixed by b (its second dimension); race_check needs it. */
+static int check_structure(structure *st, int64_t n_edges)
+{
+    st->sys.n_edges = n_edges;
+    if (race_check(&st->sys) != RACE_OK) {
+        PyErr_SetString(PyExc_ValueError,
+                        "invalid race system structure: CSR pointers must start at 0 and not "
+                        "decrease, every path must be a non-empty list of distinct edges in "
+                        "[0, n_edges), target_paths must hold path indices in [0, n_paths)");
+        return -1;
+    }
+    return 0;
+}
+
+/* A (rows, cols) float64 array whose rows divide n_sys; NULL obj allowed when optional. */
+static int parse_rows(PyObject *obj, const char *name, npy_intp n_sys, npy_intp cols,
+                      int optional, const double **data, npy_intp *rows)
+{
+    PyArrayObject *a;
+    if (optional && (obj == NULL || obj == Py_None)) {
+        *data = NULL;
+        *rows = 1;
+        return 0;
+    }
+    a = as_array(obj, name, NPY_FLOAT64, 2);
+    if (a == NULL)
+        return -1;
+    if (PyArray_DIM(a, 1) != cols) {
+        PyErr_Format(PyExc_ValueError, "%s must have %zd columns, got %zd", name, (Py_ssize_t)cols,
+                     (Py_ssize_t)PyArray_DIM(a, 1));
+        return -1;
+    }
+    if (PyArray_DIM(a, 0) < 1 || n_sys % PyArray_DIM(a, 0) != 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s must have a number of rows that divides the number of systems %zd, "
+                     "got %zd", name, (Py_ssize_t)n_sys, (Py_ssize_t)PyArray_DIM(a, 0));
+        return -1;
+    }
+    *data = (const double *)PyArray_DATA(a);
+    *rows = PyArray_DIM(a, 0);
+    return 0;
+}
+
+/* The batch: structure, b (n_sys, n_edges), s, d, rate. */
+typedef struct batch {
+    structure st;
+    npy_intp n_sys, n_edges;
+    const double *b, *s, *d, *rate;
+    npy_intp s_rows, d_rows, rate_rows;
+} batch;
+
+static int parse_batch(PyObject *pp, PyObject *pe, PyObject *tp, PyObject *tt, PyObject *b,
+                       const char *bname, PyObject *s, PyObject *d, PyObject *rate, batch *bt)
+{
+    PyArrayObject *ba;
+    if (parse_structure(pp, pe, tp, tt, &bt->st) != 0)
+        return -1;
+    ba = as_array(b, bname, NPY_FLOAT64, 2);
+    if (ba == NULL)
+        return -1;
+    bt->n_sys = PyArray_DIM(ba, 0);
+    bt->n_edges = PyArray_DIM(ba, 1);
+    if (bt->n_sys < 1 || bt->n_edges < 1) {
+        PyErr_Format(PyExc_ValueError, "%s must have at least one row and one column", bname);
+        return -1;
+    }
+    bt->b = (const double *)PyArray_DATA(ba);
+    if (check_structure(&bt->st, bt->n_edges) != 0)
+        return -1;
+    if (s != NULL && parse_rows(s, "s", bt->n_sys, bt->st.sys.n_paths, 0, &bt->s, &bt->s_rows))
+        return -1;
+    if (d != NULL && parse_rows(d, "d", bt->n_sys, bt->st.nnz_t, 0, &bt->d, &bt->d_rows))
+        return -1;
+    if (parse_rows(rate, "rate", bt->n_sys, bt->n_edges, 1, &bt->rate, &bt->rate_rows))
+        return -1;
+    return 0;
+}
+
+/* the system i of a batch */
+static void system_at(const batch *bt, npy_intp i, race_system *sys, const double **s,
+                      const double **d)
+{
+    *sys = bt->st.sys;
+    sys->rate = bt->rate ? bt->rate + (i % bt->rate_rows) * bt->n_edges : NULL;
+    if (s)
+        *s = bt->s + (i % bt->s_rows) * bt->st.sys.n_paths;
+    if (d)
+        *d = bt->d + (i % bt->d_rows) * bt->st.nnz_t;
+}
+
+static double *alloc_doubles(size_t count)
+{
+    double *p = (double *)malloc((count > 0 ? count : 1) * sizeof(double));
+    if (p == NULL)
+        PyErr_NoMemory();
+    return p;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* rhs, jacobian, path strengths, loss                                                       */
+
+static char *kw_eval[] = {"path_ptr", "path_edges", "target_ptr", "target_paths", "b", "s", "d",
+                          "rate", NULL};
+
+PyDoc_STRVAR(rhs_doc,
+"rhs(path_ptr, path_edges, target_ptr, target_paths, b, s, d, rate=None) -> (n_sys, n_edges)\n\n"
+"db/dt of every system of the batch.");
+
+static PyObject *py_rhs(PyObject *self, PyObject *args, PyObject *kw)
+{
+    PyObject *pp, *pe, *tp, *tt, *b, *s, *d, *rate = Py_None, *res;
+    batch bt;
+    double *work, *out;
+    npy_intp dims[2];
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOO|O:rhs", kw_eval, &pp, &pe, &tp, &tt, &b,
+                                     &s, &d, &rate))
+        return NULL;
+    if (parse_batch(pp, pe, tp, tt, b, "b", s, d, rate, &bt) != 0)
+        return NULL;
+    dims[0] = bt.n_sys;
+    dims[1] = bt.n_edges;
+    res = PyArray_SimpleNew(2, dims, NPY_FLOAT64);
+    if (res == NULL)
+        return NULL;
+    out = (double *)PyArray_DATA((PyArrayObject *)res);
+    work = alloc_doubles(race_work_size(&bt.st.sys));
+    if (work == NULL) {
+        Py_DECREF(res);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (npy_intp i = 0; i < bt.n_sys; ++i) {
+        race_system sys;
+        const double *si, *di;
+        system_at(&bt, i, &sys, &si, &di);
+        race_rhs(&sys, si, di, bt.b + i * bt.n_edges, out + i * bt.n_edges, work);
+    }
+    Py_END_ALLOW_THREADS
+    free(work);
+    return res;
+}
+
+PyDoc_STRVAR(jacobian_doc,
+"jacobian(path_ptr, path_edges, target_ptr, target_paths, b, s, d, rate=None)\n"
+"-> (n_sys, n_edges, n_edges), J[i, e, f] = d(db_e/dt)/d(b_f) of system i.");
+
+static PyObject *py_jacobian(PyObject *self, PyObject *args, PyObject *kw)
+{
+    PyObject *pp, *pe, *tp, *tt, *b, *s, *d, *rate = Py_None, *res;
+    batch bt;
+    double *work, *out;
+    npy_intp dims[3];
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOO|O:jacobian", kw_eval, &pp, &pe, &tp, &tt,
+                                     &b, &s, &d, &rate))
+        return NULL;
+    if (parse_batch(pp, pe, tp, tt, b, "b", s, d, rate, &bt) != 0)
+        return NULL;
+    dims[0] = bt.n_sys;
+    dims[1] = bt.n_edges;
+    dims[2] = bt.n_edges;
+    res = PyArray_SimpleNew(3, dims, NPY_FLOAT64);
+    if (res == NULL)
+        return NULL;
+    out = (double *)PyArray_DATA((PyArrayObject *)res);
+    work = alloc_doubles(race_work_size(&bt.st.sys));
+    if (work == NULL) {
+        Py_DECREF(res);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (npy_intp i = 0; i < bt.n_sys; ++i) {
+        race_system sys;
+        const double *si, *di;
+        system_at(&bt, i, &sys, &si, &di);
+        race_jacobian(&sys, si, di, bt.b + i * bt.n_edges, out + i * bt.n_edges * bt.n_edges,
+                      work);
+    }
+    Py_END_ALLOW_THREADS
+    free(work);
+    return res;
+}
+
+PyDoc_STRVAR(loss_doc,
+"loss(path_ptr, path_edges, target_ptr, target_paths, b, s, d) -> (n_sys,)\n\n"
+"The loss of every system (without its constant).");
+
+static PyObject *py_loss(PyObject *self, PyObject *args, PyObject *kw)
+{
+    PyObject *pp, *pe, *tp, *tt, *b, *s, *d, *res;
+    batch bt;
+    double *work, *out;
+    npy_intp dims[1];
+    (void)self;
+    static char *kwlist[] = {"path_ptr", "path_edges", "target_ptr", "target_paths", "b", "s",
+                             "d", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOO:loss", kwlist, &pp, &pe, &tp, &tt, &b,
+                                     &s, &d))
+        return NULL;
+    if (parse_batch(pp, pe, tp, tt, b, "b", s, d, Py_None, &bt) != 0)
+        return NULL;
+    dims[0] = bt.n_sys;
+    res = PyArray_SimpleNew(1, dims, NPY_FLOAT64);
+    if (res == NULL)
+        return NULL;
+    out = (double *)PyArray_DATA((PyArrayObject *)res);
+    work = alloc_doubles(race_work_size(&bt.st.sys));
+    if (work == NULL) {
+        Py_DECREF(res);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (npy_intp i = 0; i < bt.n_sys; ++i) {
+        race_system sys;
+        const double *si, *di;
+        system_at(&bt, i, &sys, &si, &di);
+        out[i] = race_loss(&sys, si, di, bt.b + i * bt.n_edges, work);
+    }
+    Py_END_ALLOW_THREADS
+    free(work);
+    return res;
+}
+
+PyDoc_STRVAR(path_strengths_doc,
+"path_strengths(path_ptr, path_edges, target_ptr, target_paths, b) -> (n_sys, n_paths)");
+
+static PyObject *py_path_strengths(PyObject *self, PyObject *args, PyObject *kw)
+{
+    PyObject *pp, *pe, *tp, *tt, *b, *res;
+    batch bt;
+    double *out;
+    npy_intp dims[2];
+    (void)self;
+    static char *kwlist[] = {"path_ptr", "path_edges", "target_ptr", "target_paths", "b", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO:path_strengths", kwlist, &pp, &pe, &tp,
+                                     &tt, &b))
+        return NULL;
+    if (parse_batch(pp, pe, tp, tt, b, "b", NULL, NULL, Py_None, &bt) != 0)
+        return NULL;
+    dims[0] = bt.n_sys;
+    dims[1] = bt.st.sys.n_paths;
+    res = PyArray_SimpleNew(2, dims, NPY_FLOAT64);
+    if (res == NULL)
+        return NULL;
+    out = (double *)PyArray_DATA((PyArrayObject *)res);
+    Py_BEGIN_ALLOW_THREADS
+    for (npy_intp i = 0; i < bt.n_sys; ++i)
+        race_path_strengths(&bt.st.sys, bt.b + i * bt.n_edges, out + i * dims[1]);
+    Py_END_ALLOW_THREADS
+    return res;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* integrators                                                                               */
+
+/* time-first output (n_out, n_sys, n_edges), status (n_sys,) and stats (n_sys, 3) */
+typedef struct run_out {
+    PyObject *out, *status, *stats;
+    double *out_data;
+    int64_t *status_data, *stats_data;
+} run_out;
+
+static int alloc_run_out(run_out *r, npy_intp n_out, npy_intp n_sys, npy_intp n_edges)
+{
+    npy_intp d3[3] = {n_out, n_sys, n_edges}, d1[1] = {n_sys}, d2[2] = {n_sys, 3};
+    r->out = PyArray_SimpleNew(3, d3, NPY_FLOAT64);
+    r->status = PyArray_SimpleNew(1, d1, NPY_INT64);
+    r->stats = PyArray_SimpleNew(2, d2, NPY_INT64);
+    if (r->out == NULL || r->status == NULL || r->stats == NULL) {
+        Py_XDECREF(r->out);
+        Py_XDECREF(r->status);
+        Py_XDECREF(r->stats);
+        return -1;
+    }
+    r->out_data = (double *)PyArray_DATA((PyArrayObject *)r->out);
+    r->status_data = (int64_t *)PyArray_DATA((PyArrayObject *)r->status);
+    r->stats_data = (int64_t *)PyArray_DATA((PyArrayObject *)r->stats);
+    return 0;
+}
+
+static void store_run(run_out *r, npy_intp i, int status, const race_stats *st)
+{
+    r->status_data[i] = status;
+    r->stats_data[3 * i + 0] = st->n_accepted;
+    r->stats_data[3 * i + 1] = st->n_rejected;
+    r->stats_data[3 * i + 2] = st->n_rhs;
+}
+
+/* copy one system's (n_out, n_edges) block into the time-first output */
+static void scatter(double *dst, const double *src, npy_intp n_out, npy_intp n_sys, npy_intp i,
+                    npy_intp n_edges)
+{
+    for (npy_intp k = 0; k < n_out; ++k)
+        for (npy_intp e = 0; e < n_edges; ++e)
+            dst[(k * n_sys + i) * n_edges + e] = src[k * n_edges + e];
+}
+
+PyDoc_STRVAR(gd_map_doc,
+"gd_map(path_ptr, path_edges, target_ptr, target_paths, b0, s, d, rate, lr, record_steps)\n"
+"-> (out (n_record, n_sys, n_edges), status (n_sys,), stats (n_sys, 3))\n\n"
+"Gradient descent b <- b + lr * rhs(b); record_steps: non-decreasing int64 step indices.\n"
+"stats columns: steps taken, 0, rhs evaluations.");
+
+static PyObject *py_gd_map(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"path_ptr", "path_edges", "target_ptr", "target_paths", "b0", "s",
+                             "d", "rate", "lr", "record_steps", NULL};
+    PyObject *pp, *pe, *tp, *tt, *b, *s, *d, *rate, *steps_obj;
+    PyArrayObject *steps;
+    double lr, *work, *buf;
+    const int64_t *rec;
+    npy_intp n_rec;
+    batch bt;
+    run_out r;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOOdO:gd_map", kwlist, &pp, &pe, &tp, &tt, &b,
+                                     &s, &d, &rate, &lr, &steps_obj))
+        return NULL;
+    if (parse_batch(pp, pe, tp, tt, b, "b0", s, d, rate, &bt) != 0)
+        return NULL;
+    steps = as_array(steps_obj, "record_steps", NPY_INT64, 1);
+    if (steps == NULL)
+        return NULL;
+    n_rec = PyArray_DIM(steps, 0);
+    rec = (const int64_t *)PyArray_DATA(steps);
+    for (npy_intp k = 0; k < n_rec; ++k) {
+        if (rec[k] < 0 || (k > 0 && rec[k] < rec[k - 1])) {
+            PyErr_SetString(PyExc_ValueError,
+                            "record_steps must be non-negative and non-decreasing");
+            return NULL;
+        }
+    }
+    if (alloc_run_out(&r, n_rec, bt.n_sys, bt.n_edges) != 0)
+        return NULL;
+    work = alloc_doubles(race_gd_work_size(&bt.st.sys) + (size_t)(n_rec * bt.n_edges));
+    if (work == NULL)
+        goto fail;
+    buf = work + race_gd_work_size(&bt.st.sys);
+    Py_BEGIN_ALLOW_THREADS
+    for (npy_intp i = 0; i < bt.n_sys; ++i) {
+        race_system sys;
+        race_stats st;
+        const double *si, *di;
+        int status;
+        system_at(&bt, i, &sys, &si, &di);
+        status = race_gd_map(&sys, si, di, bt.b + i * bt.n_edges, lr, n_rec, rec, buf, &st, work);
+        scatter(r.out_data, buf, n_rec, bt.n_sys, i, bt.n_edges);
+        store_run(&r, i, status, &st);
+    }
+    Py_END_ALLOW_THREADS
+    free(work);
+    return Py_BuildValue("NNN", r.out, r.status, r.stats);
+fail:
+    Py_DECREF(r.out);
+    Py_DECREF(r.status);
+    Py_DECREF(r.stats);
+    return NULL;
+}
+
+static char *kw_ode[] = {"path_ptr", "path_edges", "target_ptr", "target_paths", "b0", "s", "d",
+                         "rate", "t0", "t_end", "t_out", "rtol", "atol", "h0", "hmax",
+                         "max_steps", "thresholds", NULL};
+
+/* method 0: dopri5, 1: rodas3 */
+static PyObject *run_ode(PyObject *args, PyObject *kw, int method)
+{
+    PyObject *pp, *pe, *tp, *tt, *b, *s, *d, *rate, *tout_obj, *thr_obj = Py_None, *ev = NULL;
+    PyArrayObject *tout, *thr_arr;
+    double t0, t_end, *work, *buf, *ev_data;
+    const double *t_out, *thr = NULL;
+    npy_intp n_out, dims[2];
+    race_ode_options opt;
+    long long max_steps;
+    size_t wsize;
+    int64_t *iwork;
+    batch bt;
+    run_out r;
+    const char *fmt = method == 0 ? "OOOOOOOOddOddddL|O:dopri5" : "OOOOOOOOddOddddL|O:rodas3";
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, fmt, kw_ode, &pp, &pe, &tp, &tt, &b, &s, &d, &rate,
+                                     &t0, &t_end, &tout_obj, &opt.rtol, &opt.atol, &opt.h0,
+                                     &opt.hmax, &max_steps, &thr_obj))
+        return NULL;
+    opt.max_steps = (int64_t)max_steps;
+    if (parse_batch(pp, pe, tp, tt, b, "b0", s, d, rate, &bt) != 0)
+        return NULL;
+    if (!(t_end > t0) || !(opt.rtol > 0.0) || !(opt.atol > 0.0) || opt.max_steps < 1) {
+        PyErr_SetString(PyExc_ValueError,
+                        "need t_end > t0, rtol > 0, atol > 0 and max_steps >= 1");
+        return NULL;
+    }
+    tout = as_array(tout_obj, "t_out", NPY_FLOAT64, 1);
+    if (tout == NULL)
+        return NULL;
+    n_out = PyArray_DIM(tout, 0);
+    t_out = (const double *)PyArray_DATA(tout);
+    for (npy_intp k = 0; k < n_out; ++k) {
+        if (!(t_out[k] >= t0 && t_out[k] <= t_end) || (k > 0 && t_out[k] < t_out[k - 1])) {
+            PyErr_SetString(PyExc_ValueError,
+                            "t_out must be non-decreasing and lie in [t0, t_end]");
+            return NULL;
+        }
+    }
+    if (thr_obj != Py_None) {
+        thr_arr = as_array(thr_obj, "thresholds", NPY_FLOAT64, 1);
+        if (thr_arr == NULL)
+            return NULL;
+        if (PyArray_DIM(thr_arr, 0) != bt.st.sys.n_paths) {
+            PyErr_SetString(PyExc_ValueError, "thresholds must have one entry per path");
+            return NULL;
+        }
+        thr = (const double *)PyArray_DATA(thr_arr);
+    }
+    dims[0] = bt.n_sys;
+    dims[1] = bt.st.sys.n_paths;
+    ev = PyArray_SimpleNew(2, dims, NPY_FLOAT64);
+    if (ev == NULL)
+        return NULL;
+    ev_data = (double *)PyArray_DATA((PyArrayObject *)ev);
+    if (alloc_run_out(&r, n_out, bt.n_sys, bt.n_edges) != 0) {
+        Py_DECREF(ev);
+        return NULL;
+    }
+    wsize = method == 0 ? race_dopri5_work_size(&bt.st.sys) : race_rodas3_work_size(&bt.st.sys);
+    work = alloc_doubles(wsize + (size_t)(n_out * bt.n_edges));
+    iwork = (int64_t *)malloc((size_t)bt.n_edges * sizeof(int64_t));
+    if (work == NULL || iwork == NULL) {
+        free(work);
+        free(iwork);
+        Py_DECREF(ev);
+        Py_DECREF(r.out);
+        Py_DECREF(r.status);
+        Py_DECREF(r.stats);
+        return PyErr_NoMemory();
+    }
+    buf = work + wsize;
+    Py_BEGIN_ALLOW_THREADS
+    for (npy_intp i = 0; i < bt.n_sys; ++i) {
+        race_system sys;
+        race_stats st;
+        const double *si, *di;
+        int status;
+        system_at(&bt, i, &sys, &si, &di);
+        if (method == 0)
+            status = race_dopri5(&sys, si, di, bt.b + i * bt.n_edges, t0, t_end, n_out, t_out,
+                                 &opt, thr, buf, ev_data + i * dims[1], &st, work);
+        else
+            status = race_rodas3(&sys, si, di, bt.b + i * bt.n_edges, t0, t_end, n_out, t_out,
+                                 &opt, thr, buf, ev_data + i * dims[1], &st, work, iwork);
+        scatter(r.out_data, buf, n_out, bt.n_sys, i, bt.n_edges);
+        store_run(&r, i, status, &st);
+    }
+    Py_END_ALLOW_THREADS
+    free(work);
+    free(iwork);
+    return Py_BuildValue("NNNN", r.out, ev, r.status, r.stats);
+}
+
+PyDoc_STRVAR(dopri5_doc,
+"dopri5(path_ptr, path_edges, target_ptr, target_paths, b0, s, d, rate, t0, t_end, t_out,\n"
+"       rtol, atol, h0, hmax, max_steps, thresholds=None)\n"
+"-> (out (n_out, n_sys, n_edges), event_times (n_sys, n_paths), status (n_sys,),\n"
+"    stats (n_sys, 3): accepted steps, rejected steps, rhs evaluations)\n\n"
+"Adaptive Dormand-Prince 5(4) for every system (see race.h); h0 <= 0: automatic first step,\n"
+"hmax <= 0: no limit; thresholds (n_paths,) with NaN for no event.");
+
+static PyObject *py_dopri5(PyObject *self, PyObject *args, PyObject *kw)
+{
+    (void)self;
+    return run_ode(args, kw, 0);
+}
+
+PyDoc_STRVAR(rodas3_doc,
+"rodas3(...) -> same arguments and results as dopri5, with the Rosenbrock method RODAS3.");
+
+static PyObject *py_rodas3(PyObject *self, PyObject *args, PyObject *kw)
+{
+    (void)self;
+    return run_ode(args, kw, 1);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+
+static PyMethodDef methods[] = {
+    {"rhs", (PyCFunction)(void (*)(void))py_rhs, METH_VARARGS | METH_KEYWORDS, rhs_doc},
+    {"jacobian", (PyCFunction)(void (*)(void))py_jacobian, METH_VARARGS | METH_KEYWORDS,
+     jacobian_doc},
+    {"loss", (PyCFunction)(void (*)(void))py_loss, METH_VARARGS | METH_KEYWORDS, loss_doc},
+    {"path_strengths", (PyCFunction)(void (*)(void))py_path_strengths,
+     METH_VARARGS | METH_KEYWORDS, path_strengths_doc},
+    {"gd_map", (PyCFunction)(void (*)(void))py_gd_map, METH_VARARGS | METH_KEYWORDS, gd_map_doc},
+    {"dopri5", (PyCFunction)(void (*)(void))py_dopri5, METH_VARARGS | METH_KEYWORDS, dopri5_doc},
+    {"rodas3", (PyCFunction)(void (*)(void))py_rodas3, METH_VARARGS | METH_KEYWORDS, rodas3_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "_race",
+    "C core of fastrace: race-system right-hand side, Jacobian and integrators (see race.h).",
+    -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__race(void)
+{
+    PyObject *m;
+    import_array();
+    m = PyModule_Create(&moduledef);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddIntConstant(m, "OK", RACE_OK) ||
+        PyModule_AddIntConstant(m, "MAX_STEPS", RACE_MAX_STEPS) ||
+        PyModule_AddIntConstant(m, "STEP_TOO_SMALL", RACE_STEP_TOO_SMALL) ||
+        PyModule_AddIntConstant(m, "NONFINITE", RACE_NONFINITE) ||
+        PyModule_AddIntConstant(m, "BAD_INPUT", RACE_BAD_INPUT) ||
+        PyModule_AddIntConstant(m, "API_VERSION", RACE_API_VERSION)) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

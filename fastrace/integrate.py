@@ -1,0 +1,390 @@
+"""Integrate race systems: adaptive Dormand–Prince 5(4), the Rosenbrock method RODAS3, or the
+exact gradient-descent map, over the C core (``fastrace._race``) or numba kernels.
+
+One call integrates every mode of a :class:`~fastrace.system.RaceSystem`, optionally for many
+parameter sets at once (different initial weights ``b0``, ``s`` values or per-edge ``rate``
+factors): the n_sets x n_modes systems are independent and each has its own step size and
+error control.  Results are time-first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from .errors import ConfigError, DataError, DivergenceError, IntegrationError
+from .system import RaceSystem, _writable
+
+try:
+    from . import _race
+except ImportError:  # pragma: no cover - only in an unbuilt source tree
+    _race = None
+
+__all__ = ["RaceSolution", "integrate_system", "STATUS_MESSAGES", "AUTO_C_MAX_SYSTEMS"]
+
+METHODS = ("dopri5", "rosenbrock", "gd")
+BACKENDS = ("auto", "numba", "c")
+#: backend="auto" uses the C core up to this many systems (no JIT wait), numba above.
+AUTO_C_MAX_SYSTEMS = 2048
+#: status codes of the integrators (csrc/race.h ``enum race_status``)
+STATUS_MESSAGES = {
+    0: "ok",
+    1: "maximum number of steps reached",
+    2: "step size fell below round-off",
+    3: "state or derivative became inf/NaN",
+    4: "invalid arguments",
+}
+
+
+@dataclass(frozen=True, eq=False)
+class RaceSolution:
+    """Result of :func:`integrate_system`.
+
+    Shapes use S = (n_modes,) for a single parameter set and S = (n_sets, n_modes) for a batch:
+    - ``t`` (n_saved,): saved times (gradient descent: step index times ``lr``);
+    - ``b`` (n_saved, *S, n_edges): edge strengths, time-first;
+    - ``s`` (*S, n_paths): the s values used;
+    - ``events`` (*S, n_paths): first time each path strength crossed its threshold, NaN when
+      never (or when no threshold was set); None when no events were asked for;
+    - ``status`` (*S,): 0 ok, else a key of :data:`STATUS_MESSAGES`;
+    - ``n_steps``, ``n_rejected`` (*S,): accepted and rejected steps.
+    """
+
+    system: RaceSystem
+    t: np.ndarray
+    b: np.ndarray
+    s: np.ndarray
+    events: np.ndarray | None
+    thresholds: np.ndarray | None
+    status: np.ndarray
+    n_steps: np.ndarray
+    n_rejected: np.ndarray
+    method: str
+    backend: str
+
+    @property
+    def batched(self) -> bool:
+        """True when the solution has a parameter-set axis."""
+        return self.b.ndim == 4
+
+    @property
+    def ok(self) -> bool:
+        return not self.status.any()
+
+    @property
+    def path_strengths(self) -> np.ndarray:
+        """pi (n_saved, *S, n_paths)."""
+        return self.system.path_strengths(self.b)
+
+    @property
+    def loss(self) -> np.ndarray:
+        """Loss summed over modes (without its constant): (n_saved,) or (n_saved, n_sets)."""
+        return self.system.loss(self.b, s=self.s).sum(axis=-1)
+
+    def failures(self) -> list[str]:
+        """One line per failed system: its index and what went wrong."""
+        lines = []
+        for index in zip(*np.nonzero(self.status)):
+            code = int(self.status[index])
+            where = ", ".join(str(int(i)) for i in index)
+            lines.append(f"system ({where}): {STATUS_MESSAGES.get(code, code)} "
+                         f"after {int(self.n_steps[index])} steps")
+        return lines
+
+
+def integrate_system(system: RaceSystem, b0: ArrayLike, *, method: str = "dopri5",
+                     t_end: float | None = None, save_at: ArrayLike | None = None,
+                     lr: float | None = None, steps: int | None = None, rtol: float = 1e-8,
+                     atol: float = 1e-10, max_steps: int = 1_000_000,
+                     events: ArrayLike | None = None, backend: str = "auto",
+                     threads: int | None = None, s: ArrayLike | None = None,
+                     rate: ArrayLike | None = None, h0: float | None = None,
+                     hmax: float | None = None, check: bool = True) -> RaceSolution:
+    """Integrate every mode of ``system`` from ``b0`` at t = 0.
+
+    Methods:
+    - ``"dopri5"``: adaptive Dormand–Prince 5(4), dense output of order 4 at ``save_at``.
+    - ``"rosenbrock"``: RODAS3 (stiffly accurate, L-stable, order 3) with the analytic
+      Jacobian; the method of choice for long runs past convergence, which are stiff.
+    - ``"gd"``: the exact gradient-descent map b <- b + lr * rhs(b); step k is time k * lr.
+
+    Parameters
+    - b0: (n_edges,) for every mode, (n_modes, n_edges), or (n_sets, n_modes, n_edges).
+    - s: optional per-set s, (n_modes, n_paths) or (n_sets, n_modes, n_paths).
+    - rate: optional per-set rate factors, (n_edges,) or (n_sets, n_edges) (e.g. a
+      learning-rate or scale sweep).  b0, s and rate with a set axis must agree on n_sets.
+    - t_end, save_at: ODE methods save at ``save_at`` (increasing times in [0, t_end]; default
+      101 evenly spaced times from 0 to t_end); t_end defaults to ``save_at[-1]``.
+    - lr, steps (gd): ``steps`` steps of size ``lr`` (or ``steps = t_end / lr``); ``save_at``
+      holds step indices (integers) or times that are multiples of lr (floats); default: every
+      step.
+    - rtol, atol: error tolerances, norm sqrt(mean((err / (atol + rtol |y|))²)) <= 1 per system.
+    - max_steps: limit on attempted steps per system; h0, hmax: first and largest step
+      (default: Hairer's starting-step algorithm, no limit).
+    - events: threshold(s) on path strengths, a scalar or (n_paths,) (NaN: no event); the
+      solution's ``events`` holds the first crossing times (ODE methods only).
+    - backend: "c" (the compiled core, single thread, no JIT wait), "numba" (parallel over
+      systems), "auto" (C up to AUTO_C_MAX_SYSTEMS systems).  Both give the same numbers.
+    - threads: numba threads for this call (default: numba's current setting).
+    - check: raise IntegrationError (DivergenceError for gd) if any system failed; the
+      exception's ``solution`` attribute holds the partial result.
+    """
+    if not isinstance(system, RaceSystem):
+        raise ConfigError(f"system must be a RaceSystem, got {type(system).__name__}")
+    if method not in METHODS:
+        raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise ConfigError(f"threads must be a positive int or None, got {threads!r}")
+
+    b0_flat, s_flat, rate_flat, s_used, lead = _flatten_batch(system, b0, s, rate)
+    n_sys = b0_flat.shape[0]
+    if backend == "auto":
+        backend = "c" if (_race is not None and n_sys <= AUTO_C_MAX_SYSTEMS) else "numba"
+    if backend == "c" and _race is None:  # pragma: no cover
+        raise ConfigError("backend='c' needs the compiled module fastrace._race; "
+                          "reinstall fastrace or use backend='numba'")
+    structure = (system.path_ptr, system.path_edges, system.target_ptr, system.target_paths)
+
+    if method == "gd":
+        if events is not None:
+            raise ConfigError("events are computed by the ODE methods only (dopri5, rosenbrock)")
+        lr_value, record, t = _gd_schedule(lr, steps, t_end, save_at)
+        args = structure + (b0_flat, s_flat, system.d, rate_flat, lr_value, record)
+        out, status, stats = _run(backend, "gd", args, threads)
+        event_times, thresholds = None, None
+    else:
+        if lr is not None or steps is not None:
+            raise ConfigError("lr and steps apply to method='gd'; give t_end/save_at instead")
+        t_end_value, t = _ode_schedule(t_end, save_at)
+        rtol, atol = _positive(rtol, "rtol"), _positive(atol, "atol")
+        if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) \
+                or max_steps < 1:
+            raise ConfigError(f"max_steps must be a positive int, got {max_steps!r}")
+        h0_value = 0.0 if h0 is None else _positive(h0, "h0")
+        hmax_value = 0.0 if hmax is None else _positive(hmax, "hmax")
+        thresholds = _thresholds(events, system.n_paths)
+        kernel = "dopri5" if method == "dopri5" else "rodas3"
+        if thresholds is None and backend == "numba":  # one compiled signature: NaN = no event
+            thresholds_arg = np.full(system.n_paths, np.nan)
+        else:
+            thresholds_arg = thresholds
+        args = structure + (b0_flat, s_flat, system.d, rate_flat, 0.0, t_end_value, t, rtol, atol,
+                            h0_value, hmax_value, int(max_steps), thresholds_arg)
+        out, event_times, status, stats = _run(backend, kernel, args, threads)
+        if thresholds is None:
+            event_times = None
+
+    solution = RaceSolution(
+        system=system, t=t, b=out.reshape((t.size,) + lead + (system.n_edges,)), s=s_used,
+        events=None if event_times is None else event_times.reshape(lead + (system.n_paths,)),
+        thresholds=thresholds, status=status.reshape(lead), n_steps=stats[:, 0].reshape(lead),
+        n_rejected=stats[:, 1].reshape(lead), method=method, backend=backend)
+    if check and not solution.ok:
+        _raise_failure(solution)
+    return solution
+
+
+# ------------------------------------------------------------------------------------------
+# validation helpers
+
+
+def _positive(value, name: str) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a positive number, got {value!r}") from None
+    if not (math.isfinite(x) and x > 0.0):
+        raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+    return x
+
+
+def _finite_float(value, name: str) -> np.ndarray:
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DataError(f"{name} must be an array of numbers") from None
+    if not np.isfinite(arr).all():
+        raise DataError(f"{name} holds NaN or inf values")
+    return arr
+
+
+def _flatten_batch(system: RaceSystem, b0, s, rate):
+    """b0, s, rate -> b0 (n_sys, n_edges), s (rows, n_paths), rate (rows, n_edges), the s used
+    (*lead, n_paths) and the lead shape, (n_modes,) or (n_sets, n_modes).
+
+    System i = set * n_modes + mode; s and rate rows follow the kernels' ``i % rows`` rule."""
+    n_modes, n_edges, n_paths = system.n_modes, system.n_edges, system.n_paths
+    b0_arr = _finite_float(b0, "b0")
+    set_sizes = {}
+    if b0_arr.ndim not in (1, 2, 3) or b0_arr.shape[-1] != n_edges or (
+            b0_arr.ndim >= 2 and b0_arr.shape[-2] != n_modes):
+        raise DataError(f"b0 must have shape ({n_edges},), ({n_modes}, {n_edges}) or "
+                        f"(n_sets, {n_modes}, {n_edges}), got {b0_arr.shape}")
+    if b0_arr.ndim == 3:
+        set_sizes["b0"] = b0_arr.shape[0]
+    s_arr = None
+    if s is not None:
+        s_arr = _finite_float(s, "s")
+        if s_arr.ndim not in (2, 3) or s_arr.shape[-2:] != (n_modes, n_paths):
+            raise DataError(f"s must have shape ({n_modes}, {n_paths}) or (n_sets, {n_modes}, "
+                            f"{n_paths}), got {s_arr.shape}")
+        if s_arr.ndim == 3:
+            set_sizes["s"] = s_arr.shape[0]
+    rate_arr = None
+    if rate is not None:
+        rate_arr = _finite_float(rate, "rate")
+        if rate_arr.ndim not in (1, 2) or rate_arr.shape[-1] != n_edges:
+            raise DataError(f"rate must have shape ({n_edges},) or (n_sets, {n_edges}), got "
+                            f"{rate_arr.shape}")
+        if rate_arr.ndim == 2:
+            set_sizes["rate"] = rate_arr.shape[0]
+    if len(set(set_sizes.values())) > 1:
+        raise DataError(f"b0, s and rate disagree on the number of parameter sets: {set_sizes}")
+    n_sets = next(iter(set_sizes.values()), 1)
+    if n_sets < 1:
+        raise DataError("the number of parameter sets must be at least 1")
+    lead = (n_sets, n_modes) if set_sizes else (n_modes,)
+
+    b0_flat = np.empty((n_sets * n_modes, n_edges))
+    b0_flat.reshape(n_sets, n_modes, n_edges)[...] = b0_arr
+    if s_arr is None:
+        s_flat = system.s
+    else:
+        s_flat = np.ascontiguousarray(s_arr.reshape(-1, n_paths))
+    s_used = s_flat.reshape(-1, n_paths)
+    if s_used.shape[0] != n_sets * n_modes:
+        s_used = np.broadcast_to(s_used.reshape(-1, n_modes, n_paths), (n_sets, n_modes, n_paths))
+    s_used = s_used.reshape(lead + (n_paths,))
+    if rate_arr is None:
+        rate_flat = system.rate[None, :]
+    elif rate_arr.ndim == 1:
+        rate_flat = np.ascontiguousarray(rate_arr[None, :])
+    else:
+        rate_flat = np.ascontiguousarray(np.repeat(rate_arr, n_modes, axis=0))
+    return b0_flat, s_flat, rate_flat, s_used, lead
+
+
+def _ode_schedule(t_end, save_at) -> tuple[float, np.ndarray]:
+    if save_at is None:
+        if t_end is None:
+            raise ConfigError("give t_end or save_at")
+        t_end_value = _positive(t_end, "t_end")
+        return t_end_value, np.linspace(0.0, t_end_value, 101)
+    t = np.ascontiguousarray(_finite_float(save_at, "save_at"), dtype=np.float64)
+    if t.ndim != 1 or t.size < 1:
+        raise ConfigError(f"save_at must be a non-empty 1-d array of times, got shape {t.shape}")
+    if (t[1:] <= t[:-1]).any():
+        raise ConfigError("save_at must be strictly increasing")
+    if t[0] < 0.0:
+        raise ConfigError(f"save_at must start at t >= 0, got {t[0]}")
+    t_end_value = float(t[-1]) if t_end is None else _positive(t_end, "t_end")
+    if not t_end_value > 0.0:
+        raise ConfigError("t_end (or the last save_at time) must be > 0")
+    if t[-1] > t_end_value:
+        raise ConfigError(f"save_at runs past t_end = {t_end_value}: last time {t[-1]}")
+    return t_end_value, t
+
+
+def _gd_schedule(lr, steps, t_end, save_at) -> tuple[float, np.ndarray, np.ndarray]:
+    """-> lr, record steps (int64, increasing), times."""
+    if lr is None:
+        raise ConfigError("method='gd' needs a learning rate lr")
+    lr_value = _positive(lr, "lr")
+
+    def to_steps(times: np.ndarray, name: str) -> np.ndarray:
+        k = np.rint(times / lr_value)
+        if np.any(np.abs(times / lr_value - k) > 1e-9 * np.maximum(1.0, np.abs(k))):
+            raise ConfigError(f"{name} must be multiples of lr = {lr_value} for method='gd'")
+        return k.astype(np.int64)
+
+    n_steps = None
+    if steps is not None:
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+            raise ConfigError(f"steps must be a non-negative int, got {steps!r}")
+        n_steps = int(steps)
+    elif t_end is not None:
+        n_steps = int(to_steps(np.array([_positive(t_end, "t_end")]), "t_end")[0])
+    if save_at is None:
+        if n_steps is None:
+            raise ConfigError("method='gd' needs steps, t_end or save_at")
+        record = np.arange(n_steps + 1, dtype=np.int64)
+    else:
+        raw = np.asarray(save_at)
+        if raw.ndim != 1 or raw.size < 1:
+            raise ConfigError(f"save_at must be a non-empty 1-d array, got shape {raw.shape}")
+        if np.issubdtype(raw.dtype, np.integer):
+            record = raw.astype(np.int64)
+        else:
+            record = to_steps(_finite_float(raw, "save_at"), "save_at times")
+        if record[0] < 0 or np.any(np.diff(record) <= 0):
+            raise ConfigError("save_at steps must be non-negative and strictly increasing")
+        if n_steps is not None and record[-1] > n_steps:
+            raise ConfigError(f"save_at runs past the last step {n_steps}")
+    record = np.ascontiguousarray(record, dtype=np.int64)
+    return lr_value, record, record * lr_value
+
+
+def _thresholds(events, n_paths: int) -> np.ndarray | None:
+    if events is None:
+        return None
+    try:
+        arr = np.asarray(events, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ConfigError("events must be a number or an array of thresholds") from None
+    if arr.ndim == 0:
+        arr = np.full(n_paths, float(arr))
+    if arr.shape != (n_paths,):
+        raise ConfigError(f"events must be a scalar or have shape ({n_paths},), got {arr.shape}")
+    if np.any(np.isinf(arr)):
+        raise ConfigError("event thresholds must be finite (NaN disables one)")
+    return np.ascontiguousarray(arr)
+
+
+# ------------------------------------------------------------------------------------------
+# backends
+
+
+def _run(backend: str, kernel: str, args: tuple, threads: int | None):
+    if backend == "c":
+        name = "gd_map" if kernel == "gd" else kernel
+        return getattr(_race, name)(*args)
+    import numba
+
+    from ._kernels import race as kernels
+
+    previous = numba.get_num_threads()
+    if threads is not None:
+        if threads > numba.config.NUMBA_NUM_THREADS:
+            raise ConfigError(f"threads={threads} exceeds the {numba.config.NUMBA_NUM_THREADS} "
+                              "threads numba was started with (NUMBA_NUM_THREADS)")
+        numba.set_num_threads(threads)
+    try:
+        n_chunks = 16 * numba.get_num_threads()
+        function = getattr(kernels, f"{kernel}_batch")
+        st = kernels.pack_structure(*args[:4])
+        return function(st, *_writable(args[4:]), n_chunks)
+    finally:
+        numba.set_num_threads(previous)
+
+
+def _raise_failure(solution: RaceSolution) -> None:
+    lines = solution.failures()
+    shown = "; ".join(lines[:3]) + (f"; and {len(lines) - 3} more" if len(lines) > 3 else "")
+    if solution.method == "gd":
+        index = tuple(int(i[0]) for i in np.nonzero(solution.status))
+        step = int(solution.n_steps[index])
+        err = DivergenceError(f"gradient descent diverged ({len(lines)} of "
+                              f"{solution.status.size} systems): {shown}; lower lr",
+                              step=step, quantity="b", value=float("inf"))
+    else:
+        err = IntegrationError(f"integration failed for {len(lines)} of {solution.status.size} "
+                               f"systems: {shown}; try method='rosenbrock' for stiff runs, a "
+                               "larger max_steps, or looser tolerances")
+    err.solution = solution
+    raise err

@@ -1,0 +1,1293 @@
+"""Full-network learning: gradient descent and gradient flow of a gated deep linear network.
+
+``simulate`` runs one or many independent runs of the same network and data, records them at
+chosen save points (time, loss, singular values of every weight, optional weight snapshots and
+user quantities) in memory and, with ``out=``, streams them into an HDF5 file (``fastrace.store``)
+with checkpoints that ``resume`` continues bit-for-bit after a crash.
+
+Time axis (DESIGN.md): τ = 1, and gradient descent with learning rate η advances ``t`` by η per
+step, so a discrete run and a gradient-flow run of the same system share one time axis.
+
+Learning rules
+--------------
+- ``"gd"``: full-batch gradient descent, ``v ← μ v + ∇L + λ W``, ``W ← W − η v`` (``μ`` momentum,
+  ``λ`` weight decay, both 0 by default: then ``W ← W − η ∇L``). All runs of a batch advance
+  together, one call to ``GradientEngine.descend`` per chunk of steps between save points.
+- ``"flow"``: gradient flow ``dW/dt = −∇L − λ W``, integrated by the Dormand–Prince 5(4) method
+  written below, with its 4th-order dense output at the save times. It is written here rather
+  than taken from scipy for two reasons: every run keeps its own adaptive step size while the
+  stages of all runs are evaluated in one batched engine call, and the integrator state (weights,
+  time, next step size, controller memory) is small and explicit, so a run resumed from a
+  checkpoint continues exactly as the uninterrupted run would. The step-size controller and
+  dense output follow Hairer, Nørsett & Wanner, *Solving ODEs I*, section II.5 (DOPRI5).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from .data import Dataset
+from .engine import GradientEngine
+from .errors import (
+    ConfigError,
+    DataError,
+    DivergenceError,
+    FastraceError,
+    IntegrationError,
+    NetworkError,
+    StoreError,
+    WeightsError,
+)
+from .gradient import ENGINES
+from .network import Network
+
+METHODS = ("gd", "flow")
+WEIGHT_DTYPES = ("float64", "float32")
+SCHEMA = 1  # version of the run attributes written by simulate (read back by resume)
+MAX_CHUNK = 512  # most gradient-descent steps per engine call between divergence checks
+SEND_ROWS, SEND_SECONDS = 64, 1.0  # rows go to the writer in blocks of 64, or after 1 s
+DIVERGED = "failed: diverged"  # status prefix of a diverged run (resume refuses it)
+
+Weights = dict[str, np.ndarray]
+Quantity = Callable[[Weights], Any]
+
+
+# ====================================================================== Trajectory
+class Trajectory:
+    """One run's recorded trajectory.
+
+    Attributes
+    ----------
+    run : str
+        Run name (the HDF5 group).
+    t : (n_saved,) float64
+        Time of each save point (``η · step`` for gradient descent).
+    step : (n_saved,) int64
+        Gradient-descent step, or for flow the number of accepted integrator steps taken.
+    loss : (n_saved,) float64
+    svals : {edge: (n_saved, min(out, in))}
+        Singular values of each weight, largest first.
+    quantities : {name: (n_saved, ...)}
+        User quantities evaluated at each save point.
+    final_weights : {edge: (out, in)}
+        Weights at the end of the run (at the latest checkpoint for a run read from a file that
+        did not complete).
+    status : str
+        "complete", "running" or "failed: <reason>".
+    attrs : dict
+        Settings of the run (method, lr, steps, t_end, momentum, weight_decay, ...).
+    """
+
+    def __init__(self, run: str, t: np.ndarray, step: np.ndarray, loss: np.ndarray,
+                 svals: dict[str, np.ndarray], quantities: dict[str, np.ndarray],
+                 final_weights: Weights, status: str, attrs: dict,
+                 snapshots: dict[str, np.ndarray] | None = None) -> None:
+        self.run = run
+        self.t = t
+        self.step = step
+        self.loss = loss
+        self.svals = svals
+        self.quantities = quantities
+        self.final_weights = final_weights
+        self.status = status
+        self.attrs = attrs
+        self.snapshots = snapshots  # {edge: (n_saved, out, in)} when weights were saved
+
+    @property
+    def n_saved(self) -> int:
+        return int(self.t.shape[0])
+
+    def __len__(self) -> int:
+        return self.n_saved
+
+    def weights(self, i: int) -> Weights:
+        """{edge: (out, in) array} at saved index ``i`` (negative indices count from the end).
+
+        Needs ``save_weights=True``, except for the last index of a complete run, which is the
+        final state.
+        """
+        n = self.n_saved
+        if not -n <= i < n:
+            raise IndexError(f"saved index {i} out of range for {n} save points")
+        if self.snapshots is not None:
+            return {e: np.array(a[i], dtype=np.float64) for e, a in self.snapshots.items()}
+        if i % n == n - 1 and self.status == "complete":
+            return {e: a.copy() for e, a in self.final_weights.items()}
+        raise ConfigError("weight snapshots were not kept for this run; run simulate with "
+                          "save_weights=True (only the final weights are always available)")
+
+    def __repr__(self) -> str:
+        span = f"t = {self.t[0]:g} .. {self.t[-1]:g}" if self.n_saved else "empty"
+        return (f"Trajectory(run={self.run!r}, method={self.attrs.get('method')!r}, "
+                f"{self.n_saved} save points, {span}, status={self.status!r})")
+
+    @classmethod
+    def from_hdf5(cls, path: str | os.PathLike, run: str = "simulation") -> Trajectory:
+        """Load run ``run`` written by ``simulate(..., out=path)``."""
+        return _load_trajectory(path, run)
+
+
+# ====================================================================== settings
+class _Plan:
+    """Everything that defines a batch of runs, validated, with its save schedule resolved.
+
+    ``lr`` is (n_runs,) (nan for a flow run given by ``t_end``), ``steps`` the number of
+    gradient-descent steps (0 for a flow run given by ``t_end``), ``t_end`` (n_runs,).
+    ``record`` is None, "log" or the explicit save points as given.
+    """
+
+    def __init__(self, *, method: str, names: list[str], lr: np.ndarray, steps: int,
+                 t_end: np.ndarray, record: None | str | np.ndarray, record_every: int,
+                 n_records: int, momentum: float, weight_decay: float, engine: str, svals: bool,
+                 save_weights: bool, weights_dtype: str, quantity_shapes: dict[str, tuple],
+                 checkpoint_every: int, rtol: float, atol: float,
+                 divergence_threshold: float) -> None:
+        self.method = method
+        self.names = names
+        self.lr = lr
+        self.steps = steps
+        self.t_end = t_end
+        self.record = record
+        self.record_every = record_every
+        self.n_records = n_records
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.engine = engine
+        self.svals = svals
+        self.save_weights = save_weights
+        self.weights_dtype = weights_dtype
+        self.quantity_shapes = quantity_shapes
+        self.checkpoint_every = checkpoint_every  # 0: only at the start and the end
+        self.rtol = rtol
+        self.atol = atol
+        self.divergence_threshold = divergence_threshold
+        # save points: gd step indices (shared by all runs) and, per run, their times
+        self.save_steps: np.ndarray | None = None
+        if steps and not (method == "flow" and _explicit(record)):
+            grid = _step_schedule(record, record_every, n_records, steps)
+            self.save_times = [lr[i] * grid for i in range(len(names))]
+            if method == "gd":
+                self.save_steps = grid
+        else:
+            self.save_times = [_time_schedule(record, n_records, float(t_end[i]))
+                               for i in range(len(names))]
+
+    @property
+    def n_runs(self) -> int:
+        return len(self.names)
+
+    def run_attrs(self, i: int) -> dict[str, Any]:
+        """Attributes of run ``i`` in the HDF5 file: all ``resume`` needs to continue it."""
+        attrs: dict[str, Any] = {
+            "kind": "simulation", "simulate_schema": SCHEMA, "method": self.method,
+            "lr": float(self.lr[i]) if math.isfinite(self.lr[i]) else None,
+            "steps": self.steps, "t_end": float(self.t_end[i]),
+            "momentum": self.momentum, "weight_decay": self.weight_decay,
+            "engine": self.engine, "svals": self.svals, "save_weights": self.save_weights,
+            "weights_dtype": self.weights_dtype,
+            "quantities": json.dumps({k: list(v) for k, v in self.quantity_shapes.items()}),
+            "checkpoint_every": self.checkpoint_every, "rtol": self.rtol, "atol": self.atol,
+            "divergence_threshold": self.divergence_threshold,
+            "record": "explicit" if _explicit(self.record) else str(self.record or "default"),
+            "record_every": self.record_every, "n_records": self.n_records,
+        }
+        if _explicit(self.record):
+            attrs["record_points"] = np.asarray(self.record, dtype=np.float64)
+        return attrs
+
+    def trajectory_attrs(self, i: int) -> dict[str, Any]:
+        """The settings of run ``i`` as a plain dict (Trajectory.attrs)."""
+        attrs = self.run_attrs(i)
+        attrs["quantities"] = list(self.quantity_shapes)
+        attrs.pop("record_points", None)
+        return attrs
+
+    @classmethod
+    def from_attrs(cls, names: list[str], attrs: list[Mapping[str, Any]]) -> _Plan:
+        """The plan of runs ``names`` from their HDF5 attributes (one simulate call's runs)."""
+        try:
+            first = attrs[0]
+            if int(first["simulate_schema"]) != SCHEMA:
+                raise StoreError(f"run {names[0]!r} was written by an incompatible fastrace "
+                                 f"(simulate schema {first['simulate_schema']}, expected {SCHEMA})")
+            shared = ("method", "steps", "momentum", "weight_decay", "engine", "svals",
+                      "save_weights", "weights_dtype", "quantities", "checkpoint_every", "rtol",
+                      "atol", "divergence_threshold", "record", "record_every", "n_records")
+            for name, a in zip(names[1:], attrs[1:]):
+                for key in shared:
+                    if a[key] != first[key]:
+                        raise StoreError(f"runs {names[0]!r} and {name!r} differ in {key}; "
+                                         "resume them one at a time (run=...)")
+            mode = str(first["record"])
+            record: None | str | np.ndarray = (
+                None if mode == "default" else
+                np.asarray(first["record_points"], dtype=np.float64) if mode == "explicit"
+                else mode)
+            shapes = {k: tuple(v) for k, v in json.loads(str(first["quantities"])).items()}
+            return cls(method=str(first["method"]), names=list(names),
+                       lr=np.array([math.nan if a.get("lr") is None else float(a["lr"])
+                                    for a in attrs]), steps=int(first["steps"]),
+                       t_end=np.array([float(a["t_end"]) for a in attrs]), record=record,
+                       record_every=int(first["record_every"]),
+                       n_records=int(first["n_records"]), momentum=float(first["momentum"]),
+                       weight_decay=float(first["weight_decay"]), engine=str(first["engine"]),
+                       svals=bool(first["svals"]), save_weights=bool(first["save_weights"]),
+                       weights_dtype=str(first["weights_dtype"]), quantity_shapes=shapes,
+                       checkpoint_every=int(first["checkpoint_every"]),
+                       rtol=float(first["rtol"]), atol=float(first["atol"]),
+                       divergence_threshold=float(first["divergence_threshold"]))
+        except KeyError as exc:
+            raise StoreError(f"run {names[0]!r} is not a simulation run that can be resumed "
+                             f"(missing attribute {exc})") from None
+
+
+def _explicit(record: Any) -> bool:
+    return record is not None and not isinstance(record, str)
+
+
+def _positive(name: str, value: Any, integer: bool = False) -> Any:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        x = int(value) if integer else float(value)
+        if integer and x != value:
+            raise TypeError
+    except (TypeError, ValueError):
+        kind = "a positive integer" if integer else "a positive number"
+        raise ConfigError(f"{name} must be {kind}, got {value!r}") from None
+    if not (math.isfinite(x) and x > 0):
+        kind = "a positive integer" if integer else "a positive finite number"
+        raise ConfigError(f"{name} must be {kind}, got {value!r}")
+    return x
+
+
+def _resolve_lr(lr: Any, n_runs: int) -> np.ndarray:
+    if np.ndim(lr) == 0:
+        return np.full(n_runs, _positive("lr", lr))
+    values = [_positive(f"lr[{i}]", v) for i, v in enumerate(lr)]
+    if len(values) != n_runs:
+        raise ConfigError(f"lr has {len(values)} values but there are {n_runs} runs "
+                          "(give one learning rate, or one per run)")
+    return np.array(values, dtype=np.float64)
+
+
+def _step_schedule(record: Any, record_every: int, n_records: int, steps: int) -> np.ndarray:
+    """Save-point step indices in [0, steps], always with 0 and ``steps``."""
+    if record is None:
+        points = np.arange(0, steps + 1, record_every, dtype=np.int64)
+    elif isinstance(record, str):
+        if record != "log":
+            raise ConfigError(f"record must be None, 'log' or an array of save points, "
+                              f"got {record!r}")
+        points = np.unique(np.rint(np.geomspace(1, steps, max(n_records - 1, 1))).astype(np.int64))
+    else:
+        raw = np.asarray(record, dtype=np.float64).ravel()
+        if not np.all(np.isfinite(raw)) or np.any(raw != np.rint(raw)):
+            raise ConfigError("record: gradient-descent save points must be integer step indices")
+        if raw.size and (raw.min() < 0 or raw.max() > steps):
+            raise ConfigError(f"record: step indices must lie in [0, steps={steps}], "
+                              f"got {raw.min():g} .. {raw.max():g}")
+        points = raw.astype(np.int64)
+    return np.unique(np.concatenate([[0, steps], points])).astype(np.int64)
+
+
+def _time_schedule(record: Any, n_records: int, t_end: float) -> np.ndarray:
+    """Save times in [0, t_end], always with 0 and ``t_end``."""
+    if record is None:
+        points = np.linspace(0.0, t_end, n_records)
+    elif isinstance(record, str):
+        if record != "log":
+            raise ConfigError(f"record must be None, 'log' or an array of save times, "
+                              f"got {record!r}")
+        points = np.geomspace(t_end * 1e-3, t_end, max(n_records - 1, 1))
+    else:
+        points = np.asarray(record, dtype=np.float64).ravel()
+        if not np.all(np.isfinite(points)):
+            raise ConfigError("record: save times must be finite")
+        if points.size and (points.min() < 0 or points.max() > t_end):
+            raise ConfigError(f"record: save times must lie in [0, t_end={t_end:g}], "
+                              f"got {points.min():g} .. {points.max():g}")
+    points = np.clip(points, 0.0, t_end)
+    return np.unique(np.concatenate([[0.0, t_end], points]))
+
+
+def _data_hash(data: Dataset) -> str:
+    """A fingerprint of the training data, stored so that ``resume`` can check it is the same."""
+    h = hashlib.sha256()
+    for label, group in (("in", data.inputs), ("out", data.targets), ("gn", data.node_gates),
+                         ("ge", data.edge_gates), ("w", {"": data.weights})):
+        for key in sorted(group):
+            arr = np.ascontiguousarray(group[key], dtype=np.float64)
+            h.update(f"{label}:{key}:{arr.shape}".encode())
+            h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+# ====================================================================== threads, progress
+def _max_threads() -> int:
+    import numba
+
+    return int(numba.config.NUMBA_NUM_THREADS)
+
+
+def _check_threads(threads: Any) -> int:
+    limit = _max_threads()
+    if threads is None:
+        return limit
+    n = _positive("threads", threads, integer=True)
+    if n > limit:
+        raise ConfigError(f"threads={n} is more than the {limit} threads numba can use on this "
+                          "machine (NUMBA_NUM_THREADS)")
+    return n
+
+
+@contextmanager
+def _thread_limits(threads: int, n_runs: int) -> Iterator[None]:
+    """numba uses ``threads`` threads; BLAS gets ``threads // n_runs`` (at least 1) per call.
+
+    The engine spreads runs over numba threads, each of which may call BLAS: splitting the
+    thread budget this way keeps numba × BLAS threads within ``threads`` (no oversubscription).
+    """
+    import numba
+    from threadpoolctl import threadpool_limits
+
+    previous = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        with threadpool_limits(limits=max(1, threads // max(n_runs, 1)), user_api="blas"):
+            yield
+    finally:
+        numba.set_num_threads(previous)
+
+
+class _Progress:
+    """A one-line progress bar on stderr, shown only when stderr is a terminal (or forced)."""
+
+    def __init__(self, enabled: bool | None, total: float, unit: str) -> None:
+        if enabled is None:
+            enabled = bool(getattr(sys.stderr, "isatty", lambda: False)())
+        self.enabled = enabled and total > 0
+        self.total = total
+        self.unit = unit
+        self.start = time.perf_counter()
+        self.last = 0.0
+
+    def update(self, done: float, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if not force and now - self.last < 0.2:
+            return
+        self.last = now
+        frac = min(max(done / self.total, 0.0), 1.0)
+        bar = "#" * int(30 * frac)
+        count = f"  {done:.0f}/{self.total:.0f} {self.unit}" if self.unit else ""
+        sys.stderr.write(f"\rsimulate [{bar:<30}] {100 * frac:5.1f}%{count}  "
+                         f"{now - self.start:.1f} s")
+        sys.stderr.flush()
+
+    def close(self, done: float) -> None:
+        if self.enabled:
+            self.update(done, force=True)
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+# ====================================================================== recording
+class _RunState:
+    """Where one run is: position, next save point, rows kept in memory, integrator state."""
+
+    def __init__(self, name: str, index: int) -> None:
+        self.name = name
+        self.index = index
+        self.pos = 0  # gd: step; flow: accepted integrator steps
+        self.next_save = 0  # index of the next save point to record
+        self.done = False
+        self.last_checkpoint = -1
+        self.columns: dict[str, np.ndarray] = {}  # recorded rows, one array per series
+        self.filled = 0  # rows filled in ``columns``
+        self.sent = 0  # of which handed to the writer
+        self.sent_at = time.monotonic()
+        # flow only
+        self.t = 0.0
+        self.h = 0.0  # next step size (0: choose one)
+        self.facold = 1e-4
+        self.n_rejected = 0
+        self.loss = math.nan  # loss at the current state
+        self.rejected_last = False
+
+
+class _Recorder:
+    """Turns weights at save points into rows, kept in memory and appended to the writer."""
+
+    def __init__(self, engine: GradientEngine, plan: _Plan, quantities: Mapping[str, Quantity],
+                 writer: Any, keep: bool = True) -> None:
+        self.engine = engine
+        self.plan = plan
+        self.quantities = quantities
+        self.writer = writer
+        self.keep = keep
+        self.snap_dtype = np.dtype(plan.weights_dtype)
+        self.spec = self._series_spec()
+
+    def series_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """{series name: (row shape, dtype)} of one run."""
+        return self.spec
+
+    def _series_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        f8 = np.dtype(np.float64)
+        spec: dict[str, tuple[tuple[int, ...], np.dtype]] = {
+            "t": ((), f8), "step": ((), np.dtype(np.int64)), "loss": ((), f8)}
+        for e in self.engine.edges:
+            shape = self.engine.shapes[e]
+            if self.plan.svals:
+                spec[f"svals/{e}"] = ((min(shape),), f8)
+            if self.plan.save_weights:
+                spec[f"weights/{e}"] = (tuple(shape), self.snap_dtype)
+        for name, shape in self.plan.quantity_shapes.items():
+            spec[f"quantities/{name}"] = (tuple(shape), f8)
+        return spec
+
+    def rows(self, W: np.ndarray, t: np.ndarray, step: np.ndarray,
+             loss: np.ndarray | None) -> list[dict[str, np.ndarray]]:
+        """Rows for the weight vectors ``W`` (n, n_params); ``loss`` may be filled in later."""
+        n = W.shape[0]
+        rows: list[dict[str, np.ndarray]] = [
+            {"t": np.float64(t[k]), "step": np.int64(step[k]),
+             "loss": np.float64(math.nan if loss is None else loss[k])} for k in range(n)]
+        mats = self.engine.unpack(W)
+        for e, M in mats.items():
+            if self.plan.svals:
+                with np.errstate(all="ignore"):
+                    s = (np.linalg.svd(M, compute_uv=False) if np.all(np.isfinite(M))
+                         else np.full((n, min(M.shape[1:])), np.nan))
+                for k in range(n):
+                    rows[k][f"svals/{e}"] = s[k]
+            if self.plan.save_weights:
+                for k in range(n):
+                    rows[k][f"weights/{e}"] = M[k].astype(self.snap_dtype, copy=True)
+        for name, fn in self.quantities.items():
+            shape = self.plan.quantity_shapes[name]
+            for k in range(n):
+                value = _call_quantity(name, fn, self.engine.unpack(W[k].copy()))
+                if value.shape != shape:
+                    raise ConfigError(f"quantities[{name!r}] returned shape {value.shape}, but "
+                                      f"{shape} at the start of the run; it must keep its shape")
+                rows[k][f"quantities/{name}"] = value
+        return rows
+
+    def emit(self, run: _RunState, row: dict[str, np.ndarray]) -> None:
+        """Store a finished row; rows go to the writer in blocks (see ``send``).
+
+        With ``keep`` every row of the run stays in memory (columns preallocated for all save
+        points); otherwise the columns only hold the rows not yet sent.
+        """
+        if not run.columns:
+            n_rows = len(self.plan.save_times[run.index]) - run.next_save if self.keep \
+                else SEND_ROWS
+            run.columns = {k: np.empty((max(n_rows, 1), *shape), dtype=dtype)
+                           for k, (shape, dtype) in self.series_spec().items()}
+        i = run.filled
+        for key, column in run.columns.items():
+            column[i] = row[key]
+        run.filled += 1
+        run.next_save += 1
+        if self.writer is not None and (run.filled - run.sent >= SEND_ROWS
+                                        or time.monotonic() - run.sent_at > SEND_SECONDS):
+            self.send(run)
+
+    def send(self, run: _RunState) -> None:
+        """Hand the rows not yet sent to the writer (it copies them), one block per series."""
+        if self.writer is not None and run.filled > run.sent:
+            self.writer.append(run.name, **{k: c[run.sent:run.filled]
+                                            for k, c in run.columns.items()})
+            run.sent = run.filled
+            if not self.keep:
+                run.filled = run.sent = 0
+        run.sent_at = time.monotonic()
+
+    def column(self, run: _RunState, key: str) -> np.ndarray:
+        """Every recorded row of one series of ``run`` (with ``keep``)."""
+        if not run.columns:
+            shape, dtype = self.series_spec()[key]
+            return np.empty((0, *shape), dtype=dtype)
+        return run.columns[key][:run.filled]
+
+    def checkpoint(self, run: _RunState, state: dict[str, Any]) -> None:
+        """Checkpoint ``run`` at its position, after every row recorded so far."""
+        self.send(run)
+        self.writer.checkpoint(run.name, run.pos, {**state, "next_save": np.int64(run.next_save)})
+        run.last_checkpoint = run.pos
+
+
+def _call_quantity(name: str, fn: Quantity, weights: Weights) -> np.ndarray:
+    try:
+        value = fn(weights)
+    except FastraceError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"quantities[{name!r}] raised {type(exc).__name__}: {exc}") from exc
+    try:
+        return np.array(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ConfigError(f"quantities[{name!r}] must return numbers (an array or a float), "
+                          f"got {type(value).__name__}") from None
+
+
+def _check_quantities(quantities: Any, engine: GradientEngine,
+                      first: np.ndarray) -> tuple[dict[str, Quantity], dict[str, tuple]]:
+    if quantities is None:
+        return {}, {}
+    if not isinstance(quantities, Mapping):
+        raise ConfigError("quantities must be a mapping {name: callable(weights) -> array}")
+    shapes = {}
+    for name, fn in quantities.items():
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ConfigError(f"quantities: names must be non-empty strings without '/', "
+                              f"got {name!r}")
+        if not callable(fn):
+            raise ConfigError(f"quantities[{name!r}] must be callable, got {type(fn).__name__}")
+        shapes[name] = _call_quantity(name, fn, engine.unpack(first.copy())).shape
+    return dict(quantities), shapes
+
+
+# ====================================================================== divergence
+def _offending_entry(engine: GradientEngine, row: np.ndarray) -> tuple[str, float]:
+    """The edge and value of the worst entry of a flat weight vector (non-finite first)."""
+    bad = ~np.isfinite(row)
+    i = int(np.argmax(bad)) if bad.any() else int(np.argmax(np.abs(row)))
+    offsets = np.array([engine.offsets[e] for e in engine.edges])
+    edge = engine.edges[int(np.searchsorted(offsets, i, side="right")) - 1]
+    return edge, float(row[i])
+
+
+def _weights_bad(W: np.ndarray, threshold: float) -> np.ndarray:
+    """(n,) True where a weight vector is non-finite or has an entry above the threshold."""
+    with np.errstate(invalid="ignore"):
+        return ~(np.isfinite(W) & (np.abs(W) <= threshold)).all(axis=1)
+
+
+def _divergence(engine: GradientEngine, plan: _Plan, run: _RunState, step: int, t: float,
+                quantity: str, row: np.ndarray, value: float | None = None) -> DivergenceError:
+    edge, wvalue = _offending_entry(engine, row)
+    if quantity == "weights":
+        quantity, value = f"W[{edge!r}]", wvalue
+    what = (f"loss = {value:.6g} (largest weight {wvalue:.6g}, on edge {edge!r})"
+            if quantity == "loss" else
+            f"{quantity} has entry {value:.6g} (threshold {plan.divergence_threshold:g})")
+    hint = ("try a smaller learning rate" if plan.method == "gd"
+            else "the weights grow without bound")
+    err = DivergenceError(f"run {run.name!r} diverged at step {step} (t = {t:.6g}): {what}; "
+                          f"{hint}",
+                          step=step, quantity=quantity, value=float(value))  # type: ignore[arg-type]
+    err.run = run.name  # type: ignore[attr-defined]
+    err.edge = edge  # type: ignore[attr-defined]
+    return err
+
+
+# ====================================================================== gradient descent
+def _gd_checkpoint_spec(n_params: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    f8, i8 = np.dtype(np.float64), np.dtype(np.int64)
+    return {"w": ((n_params,), f8), "velocity": ((n_params,), f8), "next_save": ((), i8)}
+
+
+def _drive_gd(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: np.ndarray,
+              V: np.ndarray, rec: _Recorder, writer: Any, progress: _Progress) -> None:
+    """Advance every run to ``plan.steps``; runs at the same step move together."""
+    steps, save, every = plan.steps, plan.save_steps, plan.checkpoint_every
+    assert save is not None
+    while True:
+        live = [r for r in runs if not r.done]
+        if not live:
+            return
+        m = min(r.pos for r in live)
+        active = [r for r in live if r.pos == m]
+        idx = np.array([r.index for r in active])
+        whole = len(active) == W.shape[0]
+
+        # checkpoint first: it then holds exactly the rows of save points before m
+        if writer is not None and (m == 0 or m == steps or (every and m % every == 0)):
+            for r in active:
+                if r.last_checkpoint != m:
+                    rec.checkpoint(r, {"w": W[r.index], "velocity": V[r.index]})
+
+        saving = [k for k, r in enumerate(active)
+                  if r.next_save < len(save) and save[r.next_save] == m]
+        pending: list[dict[str, np.ndarray]] = []
+        if saving:
+            sel = idx[saving]
+            pending = rec.rows(W[sel], plan.lr[sel] * m, np.full(len(sel), m), None)
+
+        if m == steps:
+            if saving:
+                losses = engine.loss(W[idx[saving]])
+                for n_row, (k, row) in enumerate(zip(saving, pending)):
+                    row["loss"] = np.float64(losses[n_row])
+                    rec.emit(active[k], row)
+            for r in active:
+                r.done = True
+            continue
+
+        nxt = [steps, m + MAX_CHUNK]
+        j = int(np.searchsorted(save, m, side="right"))
+        if j < len(save):
+            nxt.append(int(save[j]))
+        if every:
+            nxt.append((m // every + 1) * every)
+        nxt += [r.pos for r in live if r.pos > m]
+        n = min(nxt) - m
+
+        w = W if whole else W[idx]
+        v = V if whole else V[idx]
+        w_start, v_start = w.copy(), v.copy()
+        with np.errstate(all="ignore"):
+            losses = engine.descend(w, v, plan.lr[idx], n, plan.momentum, plan.weight_decay)
+        for k, row in zip(saving, pending):
+            row["loss"] = np.float64(losses[k, 0])
+            rec.emit(active[k], row)
+        diverged = ~np.isfinite(losses).all(axis=1) | _weights_bad(w, plan.divergence_threshold)
+        if diverged.any():
+            raise _locate_gd_divergence(engine, plan, active, idx, w_start, v_start, n, m)
+        if not whole:
+            W[idx] = w
+            V[idx] = v
+        for r in active:
+            r.pos = m + n
+        progress.update(sum(r.pos for r in runs))
+
+
+def _locate_gd_divergence(engine: GradientEngine, plan: _Plan, active: list[_RunState],
+                          idx: np.ndarray, w: np.ndarray, v: np.ndarray, n: int,
+                          m: int) -> DivergenceError:
+    """Replay a chunk step by step (the engine is deterministic) to find the first bad step."""
+    lr = plan.lr[idx]
+    for j in range(n):
+        before = w.copy()
+        with np.errstate(all="ignore"):
+            losses = engine.descend(w, v, lr, 1, plan.momentum, plan.weight_decay)[:, 0]
+        bad_loss = ~np.isfinite(losses)
+        if bad_loss.any():
+            k = int(np.argmax(bad_loss))
+            return _divergence(engine, plan, active[k], m + j, float(lr[k] * (m + j)), "loss",
+                               before[k], float(losses[k]))
+        bad_w = _weights_bad(w, plan.divergence_threshold)
+        if bad_w.any():
+            k = int(np.argmax(bad_w))
+            return _divergence(engine, plan, active[k], m + j + 1, float(lr[k] * (m + j + 1)),
+                               "weights", w[k])
+    # not reproduced on replay: cannot happen with a deterministic engine; report the chunk end
+    return DivergenceError(f"a run diverged between steps {m} and {m + n}", step=m + n)
+
+
+# ====================================================================== gradient flow
+# Dormand–Prince 5(4): nodes, stage matrix, 5th-order weights (= last stage row, FSAL), error
+# weights (5th minus 4th order) and the dense-output weights of Hairer's DOPRI5.
+_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
+_A = (
+    (),
+    (1 / 5,),
+    (3 / 40, 9 / 40),
+    (44 / 45, -56 / 15, 32 / 9),
+    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
+)
+_E = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40)
+_D = (-12715105075 / 11282082432, 0.0, 87487479700 / 32700410799, -10690763975 / 1880347072,
+      701980252875 / 199316789632, -1453857185 / 822651844, 69997945 / 29380423)
+_SAFE, _FAC_MIN, _FAC_MAX, _BETA = 0.9, 0.2, 10.0, 0.04  # controller constants of DOPRI5
+_EXPO = 0.2 - 0.75 * _BETA
+
+
+def _flow_checkpoint_spec(n_params: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    f8, i8 = np.dtype(np.float64), np.dtype(np.int64)
+    return {"w": ((n_params,), f8), "t": ((), f8), "h": ((), f8), "facold": ((), f8),
+            "n_rejected": ((), i8), "next_save": ((), i8)}
+
+
+def _flow_field(engine: GradientEngine, Y: np.ndarray,
+                weight_decay: float) -> tuple[np.ndarray, np.ndarray]:
+    """Loss (n,) and dW/dt = −∇L − λW (n, n_params) for flat weights Y (n, n_params)."""
+    with np.errstate(all="ignore"):
+        loss, grad = engine.loss_and_gradient(Y)
+        if weight_decay:
+            grad += weight_decay * Y
+    return loss, -grad
+
+
+def _rms(x: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.mean(x * x, axis=1))
+
+
+def _initial_step(engine: GradientEngine, plan: _Plan, Y: np.ndarray, F: np.ndarray,
+                  t_left: np.ndarray) -> np.ndarray:
+    """Starting step sizes (n,) from the size of the field and its change (Hairer's HINIT)."""
+    sk = plan.atol + plan.rtol * np.abs(Y)
+    dnf = _rms(F / sk) ** 2
+    dny = _rms(Y / sk) ** 2
+    h = np.where((dnf > 1e-10) & (dny > 1e-10), np.sqrt(dny / np.maximum(dnf, 1e-300)) * 0.01, 1e-6)
+    h = np.minimum(h, t_left)
+    _, F1 = _flow_field(engine, Y + h[:, None] * F, plan.weight_decay)
+    der2 = _rms((F1 - F) / sk) / h
+    der12 = np.maximum(np.abs(der2), np.sqrt(dnf))
+    h1 = np.where(der12 <= 1e-15, np.maximum(1e-6, h * 1e-3),
+                  (0.01 / np.maximum(der12, 1e-300)) ** 0.2)
+    return np.minimum(np.minimum(100 * h, h1), t_left)
+
+
+def _drive_flow(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: np.ndarray,
+                rec: _Recorder, writer: Any, progress: _Progress) -> None:
+    """Integrate every run to its ``t_end``, each with its own step size, stages batched."""
+    every = plan.checkpoint_every
+    F = np.zeros_like(W)  # the field at each run's current state (first stage, FSAL)
+    live = [r for r in runs if not r.done]
+    if live:
+        idx = np.array([r.index for r in live])
+        loss, F[idx] = _flow_field(engine, W[idx], plan.weight_decay)
+        for k, r in enumerate(live):
+            r.loss = float(loss[k])
+            times = plan.save_times[r.index]
+            if r.next_save < len(times) and times[r.next_save] == r.t:
+                row = rec.rows(W[r.index][None], np.array([r.t]), np.array([r.pos]), loss[k:k + 1])
+                rec.emit(r, row[0])
+        fresh = [k for k, r in enumerate(live) if r.h <= 0.0]
+        if fresh:
+            sel = idx[fresh]
+            t_left = np.array([plan.t_end[r.index] - r.t for r in live])[fresh]
+            for r, h in zip([live[k] for k in fresh], _initial_step(engine, plan, W[sel], F[sel],
+                                                                     t_left)):
+                r.h = float(h)
+        for r in live:
+            if writer is not None and r.last_checkpoint != r.pos:
+                _flow_checkpoint(rec, r, W)
+            _check_flow_state(engine, plan, r, W[r.index])
+
+    while True:
+        live = [r for r in runs if not r.done]
+        if not live:
+            return
+        idx = np.array([r.index for r in live])
+        t0 = np.array([r.t for r in live])
+        t_end = plan.t_end[idx]
+        h = np.array([r.h for r in live])
+        last = (t0 + 1.01 * h - t_end) >= 0
+        h = np.where(last, t_end - t0, h)
+        Y0, K1 = W[idx], F[idx]
+        hc = h[:, None]
+        K = [K1]
+        for s in range(1, 6):
+            Ys = Y0 + hc * sum(a * K[i] for i, a in enumerate(_A[s]) if a)
+            K.append(_flow_field(engine, Ys, plan.weight_decay)[1])
+        Y1 = Y0 + hc * sum(b * K[i] for i, b in enumerate(_A[6]) if b)
+        L7, K7 = _flow_field(engine, Y1, plan.weight_decay)
+        K.append(K7)
+        with np.errstate(all="ignore"):
+            E = hc * sum(e * K[i] for i, e in enumerate(_E) if e)
+            sk = plan.atol + plan.rtol * np.maximum(np.abs(Y0), np.abs(Y1))
+            err = _rms(E / sk)
+        err = np.where(np.isfinite(err), err, np.inf)
+
+        accepted: list[int] = []
+        for k, r in enumerate(live):
+            fac11 = err[k] ** _EXPO
+            if err[k] <= 1.0:
+                fac = max(1 / _FAC_MAX, min(1 / _FAC_MIN, fac11 / r.facold ** _BETA / _SAFE))
+                h_new = h[k] / fac
+                if r.rejected_last:
+                    h_new = min(h_new, h[k])
+                r.facold = max(float(err[k]), 1e-4)
+                r.h = float(h_new)
+                r.rejected_last = False
+                accepted.append(k)
+            else:
+                r.h = float(h[k] / min(1 / _FAC_MIN, fac11 / _SAFE))
+                r.rejected_last = True
+                r.n_rejected += 1
+                if r.h < 16 * np.finfo(float).eps * max(abs(r.t), 1.0):
+                    raise IntegrationError(
+                        f"run {r.name!r}: gradient flow step size underflow at t = {r.t:.6g} "
+                        f"(error estimate {err[k]:.3g}); the field is not finite or too stiff — "
+                        "check divergence_threshold and the weights")
+        if accepted:
+            acc = np.array(accepted)
+            _flow_outputs(engine, plan, rec, [live[k] for k in accepted], Y0[acc], Y1[acc],
+                          [K[i][acc] for i in range(7)], t0[acc], h[acc], last[acc], L7[acc])
+            for k in accepted:
+                r = live[k]
+                W[r.index] = Y1[k]
+                F[r.index] = K7[k]
+                r.t = float(t_end[k]) if last[k] else float(t0[k] + h[k])
+                r.loss = float(L7[k])
+                r.pos += 1
+                _check_flow_state(engine, plan, r, Y1[k])
+                if last[k]:
+                    r.done = True
+                if writer is not None and (r.done or (every and r.pos % every == 0)):
+                    _flow_checkpoint(rec, r, W)
+        progress.update(float(sum(r.t for r in runs)))
+
+
+def _check_flow_state(engine: GradientEngine, plan: _Plan, r: _RunState, w: np.ndarray) -> None:
+    """Raise DivergenceError if the loss at the run's state or its weights ``w`` are bad."""
+    if not np.isfinite(r.loss):
+        raise _divergence(engine, plan, r, r.pos, r.t, "loss", w, r.loss)
+    if _weights_bad(w[None], plan.divergence_threshold)[0]:
+        raise _divergence(engine, plan, r, r.pos, r.t, "weights", w)
+
+
+def _flow_checkpoint(rec: _Recorder, r: _RunState, W: np.ndarray) -> None:
+    rec.checkpoint(r, {"w": W[r.index], "t": np.float64(r.t), "h": np.float64(r.h),
+                       "facold": np.float64(r.facold), "n_rejected": np.int64(r.n_rejected)})
+
+
+def _flow_outputs(engine: GradientEngine, plan: _Plan, rec: _Recorder, runs: list[_RunState],
+                  Y0: np.ndarray, Y1: np.ndarray, K: list[np.ndarray], t0: np.ndarray,
+                  h: np.ndarray, last: np.ndarray, L1: np.ndarray) -> None:
+    """Record the save points inside each accepted step (t0, t0 + h] by dense output."""
+    wanted: list[tuple[int, float, bool]] = []  # (run in batch, time, at the step's end)
+    for k, r in enumerate(runs):
+        times = plan.save_times[r.index]
+        t1 = plan.t_end[r.index] if last[k] else t0[k] + h[k]
+        j = r.next_save
+        while j < len(times) and times[j] <= t1:
+            wanted.append((k, float(times[j]), bool(times[j] == t1)))
+            j += 1
+    if not wanted:
+        return
+    Ys = np.empty((len(wanted), Y0.shape[1]))
+    for n, (k, t, at_end) in enumerate(wanted):
+        if at_end:
+            Ys[n] = Y1[k]
+            continue
+        theta = (t - t0[k]) / h[k]
+        dy = Y1[k] - Y0[k]
+        bspl = h[k] * K[0][k] - dy
+        tail = dy - h[k] * K[6][k] - bspl
+        rc5 = h[k] * sum(d * K[i][k] for i, d in enumerate(_D) if d)
+        Ys[n] = Y0[k] + theta * (dy + (1 - theta) * (bspl + theta * (tail + (1 - theta) * rc5)))
+    inner = [n for n, w in enumerate(wanted) if not w[2]]
+    loss = np.array([L1[k] for k, _, _ in wanted])
+    if inner:
+        with np.errstate(all="ignore"):
+            loss[inner] = engine.loss(Ys[inner])
+    rows = rec.rows(Ys, np.array([t for _, t, _ in wanted]),
+                    np.array([runs[k].pos + 1 for k, _, _ in wanted]), loss)
+    for (k, _, _), row in zip(wanted, rows):
+        rec.emit(runs[k], row)
+
+
+# ====================================================================== results
+def _trajectory(plan: _Plan, rec: _Recorder, run: _RunState, final: np.ndarray,
+                status: str) -> Trajectory:
+    engine = rec.engine
+
+    def group(prefix: str) -> dict[str, np.ndarray]:
+        return {key[len(prefix):]: rec.column(run, key) for key in rec.series_spec()
+                if key.startswith(prefix)}
+
+    final_w = {e: a.copy() for e, a in engine.unpack(final).items()}
+    return Trajectory(run.name, rec.column(run, "t"), rec.column(run, "step"),
+                      rec.column(run, "loss"), group("svals/"), group("quantities/"), final_w,
+                      status, plan.trajectory_attrs(run.index),
+                      group("weights/") if plan.save_weights else None)
+
+
+def _read_extras(path: Any, run: str) -> tuple[str, dict[str, np.ndarray] | None, int]:
+    """The network JSON, the latest checkpoint state (or None) and its step, of ``run``.
+
+    ``store.read_run`` returns the series, attrs and status; the checkpoint is read here from
+    the layout documented in fastrace/store.py (checkpoint/current names the valid slot).
+    """
+    from . import store
+
+    with store._open_read(path) as f:
+        try:
+            network_json = str(store._plain(f["network"].attrs.get("json", "")))
+            ck = f[run]["checkpoint"]
+            slot = int(ck["current"][()])
+            if slot not in (0, 1):
+                return network_json, None, -1
+            group = ck[f"slot{slot}"]
+            state = {name: np.asarray(ds[()]) for name, ds in group["state"].items()}
+            return network_json, state, int(group["step"][()])
+        except (KeyError, OSError, RuntimeError, ValueError) as exc:
+            raise StoreError(f"{os.fspath(path)}: run {run!r} is damaged ({exc})") from exc
+
+
+def _load_trajectory(path: Any, run: str) -> Trajectory:
+    from . import store
+
+    data = store.read_run(path, run)
+    network_json, state, _ = _read_extras(path, run)
+    try:
+        net = Network.from_json(network_json)
+    except (ValueError, KeyError, TypeError, NetworkError) as exc:
+        raise StoreError(f"{os.fspath(path)}: the stored network cannot be read ({exc})") from exc
+    series = data.series
+    attrs = dict(data.attrs)
+    if attrs.get("kind") == "simulation" and "simulate_schema" in attrs:
+        attrs = _Plan.from_attrs([run], [attrs]).trajectory_attrs(0)
+
+    def group(prefix: str) -> dict[str, np.ndarray]:
+        return {k[len(prefix):]: np.asarray(v) for k, v in series.items() if k.startswith(prefix)}
+
+    final: Weights = {}
+    if state is not None and "w" in state:
+        flat, offset = np.asarray(state["w"], dtype=np.float64), 0
+        for e in net.edges:
+            r, c = net.weight_shape(e)
+            final[e] = flat[offset:offset + r * c].reshape(r, c).copy()
+            offset += r * c
+    return Trajectory(run, np.asarray(series["t"], dtype=np.float64),
+                      np.asarray(series["step"], dtype=np.int64),
+                      np.asarray(series["loss"], dtype=np.float64), group("svals/"),
+                      group("quantities/"), final, data.status, attrs, group("weights/") or None)
+
+
+# ====================================================================== public entry points
+def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+             *, lr: float | Sequence[float] | None = None, steps: int | None = None,
+             method: str = "gd", t_end: float | None = None, momentum: float = 0.0,
+             weight_decay: float = 0.0, engine: str = "auto",
+             record: None | str | Sequence[float] | np.ndarray = None, record_every: int = 1,
+             n_records: int = 101, svals: bool = True, save_weights: bool = False,
+             weights_dtype: str = "float64", quantities: Mapping[str, Quantity] | None = None,
+             out: str | os.PathLike | None = None, run_name: str = "simulation",
+             run_names: Sequence[str] | None = None, checkpoint_every: int | None = None,
+             rtol: float = 1e-8, atol: float = 1e-10, threads: int | None = None,
+             divergence_threshold: float = 1e8, progress: bool | None = None,
+             config: str = "", seed: int | None = None) -> Trajectory | list[Trajectory]:
+    """Train ``net`` on ``data`` from ``weights`` by gradient descent or gradient flow.
+
+    Parameters
+    ----------
+    weights : {edge: (out, in) array}, or a list of them
+        Initial weights. A list is a batch of independent runs (one Trajectory each), advanced
+        together through the engine.
+    lr : float or one per run
+        Learning rate η (``method="gd"``; t = η·step). With ``method="flow"``, ``lr`` and
+        ``steps`` define the time span ``t_end = η·steps`` and the save times ``η·k`` of the
+        equivalent gradient-descent run; otherwise give ``t_end``.
+    steps : int
+        Number of gradient-descent steps.
+    method : "gd" | "flow"
+        Discrete gradient descent (optional ``momentum`` and ``weight_decay``), or gradient flow
+        ``dW/dt = −∇L − weight_decay·W`` integrated by Dormand–Prince 5(4) to ``rtol``/``atol``.
+    record, record_every, n_records
+        Save points: every ``record_every`` steps (default); ``record="log"``: ``n_records``
+        log-spaced points; or an array of step indices (gd) / times (flow). A flow run given by
+        ``t_end`` saves ``n_records`` equally spaced times by default. Step (time) 0 and the last
+        step (``t_end``) are always saved.
+    svals, save_weights, weights_dtype, quantities
+        What to record at each save point besides t and loss: singular values of each weight,
+        full weight snapshots (float64 or float32), and ``{name: f(weights) -> array}``.
+    out : path, optional
+        Stream every save point into this HDF5 file (layout of DESIGN.md), one group per run
+        (``run_name``; ``run_names`` or "seed_00", "seed_01", ... for a batch). An existing file
+        is replaced. The path is checked before any computation (StoreError).
+    checkpoint_every : int, optional
+        With ``out``, save the full state every so many steps (accepted integrator steps for
+        flow) so that ``resume`` can continue the run after a crash. The start and the end are
+        always checkpointed.
+    threads : int, optional
+        Threads for numba (default all cores); BLAS is limited so the two never oversubscribe.
+    divergence_threshold : float
+        A run whose loss is not finite or whose weights exceed this in magnitude (``inf``: only
+        non-finite values count) raises DivergenceError naming the run, step, edge and value
+        (attributes ``step``, ``quantity``, ``value``, ``run``, ``edge``). The whole call stops;
+        in the file the run's status is "failed: diverged at step ...", and the other runs of
+        the batch are "failed: stopped ..." and can still be resumed.
+    progress : bool, optional
+        Progress bar on stderr; default: only when stderr is a terminal.
+    config, seed
+        Stored in the file's root attributes (the experiment's TOML text, an int seed).
+
+    Returns a Trajectory, or a list of them when ``weights`` is a list.
+    """
+    if not isinstance(net, Network):
+        raise NetworkError(f"net must be a fastrace.Network, got {type(net).__name__}")
+    if not isinstance(data, Dataset):
+        raise DataError(f"data must be a fastrace.Dataset, got {type(data).__name__}")
+    batch = not isinstance(weights, Mapping)
+    if batch:
+        if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence) or not weights:
+            raise WeightsError("weights must be a {edge: array} mapping or a non-empty list "
+                               "of them")
+        runs_w = list(weights)
+    else:
+        runs_w = [weights]  # type: ignore[list-item]
+    n_runs = len(runs_w)
+
+    # ---- names and settings
+    if batch:
+        names = ([f"seed_{i:02d}" for i in range(n_runs)] if run_names is None
+                 else [str(n) for n in run_names])
+        if len(names) != n_runs:
+            raise ConfigError(f"run_names has {len(names)} names for {n_runs} runs")
+    else:
+        if run_names is not None:
+            raise ConfigError("run_names is for a list of weights; use run_name for one run")
+        names = [run_name]
+    for name in names:
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ConfigError(f"run names must be non-empty strings without '/', got {name!r}")
+    if len(set(names)) != n_runs:
+        raise ConfigError(f"run names must be distinct, got {names}")
+    if method not in METHODS:
+        raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
+    if engine not in ENGINES:
+        raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
+    momentum = float(momentum)
+    if not (0.0 <= momentum < 1.0):
+        raise ConfigError(f"momentum must be in [0, 1), got {momentum}")
+    weight_decay = float(weight_decay)
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ConfigError(f"weight_decay must be finite and >= 0, got {weight_decay}")
+    record_every = _positive("record_every", record_every, integer=True)
+    n_records = _positive("n_records", n_records, integer=True)
+    if n_records < 2:
+        raise ConfigError(f"n_records must be at least 2, got {n_records}")
+    if weights_dtype not in WEIGHT_DTYPES:
+        raise ConfigError(f"weights_dtype must be one of {WEIGHT_DTYPES}, got {weights_dtype!r}")
+    rtol = _positive("rtol", rtol)
+    atol = _positive("atol", atol)
+    divergence_threshold = float(divergence_threshold)
+    if not divergence_threshold > 0:
+        raise ConfigError(f"divergence_threshold must be positive (inf: only non-finite values "
+                          f"count), got {divergence_threshold}")
+    every = 0 if checkpoint_every is None else _positive("checkpoint_every", checkpoint_every,
+                                                         integer=True)
+    if every and out is None:
+        raise ConfigError("checkpoint_every needs out= (checkpoints are written to the HDF5 file)")
+    n_threads = _check_threads(threads)
+
+    if method == "gd":
+        if t_end is not None:
+            raise ConfigError("t_end is for method='flow'; gradient descent runs for `steps` steps")
+        if lr is None or steps is None:
+            raise ConfigError("method='gd' needs lr and steps")
+    else:
+        if momentum:
+            raise ConfigError("momentum is for method='gd'; gradient flow has none")
+        if (lr is None) != (steps is None):
+            raise ConfigError("method='flow' takes lr and steps together (t_end = lr * steps), "
+                              "or t_end alone")
+        if lr is not None and t_end is not None:
+            raise ConfigError("method='flow': give either t_end, or lr and steps, not both")
+        if lr is None and t_end is None:
+            raise ConfigError("method='flow' needs t_end (or lr and steps)")
+    if lr is not None:
+        lrs = _resolve_lr(lr, n_runs)
+        steps = _positive("steps", steps, integer=True)
+        t_ends = lrs * steps
+    else:
+        if record_every != 1:
+            raise ConfigError("record_every counts steps; for a flow run given by t_end use "
+                              "record= (times) or n_records")
+        lrs = np.full(n_runs, math.nan)
+        steps = 0
+        t_ends = np.full(n_runs, _positive("t_end", t_end))
+    if _explicit(record):
+        record = np.asarray(record, dtype=np.float64).ravel()
+
+    # ---- engine and weights (validated before anything is written)
+    eng = GradientEngine(net, data, engine)
+    W = eng.pack_many(runs_w)
+    V = np.zeros_like(W)
+    quantities, q_shapes = _check_quantities(quantities, eng, W[0])
+    plan = _Plan(method=method, names=names, lr=lrs, steps=int(steps), t_end=t_ends,
+                 record=record, record_every=record_every, n_records=n_records,
+                 momentum=momentum, weight_decay=weight_decay, engine=eng.engine,
+                 svals=bool(svals), save_weights=bool(save_weights), weights_dtype=weights_dtype,
+                 quantity_shapes=q_shapes, checkpoint_every=every, rtol=rtol, atol=atol,
+                 divergence_threshold=divergence_threshold)
+
+    writer = None
+    rec = _Recorder(eng, plan, quantities, None)
+    if out is not None:
+        from . import store
+
+        writer = store.TrajectoryWriter(out, _run_specs(plan, rec, data),
+                                        network_json=net.to_json(), config=config, seed=seed)
+        rec.writer = writer
+    runs = [_RunState(name, i) for i, name in enumerate(names)]
+    _execute(eng, plan, runs, W, V, rec, writer, n_threads, progress)
+    result = [_trajectory(plan, rec, r, W[r.index], "complete") for r in runs]
+    return result if batch else result[0]
+
+
+def _run_specs(plan: _Plan, rec: _Recorder, data: Dataset,
+               run_index: Sequence[int] | None = None) -> dict[str, Any]:
+    """Store specs of the runs; ``run_index`` is each run's place in its simulate call."""
+    from . import store
+
+    run_index = list(range(plan.n_runs)) if run_index is None else list(run_index)
+
+    ckpt = (_gd_checkpoint_spec if plan.method == "gd" else _flow_checkpoint_spec)(
+        rec.engine.n_params)
+    series = rec.series_spec()
+    data_hash = _data_hash(data)
+    return {name: store.RunSpec(series=series, checkpoint=ckpt,
+                                attrs={**plan.run_attrs(i), "data_hash": data_hash,
+                                       "run_index": run_index[i]})
+            for i, name in enumerate(plan.names)}
+
+
+def _execute(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: np.ndarray,
+             V: np.ndarray, rec: _Recorder, writer: Any, threads: int,
+             progress: bool | None) -> None:
+    """Run the driver; on any failure mark the unfinished runs failed in the file, then close it."""
+    if plan.method == "gd":
+        bar = _Progress(progress, float(plan.steps * len(runs)), "steps")
+    else:
+        bar = _Progress(progress, float(np.sum(plan.t_end[[r.index for r in runs]])), "")
+    try:
+        with _thread_limits(threads, len(runs)):
+            if plan.method == "gd":
+                _drive_gd(engine, plan, runs, W, V, rec, writer, bar)
+            else:
+                _drive_flow(engine, plan, runs, W, rec, writer, bar)
+    except BaseException as exc:
+        if writer is not None:
+            culprit = getattr(exc, "run", None) if isinstance(exc, DivergenceError) else None
+            for r in runs:
+                try:
+                    rec.send(r)
+                except (FastraceError, OSError, RuntimeError, ValueError) as second:
+                    exc.add_note(f"also failed to write the last rows of run {r.name!r}: {second}")
+                if r.done:
+                    continue
+                if culprit == r.name:
+                    status = (f"{DIVERGED} at step {exc.step}: "  # type: ignore[attr-defined]
+                              f"{exc.quantity} = {exc.value:.4g}")  # type: ignore[attr-defined]
+                elif culprit is not None:
+                    status = f"failed: stopped because run {culprit!r} diverged"
+                else:
+                    status = f"failed: {type(exc).__name__}: {exc}"
+                try:
+                    writer.set_status(r.name, status)
+                except (FastraceError, OSError, RuntimeError, ValueError) as second:
+                    exc.add_note(f"also failed to record the status of run {r.name!r}: {second}")
+            try:
+                writer.close()
+            except (FastraceError, OSError, RuntimeError, ValueError) as second:
+                exc.add_note(f"also failed to close the output file: {second}")
+        raise
+    finally:
+        bar.close(sum(r.pos for r in runs) if plan.method == "gd" else sum(r.t for r in runs))
+    if writer is not None:
+        for r in runs:
+            rec.send(r)
+        writer.close()
+
+
+def resume(path: str | os.PathLike, net: Network, data: Dataset, run: str | None = None,
+           threads: int | None = None, *, quantities: Mapping[str, Quantity] | None = None,
+           progress: bool | None = None) -> Trajectory | list[Trajectory]:
+    """Continue the runs of ``path`` (from ``simulate(..., out=path)``) from their checkpoints.
+
+    The settings (method, lr, steps, schedule, ...) come from the file; ``net`` and ``data``
+    must be the ones the run was started with (checked), and ``quantities`` the same callables
+    if the run recorded any. The result equals, bit for bit, what the uninterrupted run gives.
+    With ``run=None`` every simulation run in the file is resumed, and a list is returned when
+    there are several. Complete runs are only read back; a diverged run raises StoreError.
+    """
+    from . import store
+
+    if not isinstance(net, Network):
+        raise NetworkError(f"net must be a fastrace.Network, got {type(net).__name__}")
+    if not isinstance(data, Dataset):
+        raise DataError(f"data must be a fastrace.Dataset, got {type(data).__name__}")
+    n_threads = _check_threads(threads)
+    info = store.run_info(path)["runs"]
+    if run is None:
+        names = sorted((r for r, i in info.items() if i["attrs"].get("kind") == "simulation"),
+                       key=lambda r: info[r]["attrs"].get("run_index", 0))
+        if not names:
+            raise StoreError(f"{os.fspath(path)} holds no simulation runs to resume")
+    elif run not in info:
+        raise StoreError(f"{os.fspath(path)} has no run {run!r}; its runs are {list(info)}")
+    else:
+        names = [run]
+    for name in names:
+        status, attrs = info[name]["status"], info[name]["attrs"]
+        if status.startswith(DIVERGED):
+            raise StoreError(f"run {name!r} in {os.fspath(path)} {status[len('failed: '):]}; "
+                             "it cannot be resumed: start it again with other settings")
+        if attrs.get("kind") != "simulation":
+            raise StoreError(f"run {name!r} in {os.fspath(path)} is not a simulation run")
+        if attrs.get("data_hash") != _data_hash(data):
+            raise DataError(f"run {name!r}: the data differ from the data the run was started "
+                            "with")
+    todo = [n for n in names if info[n]["status"] != "complete"]
+    if todo:
+        _resume_runs(path, net, data, todo, [info[n]["attrs"] for n in todo], n_threads,
+                     quantities, progress)
+    results = [_load_trajectory(path, name) for name in names]
+    return results[0] if len(results) == 1 else results
+
+
+def _resume_runs(path: Any, net: Network, data: Dataset, names: list[str],
+                 attrs: list[dict[str, Any]], threads: int,
+                 quantities: Mapping[str, Quantity] | None, progress: bool | None) -> None:
+    from . import store
+
+    plan = _Plan.from_attrs(names, attrs)
+    network_json, _, _ = _read_extras(path, names[0])
+    try:
+        same = Network.from_json(network_json).signature() == net.signature()
+    except (ValueError, KeyError, TypeError, NetworkError):
+        same = False
+    if not same:
+        raise NetworkError(f"{os.fspath(path)}: the network differs from the one the runs "
+                           "were started with")
+    engine = GradientEngine(net, data, plan.engine)
+    given = dict(quantities or {})
+    if set(given) != set(plan.quantity_shapes):
+        raise ConfigError(f"the runs recorded quantities {sorted(plan.quantity_shapes)}; pass "
+                          f"the same callables to resume (got {sorted(given)})")
+    rec = _Recorder(engine, plan, given, None, keep=False)
+    specs = _run_specs(plan, rec, data, [int(a.get("run_index", 0)) for a in attrs])
+    writer = store.TrajectoryWriter(path, specs, network_json=net.to_json(), mode="resume")
+    rec.writer = writer
+    runs = [_RunState(name, i) for i, name in enumerate(names)]
+    W = np.zeros((len(names), engine.n_params))
+    V = np.zeros_like(W)
+    try:
+        for r in runs:
+            ck = writer.resume_state(r.name)
+            if ck is None:
+                raise StoreError(f"run {r.name!r} in {os.fspath(path)} has no checkpoint (it was "
+                                 "stopped before its first one): start it again")
+            state = ck.state
+            r.pos = r.last_checkpoint = int(ck.step)
+            r.next_save = int(state["next_save"])
+            if r.next_save != ck.rows["t"]:
+                raise StoreError(f"run {r.name!r}: checkpoint at step {ck.step} expects "
+                                 f"{r.next_save} rows, the file kept {ck.rows['t']}")
+            W[r.index] = state["w"]
+            if plan.method == "gd":
+                V[r.index] = state["velocity"]
+            else:
+                r.t = float(state["t"])
+                r.h = float(state["h"])
+                r.facold = float(state["facold"])
+                r.n_rejected = int(state["n_rejected"])
+                r.done = r.t >= plan.t_end[r.index] and r.next_save >= len(
+                    plan.save_times[r.index])
+    except BaseException as exc:
+        for r in runs:
+            writer.set_status(r.name, f"failed: {type(exc).__name__}: {exc}")
+        writer.close()
+        raise
+    _execute(engine, plan, runs, W, V, rec, writer, threads, progress)

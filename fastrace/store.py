@@ -1,0 +1,1137 @@
+"""HDF5 storage of trajectories: a streaming, kill-safe writer and the matching readers.
+
+Layout of a file (``format_version`` 1)::
+
+    /                      attrs: format="fastrace", format_version, fastrace/numpy/numba/h5py/hdf5
+                                  versions, created (ISO 8601), config, seed, command_line
+    /network               attrs: json (the network description)
+    /<run>/                attrs: the run's own attrs (kind, method, lr, ...), series (JSON list),
+                                  status, steps_done (final values, written when the writer closes)
+       <series>            (N, *row_shape) chunked, resizable along time: t, loss, svals/<edge>,
+                           weights/<edge>, modes/b, ...
+       live/status         fixed-length bytes, the status while the run is being written
+       live/steps_done     int64
+       checkpoint/current  int64: -1 (none), 0 or 1, the slot holding the latest full checkpoint
+       checkpoint/slot0/   state/<name> (fixed shapes), step (int64), rows (int64 per series)
+       checkpoint/slot1/   the same
+
+How the writer stays safe while it streams:
+
+- Every group, dataset and attribute is created up front, then SWMR (single writer, multiple
+  readers) is switched on. From then on the writer only resizes datasets and writes raw data,
+  the only changes SWMR allows; it never creates objects, never touches attributes and never
+  writes variable-length data. SWMR orders metadata flushes so the file on disk is always
+  consistent: a process killed at any moment leaves a file that opens (with the SWMR read flag,
+  which the readers here use) and holds every flushed row.
+- The file is built under ``<path>.partial`` and renamed onto ``path`` only once SWMR is on, so
+  ``path`` never holds a half-built file.
+- A checkpoint goes into the slot the pointer does not name, is flushed, and only then is the
+  pointer switched and flushed: a kill during a checkpoint leaves the previous one intact.
+- Status and steps done are kept in the small fixed-size ``live`` datasets while SWMR is on
+  (attributes cannot change under SWMR). When the writer closes it switches SWMR off, reopens
+  the file and writes the final ``status`` and ``steps_done`` attributes. The ``live``
+  datasets stay authoritative: the readers here report them. (A kill during those few
+  milliseconds of the reopen leaves HDF5's "open for writing" flag set on the file; HDF5's
+  ``h5clear -s`` clears it. No kill at any other moment needs that.)
+- Resuming rebuilds the file (under ``.partial``, renamed when ready) with each series cut back
+  to the rows it had at the last checkpoint. A file left by a killed SWMR writer cannot be
+  opened for writing again without clearing its consistency flags, and its superblock's
+  end-of-file address is stale, so writing into it in place is not safe; rewriting is.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import datetime
+import importlib
+import importlib.metadata
+import json
+import math
+import os
+import queue
+import shlex
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple, Self
+
+import h5py
+import numpy as np
+
+from fastrace.errors import StoreError
+
+try:  # advisory lock against two writers on one file; POSIX only
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Checkpoint",
+    "RunData",
+    "RunReader",
+    "RunSpec",
+    "TrajectoryWriter",
+    "list_runs",
+    "open_run",
+    "read_run",
+    "run_info",
+    "run_status",
+]
+
+FORMAT_VERSION = 1
+
+SeriesSpec = tuple[tuple[int, ...], np.dtype]
+
+# Files are written with 1.10-format objects (the oldest that supports SWMR), so any HDF5 >= 1.10
+# can read them.
+_LIBVER = ("v110", "latest")
+_CHUNK_BYTES = 1 << 20  # target size of one chunk
+_MAX_CHUNK_ROWS = 16384  # keeps chunks of scalar series small (they are rewritten on each flush)
+_BLOCK_BYTES = 8 << 20  # rows handed to the writer thread in blocks of at most this size
+_QUEUE_BLOCKS = 8  # at most this many blocks wait for the writer thread (backpressure)
+_COPY_BYTES = 64 << 20  # block size when copying rows during a resume
+_STATUS_BYTES = 256
+_RESERVED_RUN_ATTRS = ("series", "status", "steps_done")
+_RESERVED_SERIES = ("live", "checkpoint")
+
+
+# ----------------------------------------------------------------------------- specs
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What one run stores.
+
+    ``series`` maps a series name (e.g. ``"t"``, ``"svals/x->h"``) to its row shape, or to
+    ``(row_shape, dtype)``; the dtype defaults to float64. ``checkpoint`` does the same for the
+    arrays of a full checkpoint (fixed shapes). ``attrs`` are written on the run's group
+    (numbers, strings, numeric arrays; ``None`` values are skipped).
+    """
+
+    series: Mapping[str, Any]
+    checkpoint: Mapping[str, Any] = field(default_factory=dict)
+    attrs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "series", _normalize_specs(self.series, "series"))
+        object.__setattr__(self, "checkpoint", _normalize_specs(self.checkpoint, "checkpoint"))
+        object.__setattr__(self, "attrs", dict(self.attrs))
+        if not self.series:
+            raise StoreError("a RunSpec needs at least one series")
+        for name in self.series:
+            if name.split("/")[0] in _RESERVED_SERIES:
+                raise StoreError(f"series name {name!r} is reserved; choose another name")
+        for key in self.attrs:
+            if key in _RESERVED_RUN_ATTRS:
+                raise StoreError(f"run attribute {key!r} is reserved by the store")
+
+
+def _normalize_specs(specs: Mapping[str, Any], what: str) -> dict[str, SeriesSpec]:
+    out: dict[str, SeriesSpec] = {}
+    for name, spec in dict(specs).items():
+        _check_name(name, what)
+        if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], tuple | list):
+            shape, dtype = spec
+        else:
+            shape, dtype = spec, np.float64
+        if isinstance(shape, int | np.integer):
+            shape = (shape,)
+        try:
+            shape = tuple(int(n) for n in shape)
+            dtype = np.dtype(dtype)
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"{what} {name!r}: bad spec {spec!r} ({exc})") from exc
+        if any(n <= 0 for n in shape):
+            raise StoreError(f"{what} {name!r}: every dimension must be positive, got {shape}")
+        if dtype.kind not in "biuf":
+            raise StoreError(f"{what} {name!r}: dtype must be numeric or bool, got {dtype}")
+        out[name] = (shape, dtype)
+    return out
+
+
+def _check_name(name: Any, what: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise StoreError(f"{what} names must be non-empty strings, got {name!r}")
+    parts = name.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise StoreError(f"{what} name {name!r} is not a valid HDF5 path")
+
+
+def _check_run_name(name: Any) -> None:
+    _check_name(name, "run")
+    if "/" in name or name == "network":
+        raise StoreError(f"run name {name!r} must not contain '/' and must not be 'network'")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _chunk_shape(row_shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    """A time-first chunk of about ``_CHUNK_BYTES``: whole rows, or part of a row if rows are big."""
+    row_bytes = math.prod(row_shape) * itemsize
+    if row_bytes <= _CHUNK_BYTES:
+        return (min(_MAX_CHUNK_ROWS, _CHUNK_BYTES // row_bytes), *row_shape)
+    chunk = [1, *row_shape]
+    for axis in range(1, len(chunk)):
+        inner = math.prod(chunk[axis + 1 :]) * itemsize
+        chunk[axis] = max(1, min(chunk[axis], _CHUNK_BYTES // inner))
+        if math.prod(chunk) * itemsize <= _CHUNK_BYTES:
+            break
+    return tuple(chunk)
+
+
+def _block_rows(row_shape: tuple[int, ...], itemsize: int, chunk_rows: int, max_rows: int) -> int:
+    """Rows per buffer block: at most ``max_rows`` and ``_BLOCK_BYTES``, whole chunks if possible."""
+    row_bytes = math.prod(row_shape) * itemsize
+    rows = max(1, min(max_rows, _BLOCK_BYTES // row_bytes))
+    if rows >= chunk_rows:
+        rows -= rows % chunk_rows
+    return rows
+
+
+def _compression_options(compression: str, level: int) -> dict[str, Any]:
+    if compression not in ("auto", "blosc-lz4", "none"):
+        raise StoreError(f"compression must be 'auto', 'blosc-lz4' or 'none', got {compression!r}")
+    if compression == "none":
+        return {}
+    try:
+        import hdf5plugin
+    except ImportError as exc:
+        if compression == "auto":
+            return {}
+        raise StoreError(
+            "compression='blosc-lz4' needs the hdf5plugin package: pip install 'fastrace[store]'"
+        ) from exc
+    if not 0 <= int(level) <= 9:
+        raise StoreError(f"compression_level must be in 0..9, got {level}")
+    blosc = hdf5plugin.Blosc(cname="lz4", clevel=int(level), shuffle=hdf5plugin.Blosc.SHUFFLE)
+    return dict(blosc)
+
+
+def _load_filter_plugins() -> None:
+    """Make the blosc filter available to readers when hdf5plugin is installed."""
+    try:
+        importlib.import_module("hdf5plugin")
+    except ImportError:
+        pass
+
+
+def _package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return str(getattr(sys.modules.get(name), "__version__", "unknown"))
+
+
+def _attr_value(key: str, value: Any) -> Any:
+    """A value h5py can store as an attribute, or StoreError."""
+    if isinstance(value, str | bytes | bool | int | float | np.generic):
+        return value
+    if isinstance(value, list | tuple | np.ndarray):
+        arr = np.asarray(value)
+        if arr.dtype.kind in "biuf" or (arr.dtype.kind == "U" and arr.ndim == 1):
+            return arr if arr.dtype.kind != "U" else [str(v) for v in arr]
+    raise StoreError(
+        f"attribute {key!r}: cannot store a {type(value).__name__}; use numbers, strings or "
+        "numeric arrays (encode nested values yourself, e.g. with json.dumps)"
+    )
+
+
+def _plain(value: Any) -> Any:
+    """An attribute value as plain Python where that is natural."""
+    if isinstance(value, bytes | np.bytes_):
+        return bytes(value).decode("utf-8", "replace")
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _encode_status(status: str) -> np.ndarray:
+    raw = status.encode("utf-8")[:_STATUS_BYTES]
+    return np.array(raw, dtype=f"S{_STATUS_BYTES}")
+
+
+def _decode_status(value: Any) -> str:
+    return bytes(value).decode("utf-8", "ignore")
+
+
+def _check_status(status: Any) -> str:
+    if not isinstance(status, str) or not (
+        status in ("running", "complete") or status.startswith("failed")
+    ):
+        raise StoreError(
+            f"status must be 'running', 'complete' or 'failed: <reason>', got {status!r}"
+        )
+    return status
+
+
+def _check_writable(path: Path) -> None:
+    if path.is_dir():
+        raise StoreError(f"cannot write {path}: it is a directory")
+    parent = path.parent
+    if not parent.is_dir():
+        raise StoreError(f"cannot write {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise StoreError(f"cannot write {path}: no permission to create files in {parent}")
+
+
+class _WriterLock:
+    """An advisory lock on ``<path>.lock`` so two writers never stream into one file."""
+
+    def __init__(self, path: Path):
+        self.path = Path(f"{path}.lock")
+        self.fd: int | None = None
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(f"cannot write {path}: {exc.strerror} ({self.path})") from exc
+        if fcntl is None:  # pragma: no cover - Windows
+            return
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(self.fd)
+            self.fd = None
+            raise StoreError(
+                f"{path} is being written by another process (it holds {self.path})"
+            ) from exc
+        except OSError:  # e.g. no lock support on this file system: go on without the lock
+            warnings.warn(f"could not lock {self.path}; concurrent writers are not detected",
+                          stacklevel=3)
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        os.close(self.fd)
+        self.fd = None
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+class Checkpoint(NamedTuple):
+    """A complete checkpoint: the step, the state arrays, and the rows of each series then."""
+
+    step: int
+    state: dict[str, np.ndarray]
+    rows: dict[str, int]
+
+
+class _Series:
+    """Caller-side state of one series: its buffer and how many rows were appended."""
+
+    def __init__(self, run: str, name: str, spec: SeriesSpec, rows: int, max_rows: int):
+        self.run = run
+        self.name = name
+        self.row_shape, self.dtype = spec
+        chunk = _chunk_shape(self.row_shape, self.dtype.itemsize)
+        self.chunk = chunk
+        self.block_rows = _block_rows(self.row_shape, self.dtype.itemsize, chunk[0], max_rows)
+        self.rows = rows  # appended so far (including rows kept from a resumed file)
+        self.buffer: np.ndarray | None = None
+        self.filled = 0
+        self.spare: list[np.ndarray] = []  # blocks the writer thread has finished with
+
+
+class TrajectoryWriter:
+    """Streams the trajectories of one or more runs into one HDF5 file.
+
+    ``runs`` maps run names (``"simulation"``, ``"theory"``, ``"seed_03"``) to their
+    ``RunSpec``. Every dataset is created here, before any compute, and an unwritable ``path``
+    raises ``StoreError`` at once. ``append`` copies rows into a buffer and returns; a
+    background thread writes and flushes full blocks, so compute does not wait on the disk.
+    Partly filled blocks are handed over by ``checkpoint``, ``flush`` and ``close``, and by the
+    first ``append`` once ``flush_interval`` seconds have passed; ``flushed_rows(run)`` says how
+    many rows are safely in the file. At most a few blocks wait in the queue: a caller that
+    outpaces the disk blocks in ``append`` rather than using unbounded memory. An error in the
+    writer thread is raised as ``StoreError`` by the next call.
+
+    ``mode="w"`` creates (or replaces) the file. ``mode="resume"`` reopens an existing file
+    written with the same specs: each run that is not complete is cut back to its last
+    checkpoint, which ``resume_state(run)`` returns (``None``: start the run from scratch).
+    A missing file is created as with ``"w"``. ``compression`` is ``"auto"`` (blosc-lz4 when
+    hdf5plugin is installed, else none), ``"blosc-lz4"`` or ``"none"``. ``swmr=False`` turns
+    off concurrent reading and kill safety (for file systems without POSIX write ordering,
+    e.g. NFS). Use the writer from one thread.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        runs: Mapping[str, RunSpec],
+        *,
+        network_json: str = "",
+        config: str = "",
+        seed: int | None = None,
+        compression: str = "auto",
+        compression_level: int = 5,
+        mode: str = "w",
+        buffer_rows: int = 256,
+        flush_interval: float = 1.0,
+        swmr: bool = True,
+    ):
+        self.path = Path(os.fspath(path))
+        if mode not in ("w", "resume"):
+            raise StoreError(f"mode must be 'w' or 'resume', got {mode!r}")
+        if not isinstance(runs, Mapping) or not runs:
+            raise StoreError("runs must be a non-empty mapping of run name -> RunSpec")
+        for name, spec in runs.items():
+            _check_run_name(name)
+            if not isinstance(spec, RunSpec):
+                raise StoreError(f"run {name!r}: expected a RunSpec, got {type(spec).__name__}")
+        if seed is not None and not isinstance(seed, int | np.integer):
+            raise StoreError(f"seed must be an int or None, got {type(seed).__name__}")
+        if int(buffer_rows) < 1 or not float(flush_interval) > 0:
+            raise StoreError("buffer_rows must be >= 1 and flush_interval > 0")
+        self._specs: dict[str, RunSpec] = dict(runs)
+        self._swmr = bool(swmr)
+        self._flush_interval = float(flush_interval)
+        self._compression = _compression_options(compression, compression_level)
+        self._root_attrs = {
+            "network_json": str(network_json),
+            "config": str(config),
+            "seed": None if seed is None else int(seed),
+        }
+        _check_writable(self.path)
+        self._lock = _WriterLock(self.path)
+
+        self._status = {run: "running" for run in self._specs}
+        self._steps = {run: 0 for run in self._specs}
+        self._resumed: dict[str, Checkpoint | None] = {run: None for run in self._specs}
+        self._kept_rows = {run: dict.fromkeys(spec.series, 0) for run, spec in self._specs.items()}
+        self._datasets: dict[tuple[str, str], h5py.Dataset] = {}
+        self._live: dict[str, tuple[h5py.Dataset, h5py.Dataset]] = {}
+        self._ckpt: dict[str, h5py.Group] = {}
+        self._ckpt_slot = {run: -1 for run in self._specs}
+        try:
+            if mode == "resume" and self.path.exists():
+                self._file = self._build(resume_from=self.path)
+            else:
+                self._file = self._build(resume_from=None)
+        except BaseException:
+            self._lock.release()
+            raise
+
+        self._series = {
+            run: {name: _Series(run, name, s, self._kept_rows[run][name], int(buffer_rows))
+                  for name, s in spec.series.items()}
+            for run, spec in self._specs.items()
+        }
+        self._written = {(run, name): sb.rows for run, d in self._series.items()
+                         for name, sb in d.items()}
+        self._flushed = dict(self._written)
+        self._queue: queue.Queue = queue.Queue(maxsize=_QUEUE_BLOCKS)
+        self._error: BaseException | None = None
+        self._closed = False
+        self._last_push = time.monotonic()
+        self._thread = threading.Thread(target=self._writer_loop, name="fastrace-store",
+                                        daemon=True)
+        self._thread.start()
+        atexit.register(self._close_at_exit)
+
+    # -- building the file -------------------------------------------------------------
+
+    def _build(self, resume_from: Path | None) -> h5py.File:
+        """Create the whole layout under ``<path>.partial``, switch SWMR on, rename onto path."""
+        partial = Path(f"{self.path}.partial")
+        partial.unlink(missing_ok=True)
+        source = _open_read(resume_from) if resume_from is not None else None
+        f = None
+        try:
+            f = h5py.File(partial, "w", libver=_LIBVER, track_order=True)
+            if source is None:
+                self._write_root(f, created=None)
+                for run, spec in self._specs.items():
+                    self._create_run(f, run, spec)
+            else:
+                self._rebuild_from(source, f)
+            if self._swmr:
+                f.swmr_mode = True
+            f.flush()
+            os.replace(partial, self.path)
+            return f
+        except BaseException as exc:
+            if f is not None:
+                with contextlib.suppress(Exception):
+                    f.close()
+            partial.unlink(missing_ok=True)
+            if isinstance(exc, StoreError) or not isinstance(exc, Exception):
+                raise
+            raise StoreError(f"cannot write {self.path}: {exc}") from exc
+        finally:
+            if source is not None:
+                source.close()
+
+    def _write_root(self, f: h5py.File, created: str | None) -> None:
+        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        f.attrs["format"] = "fastrace"
+        f.attrs["format_version"] = FORMAT_VERSION
+        for pkg in ("fastrace", "numpy", "numba", "h5py"):
+            f.attrs[f"{pkg}_version"] = _package_version(pkg)
+        f.attrs["hdf5_version"] = h5py.version.hdf5_version
+        f.attrs["created"] = created or now
+        if created is not None:
+            f.attrs["resumed"] = now
+        f.attrs["config"] = self._root_attrs["config"]
+        if self._root_attrs["seed"] is not None:
+            f.attrs["seed"] = self._root_attrs["seed"]
+        f.attrs["command_line"] = shlex.join(sys.argv)
+        f.create_group("network").attrs["json"] = self._root_attrs["network_json"]
+
+    def _create_run(self, f: h5py.File, run: str, spec: RunSpec) -> None:
+        g = f.create_group(run, track_order=True)
+        for key, value in spec.attrs.items():
+            if value is not None:
+                g.attrs[key] = _attr_value(key, value)
+        g.attrs["series"] = json.dumps(list(spec.series))
+        g.attrs["status"] = "running"
+        g.attrs["steps_done"] = 0
+        for name, (shape, dtype) in spec.series.items():
+            chunk = _chunk_shape(shape, dtype.itemsize)
+            try:
+                ds = g.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape),
+                                      chunks=chunk, dtype=dtype, **self._compression)
+            except (ValueError, TypeError) as exc:
+                raise StoreError(f"run {run!r}: cannot create series {name!r}: {exc}") from exc
+            self._datasets[(run, name)] = ds
+        live = g.create_group("live")
+        status = live.create_dataset("status", data=_encode_status("running"))
+        steps = live.create_dataset("steps_done", data=np.int64(0))
+        self._live[run] = (status, steps)
+        ck = g.create_group("checkpoint")
+        ck.attrs["names"] = json.dumps(list(spec.checkpoint))
+        ck.create_dataset("current", data=np.int64(-1))
+        for slot in ("slot0", "slot1"):
+            sg = ck.create_group(slot)
+            sg.create_dataset("step", data=np.int64(-1))
+            sg.create_dataset("rows", data=np.zeros(len(spec.series), dtype=np.int64))
+            st = sg.create_group("state")
+            for name, (shape, dtype) in spec.checkpoint.items():
+                st.create_dataset(name, data=np.zeros(shape, dtype=dtype))
+        self._ckpt[run] = ck
+
+    def _rebuild_from(self, src: h5py.File, f: h5py.File) -> None:
+        """Fill the new file ``f`` from ``src``, cutting each unfinished run to its checkpoint."""
+        stored = {key: _plain(value) for key, value in src.attrs.items()}
+        network = _plain(src["network"].attrs.get("json", "")) if "network" in src else ""
+        mine = self._root_attrs
+        if mine["config"] and stored.get("config", "") and stored["config"] != mine["config"]:
+            raise StoreError(f"cannot resume {self.path}: it was written with another config")
+        if mine["seed"] is not None and "seed" in stored and stored["seed"] != mine["seed"]:
+            raise StoreError(f"cannot resume {self.path}: it was written with seed "
+                             f"{stored['seed']}, not {mine['seed']}")
+        if mine["network_json"] and network and network != mine["network_json"]:
+            raise StoreError(f"cannot resume {self.path}: it was written for another network")
+        mine["config"] = mine["config"] or str(stored.get("config", ""))
+        mine["network_json"] = mine["network_json"] or str(network)
+        if mine["seed"] is None and "seed" in stored:
+            mine["seed"] = int(stored["seed"])
+        self._write_root(f, created=str(stored.get("created", "")) or None)
+
+        for name in src:  # runs of the old file this writer does not know are kept as they are
+            if name != "network" and name not in self._specs:
+                src.copy(src[name], f, name)
+        for run, spec in self._specs.items():
+            if run not in src or "series" not in src[run].attrs:
+                raise StoreError(f"cannot resume {self.path}: it has no run {run!r}")
+            old = src[run]
+            _check_same_layout(self.path, run, old, spec)
+            self._create_run(f, run, spec)
+            status = _decode_status(old["live/status"][()])
+            checkpoint = _read_checkpoint(old, spec)
+            if status == "complete":
+                rows = {name: old[name].shape[0] for name in spec.series}
+                self._steps[run] = int(old["live/steps_done"][()])
+            else:
+                status = "running"
+                rows = checkpoint.rows if checkpoint else dict.fromkeys(spec.series, 0)
+                self._steps[run] = checkpoint.step if checkpoint else 0
+                self._resumed[run] = checkpoint
+            self._status[run] = status
+            self._kept_rows[run] = rows
+            for name in spec.series:
+                _copy_rows(old[name], self._datasets[(run, name)], rows[name])
+            if checkpoint is not None:
+                rows_array = np.array([checkpoint.rows[n] for n in spec.series], dtype=np.int64)
+                _fill_slot(self._ckpt[run]["slot0"], checkpoint.step, checkpoint.state,
+                           rows_array)
+                self._ckpt[run]["current"][()] = 0
+                self._ckpt_slot[run] = 0
+            status_ds, steps_ds = self._live[run]
+            status_ds[()] = _encode_status(status)
+            steps_ds[()] = self._steps[run]
+            f[run].attrs["status"] = status
+            f[run].attrs["steps_done"] = self._steps[run]
+
+    # -- public API ----------------------------------------------------------------------
+
+    def resume_state(self, run: str) -> Checkpoint | None:
+        """The checkpoint a resumed run was cut back to, or None (start it from scratch).
+
+        Also None for a run that is already complete; check ``status(run)`` first.
+        """
+        self._check_run(run)
+        return self._resumed[run]
+
+    def status(self, run: str) -> str:
+        """The run's current status: ``"running"``, ``"complete"`` or ``"failed: ..."``."""
+        self._check_run(run)
+        return self._status[run]
+
+    def flushed_rows(self, run: str) -> dict[str, int]:
+        """Rows of each series of ``run`` that are written and flushed to the file."""
+        self._check_run(run)
+        return {name: self._flushed[(run, name)] for name in self._specs[run].series}
+
+    def append(self, run: str, rows: Mapping[str, Any] | None = None, /, **more: Any) -> None:
+        """Append one row (shape ``row_shape``) or a block of rows (``(n, *row_shape)``) to
+        each named series of ``run``: ``append("sim", t=0.1, loss=0.5)`` or, for names that are
+        not identifiers, ``append("sim", {"weights/x->h": w})``. Values are copied; the call
+        returns before they are written. Series may be appended at different rates."""
+        self._check_usable(run)
+        if self._status[run] == "complete":
+            raise StoreError(f"run {run!r} in {self.path} is already complete")
+        series = self._series[run]
+        blocks = []
+        values = {**(rows or {}), **more}
+        for name, value in values.items():  # check everything before copying anything
+            sb = series.get(name)
+            if sb is None:
+                raise StoreError(f"run {run!r} has no series {name!r}; it has {list(series)}")
+            arr = np.asarray(value)
+            if arr.dtype.kind not in "biuf" or not np.can_cast(arr.dtype, sb.dtype, "same_kind"):
+                raise StoreError(f"series {name!r} of run {run!r} stores {sb.dtype}; "
+                                 f"cannot store {arr.dtype} in it")
+            if arr.shape == sb.row_shape:
+                arr = arr[np.newaxis]
+            elif arr.shape[1:] != sb.row_shape or arr.ndim != len(sb.row_shape) + 1:
+                raise StoreError(f"series {name!r} of run {run!r}: expected a row of shape "
+                                 f"{sb.row_shape} or rows (n, *{sb.row_shape}), got {arr.shape}")
+            blocks.append((sb, arr))
+        for sb, arr in blocks:
+            self._copy_into_buffers(sb, arr)
+        if time.monotonic() - self._last_push >= self._flush_interval:
+            self._push_all()
+
+    def checkpoint(self, run: str, step: int, state: Mapping[str, Any]) -> None:
+        """Store the full state of ``run`` after ``step`` (arrays copied now, written in order
+        after every row appended before). Also sets ``steps_done`` to ``step``."""
+        self._check_usable(run)
+        spec = self._specs[run].checkpoint
+        if set(state) != set(spec):
+            raise StoreError(f"checkpoint of run {run!r} needs exactly {sorted(spec)}, "
+                             f"got {sorted(state)}")
+        arrays = {}
+        for name, (shape, dtype) in spec.items():
+            arr = np.asarray(state[name])
+            if arr.shape != shape or not np.can_cast(arr.dtype, dtype, "same_kind"):
+                raise StoreError(f"checkpoint {name!r} of run {run!r} must have shape {shape} "
+                                 f"and dtype {dtype}, got {arr.shape} {arr.dtype}")
+            arrays[name] = np.array(arr, dtype=dtype, copy=True)
+        rows = np.array([sb.rows for sb in self._series[run].values()], dtype=np.int64)
+        self._push_all()
+        self._steps[run] = int(step)
+        self._put(("checkpoint", run, int(step), arrays, rows))
+
+    def set_steps_done(self, run: str, steps: int) -> None:
+        """Record how many steps of ``run`` are done (shown while the run is live)."""
+        self._check_usable(run)
+        self._steps[run] = int(steps)
+        self._put(("steps", run, int(steps)))
+
+    def set_status(self, run: str, status: str) -> None:
+        """Set the status of ``run``: ``"running"``, ``"complete"`` or ``"failed: <reason>"``."""
+        self._check_usable(run)
+        self._status[run] = _check_status(status)
+        self._put(("status", run, status))
+
+    def flush(self) -> None:
+        """Write and flush every row appended so far; returns when they are in the file."""
+        self._check_usable(None)
+        self._push_all()
+        done = threading.Event()
+        self._put(("flush", done))
+        while not done.wait(0.1):
+            if not self._thread.is_alive():
+                break
+        self._raise_if_failed()
+
+    def close(self) -> None:
+        """Write everything, mark running runs complete, and close the file."""
+        self._shutdown(final=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and not self._closed:
+            reason = f"failed: {exc_type.__name__}: {exc}" if str(exc) else \
+                f"failed: {exc_type.__name__}"
+            for run, status in self._status.items():
+                if status == "running":
+                    self._status[run] = reason
+        self.close()
+
+    # -- caller side internals -------------------------------------------------------------
+
+    def _check_run(self, run: str) -> None:
+        if run not in self._specs:
+            raise StoreError(f"{self.path} has no run {run!r}; its runs are {list(self._specs)}")
+
+    def _check_usable(self, run: str | None) -> None:
+        if self._closed:
+            raise StoreError(f"the writer of {self.path} is closed")
+        self._raise_if_failed()
+        if run is not None:
+            self._check_run(run)
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise StoreError(f"writing {self.path} failed: {self._error}") from self._error
+
+    def _copy_into_buffers(self, sb: _Series, arr: np.ndarray) -> None:
+        done = 0
+        while done < len(arr):
+            if sb.buffer is None:
+                sb.buffer = sb.spare.pop() if sb.spare else \
+                    np.empty((sb.block_rows, *sb.row_shape), dtype=sb.dtype)
+            n = min(len(arr) - done, sb.block_rows - sb.filled)
+            np.copyto(sb.buffer[sb.filled : sb.filled + n], arr[done : done + n],
+                      casting="same_kind")
+            sb.filled += n
+            done += n
+            if sb.filled == sb.block_rows:
+                self._push(sb)
+        sb.rows += len(arr)
+
+    def _push(self, sb: _Series) -> None:
+        if sb.filled:
+            block, n = sb.buffer, sb.filled
+            sb.buffer, sb.filled = None, 0
+            self._put(("rows", sb, block, n))
+
+    def _push_all(self) -> None:
+        for series in self._series.values():
+            for sb in series.values():
+                self._push(sb)
+        self._last_push = time.monotonic()
+
+    def _put(self, op: tuple) -> None:
+        while True:
+            try:
+                self._queue.put(op, timeout=0.1)
+                return
+            except queue.Full:
+                self._raise_if_failed()
+                if not self._thread.is_alive():
+                    raise StoreError(f"the writer thread of {self.path} has stopped") from None
+
+    # -- writer thread ---------------------------------------------------------------------
+
+    def _writer_loop(self) -> None:
+        last_flush = time.monotonic()
+        while True:
+            op = self._queue.get()
+            kind = op[0]
+            if kind == "stop":
+                if self._error is None:
+                    try:
+                        self._flush_file()
+                    except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+                        self._error = exc
+                return
+            if self._error is None:
+                try:
+                    flushed = self._apply(op)
+                    now = time.monotonic()
+                    if flushed:
+                        last_flush = now
+                    elif self._queue.empty() or now - last_flush >= self._flush_interval:
+                        self._flush_file()
+                        last_flush = now
+                except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+                    self._error = exc
+            if kind == "flush":
+                op[1].set()
+
+    def _apply(self, op: tuple) -> bool:
+        """Carry out one queued operation; True if it flushed the file itself."""
+        kind = op[0]
+        if kind == "rows":
+            _, sb, block, n = op
+            self._write_block(sb.run, sb.name, block, n)
+            if len(sb.spare) < 2:
+                sb.spare.append(block)
+            return False
+        if kind == "checkpoint":
+            _, run, step, arrays, rows = op
+            self._write_checkpoint(run, step, arrays, rows)
+            return True
+        if kind == "status":
+            self._live[op[1]][0][()] = _encode_status(op[2])
+            return False
+        if kind == "steps":
+            self._live[op[1]][1][()] = op[2]
+            return False
+        if kind == "flush":
+            self._flush_file()
+            return True
+        raise AssertionError(f"unknown store operation {kind!r}")
+
+    def _write_block(self, run: str, name: str, block: np.ndarray, n: int) -> None:
+        key = (run, name)
+        ds = self._datasets[key]
+        start = self._written[key]
+        ds.resize(start + n, axis=0)
+        ds[start : start + n] = block[:n]
+        self._written[key] = start + n
+
+    def _write_checkpoint(self, run: str, step: int, arrays: dict[str, np.ndarray],
+                          rows: np.ndarray) -> None:
+        # Fill the slot the pointer does not name, flush, then switch the pointer and flush:
+        # a kill at any moment leaves the pointer on a complete checkpoint.
+        ck = self._ckpt[run]
+        slot = 1 - self._ckpt_slot[run] if self._ckpt_slot[run] >= 0 else 0
+        _fill_slot(ck[f"slot{slot}"], step, arrays, rows)
+        self._live[run][1][()] = step
+        self._flush_file()
+        ck["current"][()] = slot
+        self._flush_file()
+        self._ckpt_slot[run] = slot
+
+    def _flush_file(self) -> None:
+        self._file.flush()
+        self._flushed.update(self._written)
+
+    # -- closing -----------------------------------------------------------------------------
+
+    def _shutdown(self, final: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self._close_at_exit)
+        try:
+            if self._error is None:
+                try:
+                    self._push_all()
+                except StoreError:
+                    pass  # the writer failed meanwhile; reported below
+            # The thread keeps taking operations even after an error, so this put returns.
+            while self._thread.is_alive():
+                try:
+                    self._queue.put(("stop",), timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            self._thread.join()
+            if self._error is not None:
+                self._mark_failed_after_error()
+                raise StoreError(f"writing {self.path} failed: {self._error}") from self._error
+            if final:
+                self._finish()
+            else:  # abandoned at interpreter exit: rows are flushed, statuses stay as they are
+                self._file.close()
+        finally:
+            self._lock.release()
+
+    def _finish(self) -> None:
+        final = {run: ("complete" if s == "running" else s) for run, s in self._status.items()}
+        self._status.update(final)
+        try:
+            for run, status in final.items():
+                status_ds, steps_ds = self._live[run]
+                status_ds[()] = _encode_status(status)
+                steps_ds[()] = self._steps[run]
+            if not self._swmr:
+                self._write_final_attrs(self._file, final)
+            self._file.close()
+        except (OSError, RuntimeError, ValueError, KeyError) as exc:
+            raise StoreError(f"closing {self.path} failed: {exc}") from exc
+        if self._swmr:
+            # Attributes cannot change under SWMR: the file is closed (which ends SWMR) and
+            # reopened. Live SWMR readers hold a shared lock on it; this writer holds its own
+            # lock against other writers, so HDF5's lock is not needed. If the file cannot be
+            # reopened (e.g. a reader in this very process), the live datasets, which every
+            # reader here uses, still hold the final status.
+            try:
+                with h5py.File(self.path, "r+", libver=_LIBVER, locking=False) as f:
+                    self._write_final_attrs(f, final)
+            except OSError as exc:
+                warnings.warn(f"{self.path}: the final status attributes were not written "
+                              f"({exc}); live/status holds the final status", stacklevel=4)
+
+    def _write_final_attrs(self, f: h5py.File, final: Mapping[str, str]) -> None:
+        for run, status in final.items():
+            f[run].attrs["status"] = status
+            f[run].attrs["steps_done"] = self._steps[run]
+
+    def _mark_failed_after_error(self) -> None:
+        # Best effort only: the file may be what failed, and the original error is raised.
+        reason = f"failed: write error: {self._error}"
+        with contextlib.suppress(Exception):
+            for run, status in self._status.items():
+                if not status.startswith("failed"):
+                    self._live[run][0][()] = _encode_status(reason)
+            self._file.flush()
+        with contextlib.suppress(Exception):
+            self._file.close()
+
+    def _close_at_exit(self) -> None:
+        try:
+            self._shutdown(final=False)
+        except StoreError as exc:  # pragma: no cover - nothing left to report to
+            print(f"fastrace: {exc}", file=sys.stderr)
+
+
+def _fill_slot(group: h5py.Group, step: int, arrays: Mapping[str, np.ndarray],
+               rows: np.ndarray) -> None:
+    for name, arr in arrays.items():
+        group["state"][name][...] = arr
+    group["step"][()] = step
+    group["rows"][...] = rows
+
+
+def _check_same_layout(path: Path, run: str, group: h5py.Group, spec: RunSpec) -> None:
+    stored = json.loads(_plain(group.attrs["series"]))
+    if list(stored) != list(spec.series):
+        raise StoreError(f"cannot resume {path}: run {run!r} stores series {stored}, "
+                         f"not {list(spec.series)}")
+    for name, (shape, dtype) in spec.series.items():
+        ds = group[name]
+        if ds.shape[1:] != shape or ds.dtype != dtype:
+            raise StoreError(f"cannot resume {path}: series {name!r} of run {run!r} has rows "
+                             f"{ds.shape[1:]} {ds.dtype}, not {shape} {dtype}")
+    names = json.loads(_plain(group["checkpoint"].attrs["names"]))
+    if list(names) != list(spec.checkpoint):
+        raise StoreError(f"cannot resume {path}: run {run!r} checkpoints {names}, "
+                         f"not {list(spec.checkpoint)}")
+    for name, (shape, dtype) in spec.checkpoint.items():
+        ds = group["checkpoint/slot0/state"][name]
+        if ds.shape != shape or ds.dtype != dtype:
+            raise StoreError(f"cannot resume {path}: checkpoint {name!r} of run {run!r} is "
+                             f"{ds.shape} {ds.dtype}, not {shape} {dtype}")
+
+
+def _read_checkpoint(group: h5py.Group, spec: RunSpec) -> Checkpoint | None:
+    ck = group["checkpoint"]
+    slot = int(ck["current"][()])
+    if slot not in (0, 1):
+        return None
+    sg = ck[f"slot{slot}"]
+    rows = sg["rows"][()]
+    state = {name: np.asarray(sg["state"][name][()], dtype=dtype)
+             for name, (_, dtype) in spec.checkpoint.items()}
+    return Checkpoint(int(sg["step"][()]), state,
+                      {name: int(n) for name, n in zip(spec.series, rows, strict=True)})
+
+
+def _copy_rows(src: h5py.Dataset, dst: h5py.Dataset, n: int) -> None:
+    if src.shape[0] < n:
+        raise StoreError(f"{src.file.filename}: series {src.name} has {src.shape[0]} rows but "
+                         f"its checkpoint counts {n}; the file is inconsistent")
+    dst.resize(n, axis=0)
+    row_bytes = max(1, math.prod(src.shape[1:]) * src.dtype.itemsize)
+    step = max(1, _COPY_BYTES // row_bytes)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        dst[start:stop] = src[start:stop]
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def _open_read(path: str | os.PathLike[str]) -> h5py.File:
+    """Open a fastrace file for reading, also while a writer streams into it (SWMR)."""
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise StoreError(f"{p}: no such file")
+    if os.path.isdir(p):
+        raise StoreError(f"{p} is a directory, not a fastrace file")
+    _load_filter_plugins()
+    # A plain read-only open first: it works for every closed file and fails at once on a file a
+    # writer has open. (A SWMR reader retries metadata reads that fail their checksum, with
+    # pauses, so on a damaged file it would take a very long time to give up.)
+    for attempt in range(3):
+        try:
+            f = h5py.File(p, "r")
+            break
+        except OSError as exc:
+            if "already open for write" not in str(exc):
+                raise StoreError(f"{p} is not a readable HDF5 file ({exc})") from exc
+        try:  # a writer streams into the file, or was killed while it did
+            f = h5py.File(p, "r", libver="latest", swmr=True)
+            break
+        except OSError as exc:
+            # For a few milliseconds at the end of a run the writer has the file open without
+            # SWMR to write the final attributes: try again shortly.
+            if "not already open for SWMR" in str(exc) and attempt < 2:
+                time.sleep(0.05)
+                continue
+            raise StoreError(f"{p} is not a readable HDF5 file ({exc})") from exc
+    try:
+        fmt = _plain(f.attrs.get("format", ""))
+        version = _plain(f.attrs.get("format_version", 0))
+    except (OSError, RuntimeError, KeyError) as exc:
+        f.close()
+        raise StoreError(f"{p} is damaged ({exc})") from exc
+    if fmt != "fastrace":
+        f.close()
+        raise StoreError(f"{p} is not a fastrace file (no root attribute format='fastrace')")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        f.close()
+        raise StoreError(f"{p} has format version {version}; this fastrace reads up to "
+                         f"{FORMAT_VERSION}: upgrade fastrace")
+    return f
+
+
+def _runs_of(f: h5py.File) -> list[str]:
+    return [name for name, obj in f.items()
+            if isinstance(obj, h5py.Group) and "series" in obj.attrs]
+
+
+@dataclass
+class RunData:
+    """One run read from a file: ``series`` (time-first arrays), the run's ``attrs``, its
+    ``status`` and ``steps_done``. ``data["t"]`` is ``data.series["t"]``."""
+
+    name: str
+    series: dict[str, np.ndarray]
+    attrs: dict[str, Any]
+    status: str
+    steps_done: int
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.series[name]
+
+
+class RunReader:
+    """A run open for (live) reading. ``refresh()`` picks up rows flushed since; ``reader[name]``
+    reads a whole series; ``status``, ``steps_done`` and ``lengths`` are live."""
+
+    def __init__(self, path: str | os.PathLike[str], run: str):
+        self.path = os.fspath(path)
+        self.run = run
+        self._file = _open_read(path)
+        try:
+            if run not in _runs_of(self._file):
+                raise StoreError(f"{self.path} has no run {run!r}; its runs are "
+                                 f"{_runs_of(self._file)}")
+            group = self._file[run]
+            self.series_names: list[str] = json.loads(_plain(group.attrs["series"]))
+            self._datasets = {name: group[name] for name in self.series_names}
+            self._status = group["live/status"]
+            self._steps = group["live/steps_done"]
+            self.attrs = {key: _plain(value) for key, value in group.attrs.items()
+                          if key not in _RESERVED_RUN_ATTRS}
+        except StoreError:
+            self._file.close()
+            raise
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+            self._file.close()
+            raise StoreError(f"{self.path}: run {run!r} is damaged ({exc})") from exc
+        except BaseException:
+            self._file.close()
+            raise
+
+    def refresh(self) -> None:
+        """See rows and status flushed by the writer since the last refresh."""
+        if not self._file.swmr_mode:
+            return
+        for ds in (*self._datasets.values(), self._status, self._steps):
+            ds.refresh()
+
+    @property
+    def lengths(self) -> dict[str, int]:
+        return {name: ds.shape[0] for name, ds in self._datasets.items()}
+
+    @property
+    def status(self) -> str:
+        return _decode_status(self._status[()])
+
+    @property
+    def steps_done(self) -> int:
+        return int(self._steps[()])
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._datasets:
+            raise StoreError(f"run {self.run!r} has no series {name!r}; it has "
+                             f"{self.series_names}")
+        try:
+            return self._datasets[name][()]
+        except (OSError, RuntimeError) as exc:
+            raise StoreError(f"{self.path}: cannot read series {name!r} of run {self.run!r} "
+                             f"({exc})") from exc
+
+    def read(self) -> RunData:
+        series = {name: self[name] for name in self.series_names}
+        return RunData(self.run, series, dict(self.attrs), self.status, self.steps_done)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_run(path: str | os.PathLike[str], run: str) -> RunReader:
+    """Open ``run`` of the file at ``path`` for reading, also while it is being written."""
+    return RunReader(path, run)
+
+
+def read_run(path: str | os.PathLike[str], run: str) -> RunData:
+    """Read every series of ``run`` with its attrs, status and steps done."""
+    with RunReader(path, run) as reader:
+        return reader.read()
+
+
+def run_status(path: str | os.PathLike[str], run: str) -> str:
+    """The live status of ``run``: ``"running"``, ``"complete"`` or ``"failed: <reason>"``."""
+    with RunReader(path, run) as reader:
+        return reader.status
+
+
+def list_runs(path: str | os.PathLike[str]) -> list[str]:
+    """Names of the runs stored in the file, in the order they were created."""
+    with _open_read(path) as f:
+        return _runs_of(f)
+
+
+def run_info(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A summary of the file for ``fastrace info``: root attrs, network JSON, and per run its
+    status, steps done, attrs, series shapes/dtypes and last checkpoint step."""
+    with _open_read(path) as f:
+        try:
+            info: dict[str, Any] = {"path": os.fspath(path)}
+            info.update({key: _plain(value) for key, value in f.attrs.items()})
+            info["network_json"] = _plain(f["network"].attrs.get("json", "")) \
+                if "network" in f else ""
+            runs = {}
+            for run in _runs_of(f):
+                g = f[run]
+                names = json.loads(_plain(g.attrs["series"]))
+                slot = int(g["checkpoint/current"][()])
+                runs[run] = {
+                    "status": _decode_status(g["live/status"][()]),
+                    "steps_done": int(g["live/steps_done"][()]),
+                    "attrs": {k: _plain(v) for k, v in g.attrs.items()
+                              if k not in _RESERVED_RUN_ATTRS},
+                    "series": {n: {"shape": g[n].shape, "dtype": str(g[n].dtype)}
+                               for n in names},
+                    "checkpoint_step": int(g[f"checkpoint/slot{slot}/step"][()])
+                    if slot in (0, 1) else None,
+                }
+            info["runs"] = runs
+            return info
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+            raise StoreError(f"{os.fspath(path)} is damaged ({exc})") from exc

@@ -1,0 +1,227 @@
+/*
+ * Stand-alone test of the C core: compiled against race.h + race.c alone (no Python) by
+ * tests/test_c_core.py.  Prints one line per failed check and exits non-zero on failure.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "race.h"
+
+static int failures = 0;
+
+static void check_close(const char *what, double got, double want, double rel)
+{
+    double tol = rel * fmax(1.0, fabs(want));
+    if (!(fabs(got - want) <= tol)) {
+        printf("FAIL %s: got %.17g, want %.17g (tol %.3g)\n", what, got, want, tol);
+        ++failures;
+    }
+}
+
+static void check_true(const char *what, int cond)
+{
+    if (!cond) {
+        printf("FAIL %s\n", what);
+        ++failures;
+    }
+}
+
+static double *work_for(size_t n)
+{
+    double *w = (double *)malloc(n * sizeof(double));
+    if (w == NULL) {
+        printf("FAIL out of memory\n");
+        exit(2);
+    }
+    return w;
+}
+
+/* Two paths sharing edge 1: p0 = (0, 1, 2), p1 = (3, 1); both end at one output. */
+static void test_rhs_by_hand(void)
+{
+    const int64_t path_ptr[] = {0, 3, 5}, path_edges[] = {0, 1, 2, 3, 1};
+    const int64_t target_ptr[] = {0, 2, 4}, target_paths[] = {0, 1, 0, 1};
+    const double rate[] = {0.5, 2.0, 1.0, 3.0};
+    const double s[] = {1.5, -0.5};
+    /* d_00, d_10 (row p = 0), d_01, d_11 (row p = 1) */
+    const double d[] = {2.0, 0.25, 0.25, 1.0};
+    const double b[] = {0.3, -0.7, 1.1, 0.0}; /* b_3 = 0 exactly */
+    race_system sys = {4, 2, path_ptr, path_edges, target_ptr, target_paths, rate};
+    double db[4], pi[2], *work = work_for(race_work_size(&sys));
+    double pi0 = 0.3 * -0.7 * 1.1, pi1 = 0.0 * -0.7;
+    double r0 = 1.5 - (2.0 * pi0 + 0.25 * pi1), r1 = -0.5 - (0.25 * pi0 + 1.0 * pi1);
+    double want[4];
+
+    check_true("race_check on a valid system", race_check(&sys) == RACE_OK);
+    race_path_strengths(&sys, b, pi);
+    check_close("pi_0", pi[0], pi0, 1e-15);
+    check_close("pi_1", pi[1], pi1, 1e-15);
+    want[0] = 0.5 * (-0.7 * 1.1 * r0);
+    want[1] = 2.0 * (0.3 * 1.1 * r0 + 0.0 * r1);
+    want[2] = 1.0 * (0.3 * -0.7 * r0);
+    want[3] = 3.0 * (-0.7 * r1); /* non-zero although b_3 == 0: no division by b_3 */
+    race_rhs(&sys, s, d, b, db, work);
+    for (int e = 0; e < 4; ++e) {
+        char name[32];
+        snprintf(name, sizeof name, "rhs[%d]", e);
+        check_close(name, db[e], want[e], 1e-14);
+    }
+    check_close("loss", race_loss(&sys, s, d, b, work),
+                (0.5 * (2.0 * pi0 + 0.25 * pi1) - 1.5) * pi0 +
+                    (0.5 * (0.25 * pi0 + 1.0 * pi1) + 0.5) * pi1,
+                1e-14);
+
+    /* Jacobian against central differences */
+    {
+        double jac[16], bp[4], bm[4], fp[4], fm[4];
+        race_jacobian(&sys, s, d, b, jac, work);
+        for (int f = 0; f < 4; ++f) {
+            double step = 1e-6;
+            for (int e = 0; e < 4; ++e)
+                bp[e] = bm[e] = b[e];
+            bp[f] += step;
+            bm[f] -= step;
+            race_rhs(&sys, s, d, bp, fp, work);
+            race_rhs(&sys, s, d, bm, fm, work);
+            for (int e = 0; e < 4; ++e) {
+                char name[32];
+                snprintf(name, sizeof name, "jacobian[%d][%d]", e, f);
+                check_close(name, jac[e * 4 + f], (fp[e] - fm[e]) / (2 * step), 1e-8);
+            }
+        }
+    }
+    free(work);
+}
+
+static void test_check_rejects_bad_structure(void)
+{
+    const int64_t path_ptr[] = {0, 2}, twice[] = {1, 1}, out_of_range[] = {0, 5};
+    const int64_t target_ptr[] = {0, 1}, target_paths[] = {0};
+    race_system sys = {3, 1, path_ptr, twice, target_ptr, target_paths, NULL};
+    check_true("race_check rejects an edge twice in a path", race_check(&sys) == RACE_BAD_INPUT);
+    sys.path_edges = out_of_range;
+    check_true("race_check rejects an edge index out of range",
+               race_check(&sys) == RACE_BAD_INPUT);
+}
+
+/* One edge: b' = rate (s - d b); GD: b_k = s/d + (b0 - s/d) (1 - lr rate d)^k. */
+static void test_gd_map(void)
+{
+    const int64_t path_ptr[] = {0, 1}, path_edges[] = {0}, target_ptr[] = {0, 1};
+    const int64_t target_paths[] = {0};
+    const double rate[] = {0.5}, s[] = {2.0}, d[] = {1.5}, b0[] = {0.1};
+    const int64_t record[] = {0, 1, 7, 7, 40};
+    race_system sys = {1, 1, path_ptr, path_edges, target_ptr, target_paths, rate};
+    double out[5], *work = work_for(race_gd_work_size(&sys));
+    race_stats st;
+    double lr = 0.3, q = 1.0 - lr * 0.5 * 1.5, fix = 2.0 / 1.5;
+    int status = race_gd_map(&sys, s, d, b0, lr, 5, record, out, &st, work);
+    check_true("gd status ok", status == RACE_OK);
+    check_true("gd steps", st.n_accepted == 40);
+    for (int k = 0; k < 5; ++k) {
+        char name[32];
+        snprintf(name, sizeof name, "gd out[%d]", k);
+        check_close(name, out[k], fix + (0.1 - fix) * pow(q, (double)record[k]), 1e-13);
+    }
+    /* divergence: lr far beyond 2 / (rate d) */
+    status = race_gd_map(&sys, s, d, b0, 1e9, 5, record, out, &st, work);
+    check_true("gd diverges -> RACE_NONFINITE", status == RACE_NONFINITE);
+    check_true("gd rows after divergence are NaN", isnan(out[4]));
+    free(work);
+}
+
+/* D = 2 single path, balanced start: pi(t) = (s/d) / (1 - (1 - s/(d pi0)) exp(-2 s t)). */
+static double pi_d2(double s, double d, double pi0, double t)
+{
+    return (s / d) / (1.0 - (1.0 - s / (d * pi0)) * exp(-2.0 * s * t));
+}
+
+static void test_ode_d2(int rosenbrock)
+{
+    const int64_t path_ptr[] = {0, 2}, path_edges[] = {0, 1}, target_ptr[] = {0, 1};
+    const int64_t target_paths[] = {0};
+    const double s[] = {2.0}, d[] = {1.5}, b0[] = {0.05, 0.05};
+    const double pi0 = 0.05 * 0.05, thr[] = {0.5 * 2.0 / 1.5};
+    race_system sys = {2, 1, path_ptr, path_edges, target_ptr, target_paths, NULL};
+    race_ode_options opt = {1e-10, 1e-12, 0.0, 0.0, 100000};
+    double t_out[6] = {0.0, 0.3, 1.0, 1.7, 2.5, 6.0}, out[12], ev[1];
+    size_t ws = rosenbrock ? race_rodas3_work_size(&sys) : race_dopri5_work_size(&sys);
+    double *work = work_for(ws);
+    int64_t iwork[2];
+    race_stats st;
+    const char *name = rosenbrock ? "rodas3" : "dopri5";
+    double tol = rosenbrock ? 1e-6 : 1e-8;
+    double t_cross = log(thr[0] * (2.0 - 1.5 * pi0) / (pi0 * (2.0 - 1.5 * thr[0]))) / (2.0 * 2.0);
+    int status = rosenbrock ? race_rodas3(&sys, s, d, b0, 0.0, 6.0, 6, t_out, &opt, thr, out, ev,
+                                          &st, work, iwork)
+                            : race_dopri5(&sys, s, d, b0, 0.0, 6.0, 6, t_out, &opt, thr, out, ev,
+                                          &st, work);
+    char label[64];
+    snprintf(label, sizeof label, "%s status", name);
+    check_true(label, status == RACE_OK);
+    for (int k = 0; k < 6; ++k) {
+        snprintf(label, sizeof label, "%s pi(t=%g)", name, t_out[k]);
+        check_close(label, out[2 * k] * out[2 * k + 1], pi_d2(2.0, 1.5, pi0, t_out[k]),
+                    tol * pi_d2(2.0, 1.5, pi0, t_out[k]));
+        snprintf(label, sizeof label, "%s balanced at t=%g", name, t_out[k]);
+        check_close(label, out[2 * k], out[2 * k + 1], 1e-12);
+    }
+    snprintf(label, sizeof label, "%s event time", name);
+    check_close(label, ev[0], t_cross, tol);
+    snprintf(label, sizeof label, "%s t_reached", name);
+    check_close(label, st.t_reached, 6.0, 0.0);
+
+    /* the step limit is reported, never a hang */
+    opt.max_steps = 3;
+    status = rosenbrock ? race_rodas3(&sys, s, d, b0, 0.0, 6.0, 6, t_out, &opt, thr, out, ev, &st,
+                                      work, iwork)
+                        : race_dopri5(&sys, s, d, b0, 0.0, 6.0, 6, t_out, &opt, thr, out, ev, &st,
+                                      work);
+    snprintf(label, sizeof label, "%s max steps", name);
+    check_true(label, status == RACE_MAX_STEPS && isnan(out[11]) && out[0] == 0.05);
+    opt.max_steps = 100000;
+    opt.rtol = -1.0;
+    status = rosenbrock ? race_rodas3(&sys, s, d, b0, 0.0, 6.0, 6, t_out, &opt, thr, out, ev, &st,
+                                      work, iwork)
+                        : race_dopri5(&sys, s, d, b0, 0.0, 6.0, 6, t_out, &opt, thr, out, ev, &st,
+                                      work);
+    snprintf(label, sizeof label, "%s bad options", name);
+    check_true(label, status == RACE_BAD_INPUT);
+    free(work);
+}
+
+/* D = 3 with d = 0 blows up in finite time (t* = 1 / (s pi0^(1/3)) = 10): must stop, not hang */
+static void test_blow_up(void)
+{
+    const int64_t path_ptr[] = {0, 3}, path_edges[] = {0, 1, 2}, target_ptr[] = {0, 1};
+    const int64_t target_paths[] = {0};
+    const double s[] = {1.0}, d[] = {0.0}, b0[] = {0.1, 0.1, 0.1};
+    race_system sys = {3, 1, path_ptr, path_edges, target_ptr, target_paths, NULL};
+    race_ode_options opt = {1e-8, 1e-10, 0.0, 0.0, 1000000};
+    double t_out[1] = {20.0}, out[3], *work = work_for(race_rodas3_work_size(&sys));
+    int64_t iwork[3];
+    int status = race_dopri5(&sys, s, d, b0, 0.0, 20.0, 1, t_out, &opt, NULL, out, NULL, NULL,
+                             work);
+    check_true("dopri5 blow-up stops with an error status", status != RACE_OK && isnan(out[0]));
+    status = race_rodas3(&sys, s, d, b0, 0.0, 20.0, 1, t_out, &opt, NULL, out, NULL, NULL, work,
+                         iwork);
+    check_true("rodas3 blow-up stops with an error status", status != RACE_OK && isnan(out[0]));
+    free(work);
+}
+
+int main(void)
+{
+    test_rhs_by_hand();
+    test_check_rejects_bad_structure();
+    test_gd_map();
+    test_ode_d2(0);
+    test_ode_d2(1);
+    test_blow_up();
+    if (failures) {
+        printf("%d check(s) failed\n", failures);
+        return 1;
+    }
+    printf("all C core checks passed\n");
+    return 0;
+}

@@ -1,0 +1,302 @@
+"""integrate_system: closed forms, conservation laws, backends agreeing, error control, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from scipy.integrate import quad, solve_ivp
+from test_race_system import race_systems
+
+from fastrace.errors import ConfigError, DataError, DivergenceError, IntegrationError
+from fastrace.integrate import RaceSolution, integrate_system
+from fastrace.system import RaceSystem
+
+K, M = 4, 7
+
+
+def d2_system(s=2.0, d=1.5) -> RaceSystem:
+    """Single path of depth 2."""
+    return RaceSystem.from_paths([[0, 1]], s=np.atleast_2d(s).reshape(-1, 1),
+                                 d=np.full((np.size(s), 1, 1), d))
+
+
+def pi_d2(t, s, d, pi0):
+    """MATH.md section 4, D = 2."""
+    return (s / d) / (1.0 - (1.0 - s / (d * pi0)) * np.exp(-2.0 * s * t))
+
+
+def routing_system(s=(3.0,)) -> RaceSystem:
+    """The routing mode equations (MATH.md section 4): edges a1, a2, a3 in series."""
+    s = np.asarray(s, dtype=float).reshape(-1, 1)
+    return RaceSystem.from_paths([[0, 1, 2]], s=s, d=np.ones((s.shape[0], 1, 1)),
+                                 rate=[K / M**2, K / M, K / M**2],
+                                 edge_source=[0, 1, 2], edge_target=[1, 2, 3])
+
+
+def random_system(rng, n_modes=2) -> RaceSystem:
+    """Two outputs; paths share edges; symmetric positive d within each output."""
+    paths = [[0, 1, 2], [3, 1, 2], [0, 4], [3, 5, 4]]
+    out = [0, 0, 1, 1]
+    d = np.zeros((n_modes, 4, 4))
+    for m in range(n_modes):
+        a = rng.normal(size=(4, 4))
+        gram = a @ a.T / 4 + np.eye(4)
+        mask = np.equal.outer(out, out)
+        d[m] = gram * mask
+    return RaceSystem.from_paths(paths, s=rng.uniform(0.5, 3.0, (n_modes, 4)), d=d,
+                                 rate=rng.uniform(0.5, 1.5, 6))
+
+
+# ------------------------------------------------------------------------------------------
+# closed forms
+
+
+@pytest.mark.parametrize("method, tol", [("dopri5", 1e-7), ("rosenbrock", 1e-6)])
+@pytest.mark.parametrize("backend", ["c", "numba"])
+def test_depth_two_path_matches_closed_form(method, tol, backend):
+    s, d, b0 = 2.0, 1.5, 0.05
+    t = np.linspace(0.0, 6.0, 61)
+    sol = integrate_system(d2_system(s, d), [b0, b0], method=method, save_at=t, rtol=1e-10,
+                           atol=1e-12, backend=backend)
+    assert isinstance(sol, RaceSolution) and sol.ok and sol.backend == backend
+    assert sol.b.shape == (61, 1, 2)
+    want = pi_d2(t, s, d, b0 * b0)
+    np.testing.assert_allclose(sol.path_strengths[:, 0, 0], want, rtol=tol)
+    np.testing.assert_allclose(sol.b[:, 0, 0], sol.b[:, 0, 1], rtol=1e-12)  # stays balanced
+
+
+@pytest.mark.parametrize("method, tol", [("dopri5", 1e-8), ("rosenbrock", 1e-6)])
+def test_event_times_match_closed_form(method, tol):
+    s, d = np.array([2.0, 0.7]), 1.5
+    b0 = 0.05
+    pi0 = b0 * b0
+    thresholds = 0.5 * s / d  # half-way; the same threshold array for every mode is
+    system = d2_system(s, d)  # not possible, so integrate each mode with its own threshold
+    for m in range(2):
+        sol = integrate_system(system, [b0, b0], method=method, t_end=20.0, rtol=1e-10,
+                               atol=1e-12, events=thresholds[m])
+        pi1 = thresholds[m]
+        want = np.log(pi1 * (s[m] - d * pi0) / (pi0 * (s[m] - d * pi1))) / (2 * s[m])
+        assert sol.events.shape == (2, 1)
+        np.testing.assert_allclose(sol.events[m, 0], want, rtol=tol)
+    never = integrate_system(system, [b0, b0], method=method, t_end=20.0, events=10.0)
+    assert np.all(np.isnan(never.events))
+
+
+@pytest.mark.parametrize("method", ["dopri5", "rosenbrock"])
+def test_routing_conservation_and_learning_time(method):
+    s, b0 = 3.0, 0.2
+    system = routing_system([s])
+    t = np.linspace(0.0, 60.0, 61)
+    sol = integrate_system(system, [b0, b0, b0], method=method, save_at=t)
+    a1, a2, a3 = sol.b[:, 0, 0], sol.b[:, 0, 1], sol.b[:, 0, 2]
+    c0 = (M - 1) * b0**2
+    np.testing.assert_allclose(M * a1**2 - a2**2, c0, rtol=1e-7)
+    np.testing.assert_allclose(a1, a3, rtol=1e-12)
+    # t(a2) = (M^2/K) int_{b0}^{a2} dx / ((x^2 + c0)(s - x (x^2 + c0) / M))
+    # (well below the fixed point, where the integral is well conditioned)
+    a2_fixed = a2[-1]
+    np.testing.assert_allclose(a2_fixed * (a2_fixed**2 + c0) / M, s, rtol=1e-6)
+    rising = np.flatnonzero((t > 0) & (a2 < 0.9 * a2_fixed))
+    assert rising.size >= 3
+    for k in rising:
+        t_k = (M**2 / K) * quad(lambda x: 1.0 / ((x * x + c0) * (s - x * (x * x + c0) / M)),
+                                b0, a2[k], epsabs=0, epsrel=1e-12, limit=200)[0]
+        np.testing.assert_allclose(t_k, t[k], rtol=1e-6)
+
+
+@pytest.mark.parametrize("method, tol", [("dopri5", 2e-6), ("rosenbrock", 2e-6)])
+def test_stiff_routing_against_tight_reference(method, tol):
+    """s = 10 converges fast and then is stiff (eigenvalue ~ -10) for a long time."""
+    system = routing_system([10.0])
+    b0 = np.full(3, 0.2)
+    t = np.concatenate([np.linspace(0.0, 20.0, 21), np.linspace(50.0, 2000.0, 40)])
+    rate = system.rate
+
+    def f(_, b):
+        r = 10.0 - b[0] * b[1] * b[2]
+        return rate * np.array([b[1] * b[2], b[0] * b[2], b[0] * b[1]]) * r
+
+    ref = solve_ivp(f, (0, 2000.0), b0, method="DOP853", t_eval=t, rtol=1e-13, atol=1e-15).y.T
+    sol = integrate_system(system, b0, method=method, save_at=t, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(sol.b[:, 0, :], ref, rtol=tol)
+    if method == "rosenbrock":  # the L-stable method is not held back by stiffness
+        explicit = integrate_system(system, b0, save_at=t)
+        assert sol.n_steps[0] < explicit.n_steps[0] / 3
+
+
+@pytest.mark.parametrize("method", ["dopri5", "rosenbrock"])
+@pytest.mark.parametrize("backend", ["c", "numba"])
+def test_error_control_is_per_system(method, backend):
+    """A fast (s = 100) and a slow (s = 0.01) system batched give exactly what each gives alone,
+    and each meets its tolerance."""
+    d, b0 = 1.0, 0.3
+    system = d2_system([100.0, 0.01], d)
+    t = np.linspace(0.0, 50.0, 26)
+    both = integrate_system(system, [b0, b0], method=method, save_at=t, rtol=1e-9, atol=1e-12,
+                            backend=backend)
+    for m, s in enumerate([100.0, 0.01]):
+        alone = integrate_system(d2_system(s, d), [b0, b0], method=method, save_at=t, rtol=1e-9,
+                                 atol=1e-12, backend=backend)
+        np.testing.assert_array_equal(both.b[:, m], alone.b[:, 0])
+        assert both.n_steps[m] == alone.n_steps[0]
+        np.testing.assert_allclose(both.path_strengths[:, m, 0], pi_d2(t, s, d, b0 * b0),
+                                   rtol=1e-6)
+    assert both.n_steps[0] > 2 * both.n_steps[1]  # each system took its own steps
+
+
+# ------------------------------------------------------------------------------------------
+# gradient descent
+
+
+def test_gd_matches_plain_euler_loop():
+    rng = np.random.default_rng(0)
+    system = random_system(rng)
+    b0 = rng.uniform(0.05, 0.3, (2, 6))
+    lr, steps = 0.05, 60
+    sol = integrate_system(system, b0, method="gd", lr=lr, steps=steps)
+    b = b0.copy()
+    for k in range(steps + 1):
+        np.testing.assert_allclose(sol.b[k], b, rtol=1e-13, atol=0)
+        b = b + lr * system.rhs(b)
+    np.testing.assert_allclose(sol.t, lr * np.arange(steps + 1), rtol=1e-15)
+    assert np.all(sol.n_steps == steps)
+    # save_at as step indices or as times (multiples of lr) pick the same rows
+    by_index = integrate_system(system, b0, method="gd", lr=lr, save_at=np.array([0, 10, 60]))
+    by_time = integrate_system(system, b0, method="gd", lr=lr, save_at=[0.0, 0.5, 3.0])
+    np.testing.assert_array_equal(by_index.b, sol.b[[0, 10, 60]])
+    np.testing.assert_array_equal(by_time.b, sol.b[[0, 10, 60]])
+
+
+def test_gd_divergence_raises_with_step():
+    system = d2_system(2.0, 1.0)
+    with pytest.raises(DivergenceError, match="lower lr") as info:
+        integrate_system(system, [1.0, 1.0], method="gd", lr=50.0, steps=200)
+    assert info.value.step > 0
+    partial = info.value.solution
+    assert partial.status[0] == 3 and np.isnan(partial.b[-1]).all()
+
+
+# ------------------------------------------------------------------------------------------
+# backends agree; batches; solution fields
+
+
+@pytest.mark.parametrize("method", ["dopri5", "rosenbrock", "gd"])
+def test_numba_equals_c(method):
+    rng = np.random.default_rng(1)
+    system = random_system(rng)
+    b0 = rng.uniform(0.01, 0.3, (3, 2, 6))
+    b0[0, 0, 2] = 0.0  # an exact zero
+    s = rng.uniform(0.5, 3.0, (3, 2, 4))
+    rate = rng.uniform(0.5, 2.0, (3, 6))
+    if method == "gd":
+        kwargs = dict(lr=0.05, steps=400, save_at=np.arange(0, 401, 20))
+    else:
+        kwargs = dict(t_end=40.0, save_at=np.linspace(0, 40.0, 41), events=0.5)
+    c = integrate_system(system, b0, method=method, s=s, rate=rate, backend="c", **kwargs)
+    nb = integrate_system(system, b0, method=method, s=s, rate=rate, backend="numba", **kwargs)
+    np.testing.assert_allclose(nb.b, c.b, rtol=1e-12, atol=0)
+    np.testing.assert_array_equal(nb.n_steps, c.n_steps)
+    np.testing.assert_array_equal(nb.status, c.status)
+    if method != "gd":
+        np.testing.assert_allclose(nb.events, c.events, rtol=1e-12, atol=0)
+        assert np.isfinite(c.events).any()
+
+
+@settings(max_examples=15, deadline=None)
+@given(race_systems(max_modes=2))
+def test_numba_equals_c_on_random_systems(case):
+    system, _, _, _, b = case
+    b0 = 0.5 * b
+    kwargs = dict(t_end=3.0, save_at=np.linspace(0.0, 3.0, 7), max_steps=20000, check=False,
+                  events=0.1)
+    for method in ("dopri5", "rosenbrock"):
+        c = integrate_system(system, b0, method=method, backend="c", **kwargs)
+        nb = integrate_system(system, b0, method=method, backend="numba", **kwargs)
+        np.testing.assert_allclose(nb.b, c.b, rtol=1e-12, atol=0)
+        np.testing.assert_allclose(nb.events, c.events, rtol=1e-12, atol=0)
+        np.testing.assert_array_equal(nb.status, c.status)
+        np.testing.assert_array_equal(nb.n_steps, c.n_steps)
+    gd = dict(method="gd", lr=0.01, steps=50, check=False)
+    np.testing.assert_allclose(integrate_system(system, b0, backend="numba", **gd).b,
+                               integrate_system(system, b0, backend="c", **gd).b, rtol=1e-12, atol=0)
+
+
+def test_parameter_sets_and_solution_fields():
+    system = routing_system([3.0, 1.0])
+    s = np.array([[[3.0], [1.0]], [[5.0], [2.0]]])
+    rate = np.array(system.rate) * np.array([[1.0], [2.0]])
+    sol = integrate_system(system, [0.2, 0.2, 0.2], t_end=30.0, s=s, rate=rate)
+    assert sol.batched and sol.b.shape == (101, 2, 2, 3)
+    assert sol.status.shape == (2, 2) and sol.n_steps.shape == (2, 2)
+    np.testing.assert_array_equal(sol.s, s)
+    # set 1, mode 0 equals a run of that system alone
+    alone = integrate_system(system.with_modes([[5.0]], [[1.0]]), [0.2, 0.2, 0.2], t_end=30.0,
+                             rate=rate[1])
+    np.testing.assert_array_equal(sol.b[:, 1, 0], alone.b[:, 0])
+    # loss: sum over modes of -s pi + pi^2 / 2 with the set's s
+    pi = sol.path_strengths[..., 0]
+    np.testing.assert_allclose(sol.loss, (-s[None, :, :, 0] * pi + 0.5 * pi * pi).sum(-1),
+                               rtol=1e-13)
+    assert sol.loss.shape == (101, 2)
+
+
+def test_threads_argument_restores_numba_setting():
+    import numba
+
+    before = numba.get_num_threads()
+    integrate_system(d2_system(), [0.1, 0.1], t_end=1.0, backend="numba", threads=1)
+    assert numba.get_num_threads() == before
+    with pytest.raises(ConfigError, match="threads"):
+        integrate_system(d2_system(), [0.1, 0.1], t_end=1.0, backend="numba", threads=10**6)
+
+
+def test_max_steps_failure_raises_or_returns_status():
+    system = d2_system()
+    with pytest.raises(IntegrationError, match="maximum number of steps") as info:
+        integrate_system(system, [0.1, 0.1], t_end=10.0, max_steps=3)
+    assert info.value.solution.status[0] == 1
+    sol = integrate_system(system, [0.1, 0.1], t_end=10.0, max_steps=3, check=False)
+    assert not sol.ok and np.isnan(sol.b[-1]).all() and sol.failures()
+
+
+# ------------------------------------------------------------------------------------------
+# bad input
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(method="euler"), ConfigError, "method"),
+    (dict(backend="gpu"), ConfigError, "backend"),
+    (dict(threads=0), ConfigError, "threads"),
+    (dict(t_end=-1.0), ConfigError, "t_end"),
+    (dict(t_end=None), ConfigError, "t_end or save_at"),
+    (dict(save_at=[0.0, 2.0, 1.0]), ConfigError, "increasing"),
+    (dict(save_at=[0.0, 20.0]), ConfigError, "past t_end"),
+    (dict(save_at=[-1.0, 1.0]), ConfigError, "t >= 0"),
+    (dict(rtol=0.0), ConfigError, "rtol"),
+    (dict(atol=float("nan")), ConfigError, "atol"),
+    (dict(max_steps=0), ConfigError, "max_steps"),
+    (dict(events=[1.0, 2.0]), ConfigError, "events"),
+    (dict(lr=0.1), ConfigError, "method='gd'"),
+    (dict(b0=[0.1, np.inf]), DataError, "b0 holds NaN"),
+    (dict(b0=np.zeros((2, 2))), DataError, "b0 must have shape"),
+    (dict(s=np.ones((2, 1, 2))), DataError, "s must have shape"),
+    (dict(s=np.ones((2, 1, 1)), rate=np.ones((3, 2))), DataError, "disagree"),
+    (dict(rate=[1.0]), DataError, "rate must have shape"),
+    (dict(method="gd"), ConfigError, "learning rate"),
+    (dict(method="gd", lr=0.3, save_at=[0.0, 0.5]), ConfigError, "multiples of lr"),
+    (dict(method="gd", lr=0.1, events=1.0), ConfigError, "events"),
+])
+def test_bad_input_raises_project_errors(kwargs, error, match):
+    args = dict(b0=[0.1, 0.1], t_end=10.0)
+    args.update(kwargs)
+    if args.get("method") == "gd":
+        args.pop("t_end")
+    with pytest.raises(error, match=match):
+        integrate_system(d2_system(), **args)
+
+
+def test_system_must_be_a_race_system():
+    with pytest.raises(ConfigError, match="RaceSystem"):
+        integrate_system("not a system", [0.1], t_end=1.0)

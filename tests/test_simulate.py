@@ -1,0 +1,512 @@
+"""fr.simulate / fr.resume: gradient descent and gradient flow of full networks, HDF5 and resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+import fastrace as fr
+from conftest import random_dag, random_data
+from fastrace import store
+from fastrace.simulate import Trajectory, resume, simulate
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(fr.__file__)))
+
+
+# ---------------------------------------------------------------------- independent reference
+def reference_descent(net, data, W0, lr, steps, momentum=0.0, weight_decay=0.0):
+    """Plain gradient descent, sample by sample with explicit loops (no fastrace numerics).
+
+    Returns the weights at every step 0..steps and the loss at every step."""
+    nodes = list(net.nodes)
+    edges = {e: (net.edge(e).source, net.edge(e).target) for e in net.edges}
+    into = {v: [e for e, (_, t) in edges.items() if t == v] for v in nodes}
+    order = []
+    while len(order) < len(nodes):  # topological order, found independently
+        for v in nodes:
+            if v not in order and all(edges[e][0] in order for e in into[v]):
+                order.append(v)
+    P = data.n_samples
+
+    def gate_n(v, n):
+        return data.node_gates[v][n] if v in data.node_gates else 1.0
+
+    def gate_e(e, n):
+        return data.edge_gates[e][n] if e in data.edge_gates else 1.0
+
+    def loss_grad(W):
+        grad = {e: np.zeros_like(W[e]) for e in W}
+        total = 0.0
+        for n in range(P):
+            h = {}
+            for v in order:
+                if not into[v]:
+                    h[v] = gate_n(v, n) * data.inputs[v][n]
+                else:
+                    z = np.zeros(net.dim(v))
+                    for e in into[v]:
+                        z = z + gate_e(e, n) * (W[e] @ h[edges[e][0]])
+                    h[v] = gate_n(v, n) * z
+            dh = {v: np.zeros(net.dim(v)) for v in nodes}
+            for v in data.targets:
+                r = h[v] - data.targets[v][n]
+                total += data.weights[n] * 0.5 * float(r @ r)
+                dh[v] = dh[v] + data.weights[n] * r
+            for v in reversed(order):
+                for e in into[v]:
+                    s = edges[e][0]
+                    a = gate_e(e, n) * gate_n(v, n)
+                    grad[e] += a * np.outer(dh[v], h[s])
+                    dh[s] = dh[s] + a * (W[e].T @ dh[v])
+        return total, grad
+
+    W = {e: np.array(a, dtype=float) for e, a in W0.items()}
+    V = {e: np.zeros_like(a) for e, a in W.items()}
+    weights, losses = [], []
+    for _ in range(steps):
+        weights.append({e: a.copy() for e, a in W.items()})
+        L, G = loss_grad(W)
+        losses.append(L)
+        for e in W:
+            V[e] = momentum * V[e] + G[e] + weight_decay * W[e]
+            W[e] = W[e] - lr * V[e]
+    weights.append({e: a.copy() for e, a in W.items()})
+    losses.append(loss_grad(W)[0])
+    return weights, np.array(losses)
+
+
+def case(seed, n_samples=10, n_patterns=None):
+    rng = np.random.default_rng(seed)
+    net = random_dag(rng, n_inputs=int(rng.integers(1, 3)), n_hidden=int(rng.integers(2, 4)),
+                     max_dim=3, extra_edges=2)
+    data = random_data(rng, net, n_samples=n_samples, n_patterns=n_patterns)
+    return net, data, fr.init.gaussian(net, std=0.5, seed=rng)
+
+
+def rel(a, b):
+    return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300)
+
+
+def same_trajectory(a, b):
+    """Two trajectories hold identical numbers (bit for bit)."""
+    np.testing.assert_array_equal(a.t, b.t)
+    np.testing.assert_array_equal(a.step, b.step)
+    np.testing.assert_array_equal(a.loss, b.loss)
+    assert a.svals.keys() == b.svals.keys()
+    for e in a.svals:
+        np.testing.assert_array_equal(a.svals[e], b.svals[e])
+    assert (a.snapshots is None) == (b.snapshots is None)
+    for e in a.snapshots or {}:
+        np.testing.assert_array_equal(a.snapshots[e], b.snapshots[e])
+    for q in a.quantities:
+        np.testing.assert_array_equal(a.quantities[q], b.quantities[q])
+    for e in a.final_weights:
+        np.testing.assert_array_equal(a.final_weights[e], b.final_weights[e])
+
+
+# ---------------------------------------------------------------------- gradient descent
+@pytest.mark.parametrize("engine", ["samples", "moments"])
+@pytest.mark.parametrize("momentum, weight_decay", [(0.0, 0.0), (0.9, 0.02)])
+@pytest.mark.parametrize("seed", [3, 11])
+def test_descent_matches_sample_by_sample_reference(seed, engine, momentum, weight_decay):
+    net, data, W0 = case(seed, n_patterns=4)
+    lr, steps = 0.05, 100
+    ref_w, ref_loss = reference_descent(net, data, W0, lr, steps, momentum, weight_decay)
+    run = simulate(net, data, W0, lr=lr, steps=steps, engine=engine, momentum=momentum,
+                   weight_decay=weight_decay, save_weights=True, progress=False)
+    assert run.status == "complete" and run.n_saved == steps + 1
+    np.testing.assert_array_equal(run.step, np.arange(steps + 1))
+    np.testing.assert_allclose(run.t, lr * np.arange(steps + 1), rtol=1e-15)
+    assert rel(run.loss, ref_loss) < 1e-10
+    for i in range(0, steps + 1, 7):
+        for e in net.edges:
+            assert rel(run.weights(i)[e], ref_w[i][e]) < 1e-10
+    for e in net.edges:
+        assert rel(run.final_weights[e], ref_w[-1][e]) < 1e-10
+        s = np.linalg.svd(ref_w[50][e], compute_uv=False)
+        assert rel(run.svals[e][50], s) < 1e-10
+
+
+def test_engines_agree_and_batches_equal_separate_runs():
+    net, data, _ = case(5, n_samples=16, n_patterns=3)
+    inits = [fr.init.gaussian(net, std=0.4, seed=s) for s in range(3)]
+    kw = dict(lr=[0.05, 0.03, 0.02], steps=60, momentum=0.5, record_every=4, progress=False,
+              save_weights=True)
+    moments = simulate(net, data, inits, engine="moments", **kw)
+    samples = simulate(net, data, inits, engine="samples", **kw)
+    for a, b in zip(moments, samples):
+        assert rel(a.loss, b.loss) < 1e-11
+        for e in net.edges:
+            assert rel(a.snapshots[e], b.snapshots[e]) < 1e-11
+    assert [r.run for r in moments] == ["seed_00", "seed_01", "seed_02"]
+    for i, W0 in enumerate(inits):
+        alone = simulate(net, data, W0, engine="moments", **{**kw, "lr": kw["lr"][i]})
+        same_trajectory(alone, moments[i])
+
+
+def test_results_do_not_depend_on_threads():
+    net, data, _ = case(7, n_samples=12, n_patterns=3)
+    inits = [fr.init.gaussian(net, std=0.4, seed=s) for s in range(3)]
+    for engine in ("moments", "samples"):
+        one = simulate(net, data, inits, lr=0.05, steps=40, engine=engine, threads=1,
+                       progress=False)
+        two = simulate(net, data, inits, lr=0.05, steps=40, engine=engine, threads=2,
+                       progress=False)
+        for a, b in zip(one, two):
+            same_trajectory(a, b)
+
+
+def test_record_schedules():
+    net, data, W0 = case(2)
+    run = simulate(net, data, W0, lr=0.01, steps=50, record_every=8, progress=False)
+    np.testing.assert_array_equal(run.step, [0, 8, 16, 24, 32, 40, 48, 50])
+    run = simulate(net, data, W0, lr=0.01, steps=50, record=[5, 3, 3, 20], progress=False)
+    np.testing.assert_array_equal(run.step, [0, 3, 5, 20, 50])
+    run = simulate(net, data, W0, lr=0.01, steps=1000, record="log", n_records=20,
+                   progress=False)
+    assert run.step[0] == 0 and run.step[-1] == 1000 and np.all(np.diff(run.step) > 0)
+    assert run.n_saved <= 20 and run.step[1] == 1
+    full = simulate(net, data, W0, lr=0.01, steps=1000, progress=False)
+    np.testing.assert_array_equal(full.loss[run.step], run.loss)
+    flow = simulate(net, data, W0, method="flow", t_end=2.0, record=[0.5, 1.25],
+                    progress=False)
+    np.testing.assert_array_equal(flow.t, [0.0, 0.5, 1.25, 2.0])
+
+
+def test_quantities_are_recorded():
+    net, data, W0 = case(4)
+    e0 = net.edges[0]
+    basis = np.random.default_rng(0).standard_normal(W0[e0].shape)
+    run = simulate(net, data, W0, lr=0.05, steps=20, save_weights=True, progress=False,
+                   quantities={"proj": lambda W: np.sum(W[e0] * basis),
+                               "first_row": lambda W: W[e0][0]})
+    assert run.quantities["proj"].shape == (21,)
+    assert run.quantities["first_row"].shape == (21, W0[e0].shape[1])
+    for i in (0, 9, 20):
+        assert run.quantities["proj"][i] == np.sum(run.weights(i)[e0] * basis)
+
+
+# ---------------------------------------------------------------------- gradient flow
+def test_flow_matches_closed_form_of_a_linear_layer():
+    """One edge: dW/dt = Σyx − W Σx, so W(t) = W* + (W0 − W*) exp(−Σx t); the dense output
+    at times between integrator steps is held to the tolerance too."""
+    rng = np.random.default_rng(0)
+    net = fr.Network.chain([3, 2], ["x", "y"])
+    X, Y = rng.standard_normal((20, 3)), rng.standard_normal((20, 2))
+    data = fr.Dataset({"x": X}, {"y": Y})
+    Sxx = X.T @ X / 20
+    W_star = (Y.T @ X / 20) @ np.linalg.inv(Sxx)
+    W0 = {"x->y": rng.standard_normal((2, 3))}
+    errors = []
+    for rtol in (1e-6, 1e-9):
+        run = simulate(net, data, W0, method="flow", t_end=10.0, n_records=57, rtol=rtol,
+                       atol=rtol * 1e-2, save_weights=True, progress=False)
+        if rtol == 1e-6:  # fewer integrator steps than save points: most fall inside steps
+            assert run.step[-1] < 57
+        err = max(np.abs(run.weights(i)["x->y"]
+                         - (W_star + (W0["x->y"] - W_star) @ scipy.linalg.expm(-Sxx * t))).max()
+                  for i, t in enumerate(run.t))
+        errors.append(err)
+        assert err < 100 * rtol
+    assert errors[1] < errors[0] / 100
+
+
+def test_descent_converges_to_flow_at_first_order():
+    net, data, W0 = case(8)
+    T, errors = 1.0, []
+    flow = simulate(net, data, W0, method="flow", t_end=T, rtol=1e-12, atol=1e-14,
+                    record=[T], progress=False)
+    for lr in (0.02, 0.01, 0.005):
+        gd = simulate(net, data, W0, lr=lr, steps=round(T / lr), record_every=10**6,
+                      progress=False)
+        assert gd.t[-1] == pytest.approx(T)
+        errors.append(max(np.abs(gd.final_weights[e] - flow.final_weights[e]).max()
+                          for e in net.edges))
+    ratios = np.array(errors[:-1]) / np.array(errors[1:])
+    assert np.all((ratios > 1.8) & (ratios < 2.2)), ratios
+
+
+def test_flow_with_lr_and_steps_shares_the_descent_time_axis():
+    net, data, W0 = case(9)
+    gd = simulate(net, data, W0, lr=0.01, steps=100, record_every=10, progress=False)
+    flow = simulate(net, data, W0, method="flow", lr=0.01, steps=100, record_every=10,
+                    progress=False)
+    np.testing.assert_array_equal(gd.t, flow.t)
+    assert np.max(np.abs(gd.loss - flow.loss)) < 0.05 * np.ptp(gd.loss)
+
+
+def conservation_drift(net, W_list):
+    Q0 = fr.conserved_quantities(net, W_list[0])
+    return [max(np.abs(fr.conserved_quantities(net, W)[v] - Q0[v]).max() for v in Q0)
+            for W in W_list]
+
+
+def test_conservation_law_under_descent_and_flow():
+    net, data, W0 = case(6)
+    assert net.hidden
+    per_step = []
+    for lr in (0.02, 0.01):
+        run = simulate(net, data, W0, lr=lr, steps=20, save_weights=True, progress=False)
+        W = [run.weights(i) for i in range(run.n_saved)]
+        Q = [fr.conserved_quantities(net, w) for w in W]
+        per_step.append(max(np.abs(Q[i + 1][v] - Q[i][v]).max()
+                            for i in range(len(Q) - 1) for v in Q[0]))
+    assert 3.5 < per_step[0] / per_step[1] < 4.5  # O(η²) per step
+    flow = simulate(net, data, W0, method="flow", t_end=2.0, rtol=1e-10, atol=1e-12,
+                    save_weights=True, progress=False)
+    drift = conservation_drift(net, [flow.weights(i) for i in range(flow.n_saved)])
+    assert max(drift) < 1e-8
+    assert max(drift) < per_step[1]
+
+
+def test_batched_flow_equals_separate_runs():
+    net, data, _ = case(10)
+    inits = [fr.init.gaussian(net, std=s, seed=i) for i, s in enumerate((0.2, 0.5, 0.9))]
+    batch = simulate(net, data, inits, method="flow", t_end=3.0, n_records=11, progress=False)
+    for W0, b in zip(inits, batch):
+        same_trajectory(simulate(net, data, W0, method="flow", t_end=3.0, n_records=11,
+                                 progress=False), b)
+
+
+# ---------------------------------------------------------------------- HDF5
+def test_file_equals_memory(tmp_path):
+    net, data, _ = case(12)
+    inits = [fr.init.gaussian(net, std=0.5, seed=s) for s in range(2)]
+    e0 = net.edges[0]
+    q = {"norm": lambda W: np.linalg.norm(W[e0])}
+    for method, kw in (("gd", dict(lr=[0.05, 0.02], steps=80, record_every=3, momentum=0.3)),
+                       ("flow", dict(t_end=2.0, n_records=21))):
+        path = tmp_path / f"{method}.h5"
+        runs = simulate(net, data, inits, method=method, out=path, save_weights=True,
+                        weights_dtype="float32", quantities=q, progress=False, **kw)
+        assert store.list_runs(path) == ["seed_00", "seed_01"]
+        for run in runs:
+            back = Trajectory.from_hdf5(path, run.run)
+            same_trajectory(back, run)
+            assert back.snapshots[e0].dtype == np.float32
+            assert back.status == "complete" and back.attrs == run.attrs
+            assert back.attrs["method"] == method
+        again = resume(path, net, data, quantities=q)  # complete runs are only read back
+        for a, b in zip(again, runs):
+            same_trajectory(a, b)
+
+
+def test_unwritable_path_fails_before_any_compute(tmp_path, monkeypatch):
+    from fastrace.engine import GradientEngine
+
+    net, data, W0 = case(1)
+    calls = []
+    monkeypatch.setattr(GradientEngine, "descend", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(GradientEngine, "loss_and_gradient", lambda *a, **k: calls.append(1))
+    for bad in (tmp_path / "missing" / "run.h5", tmp_path):
+        with pytest.raises(fr.StoreError):
+            simulate(net, data, W0, lr=0.1, steps=10, out=bad, progress=False)
+        with pytest.raises(fr.StoreError):
+            simulate(net, data, W0, method="flow", t_end=1.0, out=bad, progress=False)
+    assert calls == []
+
+
+def test_divergence_names_step_edge_and_value(tmp_path):
+    net, data, W0 = case(14)
+    lr, threshold = 3.0, 1e4
+    # the step at which the independent reference first exceeds the threshold
+    W, first_bad = {e: a.copy() for e, a in W0.items()}, None
+    for k in range(1, 200):
+        G = fr.gradient(net, data, W)
+        W = {e: W[e] - lr * G[e] for e in W}
+        if max(np.abs(a).max() for a in W.values()) > threshold:
+            first_bad = k
+            break
+    assert first_bad is not None
+    worst = max(W, key=lambda e: np.abs(W[e]).max())
+    path = tmp_path / "div.h5"
+    with pytest.raises(fr.DivergenceError) as info:
+        simulate(net, data, [W0, W0], lr=[lr, 1e-3], steps=1000, record_every=50, out=path,
+                 divergence_threshold=threshold, progress=False)
+    err = info.value
+    assert err.step == first_bad
+    assert worst in err.quantity and worst in str(err)
+    assert abs(err.value) > threshold
+    assert err.run == "seed_00" and err.edge == worst
+    status = store.run_status(path, "seed_00")
+    assert status.startswith("failed: diverged") and str(first_bad) in status
+    assert store.run_status(path, "seed_01").startswith("failed: stopped")
+    with pytest.raises(fr.StoreError, match="diverged"):
+        resume(path, net, data, run="seed_00")
+
+
+def test_overflow_without_threshold_is_reported():
+    net, data, W0 = case(14)
+    with pytest.raises(fr.DivergenceError) as info:
+        simulate(net, data, W0, lr=3.0, steps=500, record_every=100,
+                 divergence_threshold=float("inf"), progress=False)
+    err = info.value
+    assert 5 < err.step < 100 and not np.isfinite(err.value)
+    assert err.edge in net.edges
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["gd", "flow"])
+def test_resume_after_a_failure_gives_the_uninterrupted_result(tmp_path, method):
+    net, data, _ = case(15)
+    inits = [fr.init.gaussian(net, std=0.5, seed=s) for s in range(2)]
+    e0 = net.edges[0]
+    kw = (dict(lr=[0.05, 0.03], steps=400, record_every=3, momentum=0.5) if method == "gd"
+          else dict(t_end=20.0, n_records=301, rtol=1e-6))
+    kw.update(method=method, save_weights=True, checkpoint_every=7, progress=False)
+
+    def norm(W):
+        return np.linalg.norm(W[e0])
+
+    full = simulate(net, data, inits, out=tmp_path / "full.h5", quantities={"n": norm}, **kw)
+    calls, limit = [], [150]
+
+    def breaks(W):  # fails part-way through, like a crash
+        calls.append(1)
+        if len(calls) > limit[0]:
+            raise Interrupt("boom")
+        return norm(W)
+
+    path = tmp_path / "broken.h5"
+    with pytest.raises(fr.ConfigError, match="boom"):
+        simulate(net, data, inits, out=path, quantities={"n": breaks}, **kw)
+    assert store.run_status(path, "seed_00").startswith("failed: ConfigError")
+    with pytest.raises(fr.ConfigError, match="quantities"):
+        resume(path, net, data)
+    other = random_data(np.random.default_rng(1), net, n_samples=10)
+    with pytest.raises(fr.DataError):
+        resume(path, net, data=other, quantities={"n": norm})
+    # one run alone, failing again further on: the two runs now stand at different checkpoints
+    calls.clear()
+    limit[0] = 40 if method == "gd" else 120
+    with pytest.raises(fr.ConfigError, match="boom"):
+        resume(path, net, data, run="seed_00", quantities={"n": breaks})
+    steps_done = {r: i["checkpoint_step"] for r, i in store.run_info(path)["runs"].items()}
+    assert steps_done["seed_00"] > steps_done["seed_01"] > 0
+    resumed = resume(path, net, data, quantities={"n": norm})
+    for a, b in zip(resumed, full):
+        same_trajectory(a, b)
+        assert a.status == "complete"
+    for name in ("seed_00", "seed_01"):
+        same_trajectory(Trajectory.from_hdf5(path, name), Trajectory.from_hdf5(
+            tmp_path / "full.h5", name))
+
+
+KILL_SCRIPT = """
+import sys, time
+import numpy as np
+import fastrace as fr
+from test_simulate import case
+from fastrace.simulate import simulate
+net, data, _ = case(16)
+inits = [fr.init.gaussian(net, std=0.5, seed=s) for s in range(2)]
+def slow(W):
+    time.sleep(0.002)
+    return np.float64(np.linalg.norm(W[net.edges[0]]))
+simulate(net, data, inits, lr=[0.05, 0.02], steps=4000, record_every=5, save_weights=True,
+         checkpoint_every=100, out=sys.argv[1], quantities={"n": slow}, progress=False)
+"""
+
+
+def test_sigkill_then_resume_is_bit_for_bit(tmp_path):
+    net, data, _ = case(16)
+    inits = [fr.init.gaussian(net, std=0.5, seed=s) for s in range(2)]
+
+    def norm(W):
+        return np.float64(np.linalg.norm(W[net.edges[0]]))
+
+    path = tmp_path / "killed.h5"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([PACKAGE_ROOT, TESTS]))
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(path)], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            assert proc.poll() is None, "the run ended before it could be killed"
+            try:
+                info = store.run_info(path)["runs"]
+            except fr.StoreError:
+                continue
+            if min(r["checkpoint_step"] or 0 for r in info.values()) >= 300:
+                break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    partial = store.read_run(path, "seed_00")
+    assert partial.status == "running"
+    assert 0 < partial.series["t"].shape[0] < 801
+    resumed = resume(path, net, data, quantities={"n": norm})
+    full = simulate(net, data, inits, lr=[0.05, 0.02], steps=4000, record_every=5,
+                    save_weights=True, quantities={"n": norm}, progress=False)
+    for a, b in zip(resumed, full):
+        same_trajectory(a, b)
+        assert a.status == "complete" and a.n_saved == 801
+
+
+# ---------------------------------------------------------------------- argument checks
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(lr=0.0, steps=10), "lr"),
+    (dict(lr=-1.0, steps=10), "lr"),
+    (dict(lr=float("nan"), steps=10), "lr"),
+    (dict(lr=0.1, steps=0), "steps"),
+    (dict(lr=0.1, steps=2.5), "steps"),
+    (dict(lr=0.1), "steps"),
+    (dict(lr=0.1, steps=10, method="adam"), "method"),
+    (dict(lr=0.1, steps=10, engine="gpu"), "engine"),
+    (dict(lr=0.1, steps=10, momentum=1.0), "momentum"),
+    (dict(lr=0.1, steps=10, weight_decay=-1.0), "weight_decay"),
+    (dict(lr=0.1, steps=10, record_every=0), "record_every"),
+    (dict(lr=0.1, steps=10, record=[11]), "record"),
+    (dict(lr=0.1, steps=10, record=[1.5]), "record"),
+    (dict(lr=0.1, steps=10, record="lin"), "record"),
+    (dict(lr=0.1, steps=10, weights_dtype="float16"), "weights_dtype"),
+    (dict(lr=0.1, steps=10, checkpoint_every=5), "out"),
+    (dict(lr=0.1, steps=10, threads=0), "threads"),
+    (dict(lr=0.1, steps=10, threads=10**6), "threads"),
+    (dict(lr=0.1, steps=10, t_end=1.0), "t_end"),
+    (dict(lr=[0.1, 0.2], steps=10), "lr"),
+    (dict(lr=0.1, steps=10, quantities={"q": 3}), "callable"),
+    (dict(lr=0.1, steps=10, quantities={"q": lambda W: "text"}), "numbers"),
+    (dict(method="flow"), "t_end"),
+    (dict(method="flow", t_end=-1.0), "t_end"),
+    (dict(method="flow", t_end=1.0, momentum=0.5), "momentum"),
+    (dict(method="flow", t_end=1.0, lr=0.1, steps=10), "either"),
+    (dict(method="flow", t_end=1.0, record=[2.0]), "record"),
+    (dict(method="flow", t_end=1.0, rtol=0.0), "rtol"),
+])
+def test_bad_arguments_raise_config_errors(kwargs, match):
+    net, data, W0 = case(0)
+    with pytest.raises(fr.ConfigError, match=match):
+        simulate(net, data, W0, progress=False, **kwargs)
+
+
+def test_bad_weights_and_inputs():
+    net, data, W0 = case(0)
+    with pytest.raises(fr.WeightsError):
+        simulate(net, data, {**W0, net.edges[0]: np.zeros((7, 7))}, lr=0.1, steps=2)
+    with pytest.raises(fr.WeightsError):
+        simulate(net, data, [], lr=0.1, steps=2)
+    with pytest.raises(fr.ConfigError, match="distinct"):
+        simulate(net, data, [W0, W0], lr=0.1, steps=2, run_names=["a", "a"])
+    with pytest.raises(fr.NetworkError):
+        simulate("net", data, W0, lr=0.1, steps=2)
+    with pytest.raises(fr.DataError):
+        simulate(net, "data", W0, lr=0.1, steps=2)
+    run = simulate(net, data, W0, lr=0.1, steps=2, progress=False)
+    with pytest.raises(fr.ConfigError, match="save_weights"):
+        run.weights(1)
+    with pytest.raises(IndexError):
+        run.weights(5)
+    assert run.weights(-1).keys() == W0.keys()

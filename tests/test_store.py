@@ -1,0 +1,574 @@
+"""Tests of fastrace.store: round trips, live reading, SIGKILL safety, resume, failures."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastrace import store
+from fastrace.errors import StoreError
+from fastrace.store import (
+    RunSpec,
+    TrajectoryWriter,
+    list_runs,
+    open_run,
+    read_run,
+    run_info,
+    run_status,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+NETWORK_JSON = json.dumps({"nodes": {"x": 4, "h": 3}, "edges": ["x->h"]})
+CKPT_EVERY = 25
+SIM_SPEC = RunSpec(
+    series={
+        "t": (),
+        "loss": (),
+        "weights/x->h": ((4, 3), np.float32),
+        "svals/x->h": (3,),
+        "count": ((), np.int64),
+    },
+    checkpoint={"w": (4, 3), "step": ((), np.int64)},
+    attrs={"kind": "simulation", "lr": 0.02, "method": "gd"},
+)
+
+
+def make_rows(i0: int, i1: int) -> dict[str, np.ndarray]:
+    """Rows i0..i1-1 of a deterministic trajectory (float32 weights are cast on storage)."""
+    i = np.arange(i0, i1)
+    return {
+        "t": 0.02 * i,
+        "loss": 1.0 / (1.0 + i),
+        "weights/x->h": np.sin(i[:, None, None] + np.arange(12.0).reshape(4, 3)),
+        "svals/x->h": np.cos(i[:, None] * np.arange(1.0, 4.0)),
+        "count": i.astype(np.int64),
+    }
+
+
+def make_state(step: int) -> dict[str, np.ndarray]:
+    return {"w": np.sin(step + np.arange(12.0).reshape(4, 3)), "step": np.int64(step)}
+
+
+def assert_rows_match(series: dict[str, np.ndarray], n: int | None = None) -> None:
+    """Every stored row equals the deterministic trajectory (row i of series s is row i)."""
+    for name, arr in series.items():
+        rows = len(arr) if n is None else n
+        assert len(arr) == rows, name
+        want = make_rows(0, rows)[name].astype(arr.dtype)
+        np.testing.assert_array_equal(arr, want, err_msg=name)
+
+
+# ------------------------------------------------------------------ a writer in another process
+
+
+def _writer_main(path: str, mode: str, n_rows: str, pace: str) -> None:
+    """Run in a subprocess: stream rows one by one, checkpoint every CKPT_EVERY rows, and report
+    the rows the writer has flushed on stdout."""
+    n_rows, pace = int(n_rows), float(pace)
+    w = TrajectoryWriter(path, {"sim": SIM_SPEC}, mode=mode, network_json=NETWORK_JSON, seed=1,
+                         buffer_rows=8, flush_interval=0.01)
+    start = 0
+    if mode == "resume":
+        checkpoint = w.resume_state("sim")
+        start = checkpoint.step if checkpoint else 0
+    print(f"ready {start}", flush=True)
+    for i in range(start, n_rows):
+        w.append("sim", **{name: rows[0] for name, rows in make_rows(i, i + 1).items()})
+        if (i + 1) % CKPT_EVERY == 0:
+            w.checkpoint("sim", i + 1, make_state(i + 1))
+        if i % 10 == 0:
+            print("flushed", json.dumps(w.flushed_rows("sim")), flush=True)
+        if pace:
+            time.sleep(pace)
+    w.close()
+    print("done", flush=True)
+
+
+def _spawn_writer(path: Path, mode: str, n_rows: int, pace: float) -> subprocess.Popen:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS), env.get("PYTHONPATH", "")])
+    code = "import sys, test_store; test_store._writer_main(*sys.argv[1:])"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, str(path), mode, str(n_rows), str(pace)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+
+
+def _wait_ready(proc: subprocess.Popen, timeout: float = 60.0) -> int:
+    watchdog = threading.Timer(timeout, proc.kill)
+    watchdog.start()
+    try:
+        line = proc.stdout.readline()
+    finally:
+        watchdog.cancel()
+    if not line.startswith("ready"):
+        _, err = proc.communicate(timeout=30)
+        pytest.fail(f"the writer process did not start: {line!r}\n{err}")
+    return int(line.split()[1])
+
+
+def _kill(proc: subprocess.Popen) -> list[str]:
+    proc.kill()
+    out, _ = proc.communicate(timeout=30)
+    return out.splitlines()
+
+
+def _last_flushed(lines: list[str]) -> dict[str, int]:
+    reports = [json.loads(line.split(" ", 1)[1]) for line in lines if line.startswith("flushed")]
+    return reports[-1] if reports else dict.fromkeys(SIM_SPEC.series, 0)
+
+
+# ------------------------------------------------------------------ round trips
+
+
+def test_round_trip_several_runs_dtypes_and_attrs(tmp_path):
+    path = tmp_path / "out.h5"
+    theory = RunSpec({"t": (), "modes/b": ((3, 2), np.float64), "flag": ((), np.bool_)},
+                     attrs={"kind": "theory", "tau": 1.0, "method": "dopri5", "skip": None})
+    seed_spec = RunSpec({"loss": ((), np.float32), "idx": ((2,), np.int32)},
+                        attrs={"kind": "simulation", "widths": [4, 3]})
+    runs = {"simulation": SIM_SPEC, "theory": theory, "seed_03": seed_spec}
+    b = np.random.default_rng(0).standard_normal((53, 3, 2))
+    with TrajectoryWriter(path, runs, network_json=NETWORK_JSON, config="lr = 0.02\n", seed=7,
+                          buffer_rows=5) as w:
+        for i in range(17):  # single rows, given as a mapping
+            w.append("simulation", {k: v[0] for k, v in make_rows(i, i + 1).items()})
+        w.append("simulation", **make_rows(17, 40))  # then a block, as keywords
+        w.append("theory", t=np.arange(50.0), **{"modes/b": b[:50]}, flag=np.arange(50) % 3 == 0)
+        for i in range(50, 53):
+            w.append("theory", t=float(i), **{"modes/b": b[i]}, flag=i % 3 == 0)
+        w.set_steps_done("simulation", 40)
+        w.set_steps_done("theory", 53)
+
+    assert list_runs(path) == ["simulation", "theory", "seed_03"]
+    sim = read_run(path, "simulation")
+    assert_rows_match(sim.series, 40)
+    assert sim["weights/x->h"].dtype == np.float32 and sim["count"].dtype == np.int64
+    assert (sim.status, sim.steps_done) == ("complete", 40)
+    assert sim.attrs == {"kind": "simulation", "lr": 0.02, "method": "gd"}
+
+    th = read_run(path, "theory")
+    np.testing.assert_array_equal(th["t"], np.arange(53.0))
+    np.testing.assert_array_equal(th["modes/b"], b)
+    np.testing.assert_array_equal(th["flag"], np.arange(53) % 3 == 0)
+    assert th["flag"].dtype == np.bool_
+    assert "skip" not in th.attrs and th.attrs["tau"] == 1.0
+    assert (th.status, th.steps_done) == ("complete", 53)
+
+    empty = read_run(path, "seed_03")
+    assert empty["loss"].shape == (0,) and empty["loss"].dtype == np.float32
+    assert empty["idx"].shape == (0, 2) and empty["idx"].dtype == np.int32
+    np.testing.assert_array_equal(empty.attrs["widths"], [4, 3])
+
+    with h5py.File(path, "r") as f:
+        a = f.attrs
+        assert a["format"] == "fastrace" and a["format_version"] == 1
+        for key in ("fastrace_version", "numpy_version", "numba_version", "h5py_version"):
+            assert isinstance(a[key], str) and a[key]
+        assert a["numpy_version"] == np.__version__ and a["h5py_version"] == h5py.__version__
+        assert datetime.fromisoformat(a["created"]).tzinfo is not None
+        assert a["config"] == "lr = 0.02\n" and a["seed"] == 7
+        assert isinstance(a["command_line"], str)
+        assert json.loads(f["network"].attrs["json"]) == json.loads(NETWORK_JSON)
+        # the final attributes, written after SWMR was switched off
+        assert f["simulation"].attrs["status"] == "complete"
+        assert f["theory"].attrs["steps_done"] == 53
+        ds = f["simulation/weights/x->h"]
+        assert ds.maxshape == (None, 4, 3) and ds.chunks[1:] == (4, 3)
+
+    info = run_info(path)
+    assert info["format_version"] == 1 and info["seed"] == 7
+    assert info["runs"]["theory"]["series"]["modes/b"] == {"shape": (53, 3, 2),
+                                                           "dtype": "float64"}
+    assert run_status(path, "seed_03") == "complete"
+
+
+@settings(max_examples=20, deadline=None)
+@given(blocks=st.lists(st.integers(0, 40), min_size=1, max_size=10),
+       buffer_rows=st.integers(1, 16), single=st.booleans())
+def test_blocks_of_any_size_are_stored_in_order(blocks, buffer_rows, single):
+    spec = RunSpec({"x": (2,), "k": ((), np.int64)})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "h.h5"
+        with TrajectoryWriter(path, {"r": spec}, buffer_rows=buffer_rows,
+                              compression="none") as w:
+            start = 0
+            for n in blocks:
+                k = np.arange(start, start + n)
+                x = np.stack([k, -2.0 * k], axis=1)
+                if n == 1 and single:
+                    w.append("r", x=x[0], k=k[0])
+                else:
+                    w.append("r", x=x, k=k)
+                start += n
+        data = read_run(path, "r")
+    k = np.arange(sum(blocks))
+    np.testing.assert_array_equal(data["k"], k)
+    np.testing.assert_array_equal(data["x"], np.stack([k, -2.0 * k], axis=1))
+
+
+def test_chunks_are_time_first_and_of_sensible_size():
+    for row_shape in [(), (3,), (64, 64), (1000, 1000), (3000, 5000), (200_000,)]:
+        for itemsize in (4, 8):
+            chunk = store._chunk_shape(row_shape, itemsize)
+            assert len(chunk) == len(row_shape) + 1
+            assert all(1 <= c <= n for c, n in zip(chunk[1:], row_shape, strict=True))
+            chunk_bytes = math.prod(chunk) * itemsize
+            row_bytes = math.prod(row_shape) * itemsize
+            assert min(row_bytes, 64 * 1024) <= chunk_bytes <= 1 << 20, (row_shape, chunk)
+
+
+def test_without_swmr_the_file_is_the_same(tmp_path):
+    path = tmp_path / "plain.h5"
+    with TrajectoryWriter(path, {"sim": SIM_SPEC}, swmr=False) as w:
+        w.append("sim", **make_rows(0, 30))
+        w.checkpoint("sim", 30, make_state(30))
+    data = read_run(path, "sim")
+    assert_rows_match(data.series, 30)
+    assert (data.status, data.steps_done) == ("complete", 30)
+
+
+# ------------------------------------------------------------------ checkpoints and resume
+
+
+def test_checkpoint_round_trip_and_resume_in_process(tmp_path):
+    path = tmp_path / "ck.h5"
+    w = TrajectoryWriter(path, {"sim": SIM_SPEC}, buffer_rows=4)
+    w.append("sim", **make_rows(0, 10))
+    w.checkpoint("sim", 10, make_state(10))
+    w.append("sim", **make_rows(10, 23))
+    w.checkpoint("sim", 23, make_state(23))
+    w.append("sim", **make_rows(23, 31))  # rows after the last checkpoint are dropped
+    w.flush()
+    assert w.flushed_rows("sim") == dict.fromkeys(SIM_SPEC.series, 31)
+    assert run_info(path)["runs"]["sim"]["checkpoint_step"] == 23
+    w._shutdown(final=False)  # leave the run "running", as a killed process would
+
+    with TrajectoryWriter(path, {"sim": SIM_SPEC}, mode="resume") as w:
+        checkpoint = w.resume_state("sim")
+        assert checkpoint.step == 23
+        assert checkpoint.rows == dict.fromkeys(SIM_SPEC.series, 23)
+        np.testing.assert_array_equal(checkpoint.state["w"], make_state(23)["w"])
+        assert checkpoint.state["step"] == 23
+        assert_rows_match(read_run(path, "sim").series, 23)
+        w.append("sim", **make_rows(23, 40))
+    assert_rows_match(read_run(path, "sim").series, 40)
+
+
+def test_a_checkpoint_torn_by_a_failure_leaves_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "torn.h5"
+    w = TrajectoryWriter(path, {"sim": SIM_SPEC})
+    w.append("sim", **make_rows(0, 12))
+    w.checkpoint("sim", 12, make_state(12))
+    w.append("sim", **make_rows(12, 20))
+    w.flush()
+    fill_slot = store._fill_slot
+
+    def half_written(group, step, arrays, rows):
+        group["state"]["w"][...] = -1.0  # part of the slot is overwritten, then the write dies
+        raise OSError("simulated crash inside a checkpoint")
+
+    monkeypatch.setattr(store, "_fill_slot", half_written)
+    w.checkpoint("sim", 20, make_state(20))
+    with pytest.raises(StoreError, match="simulated crash"):
+        w.close()
+    monkeypatch.setattr(store, "_fill_slot", fill_slot)
+
+    with TrajectoryWriter(path, {"sim": SIM_SPEC}, mode="resume") as w:
+        checkpoint = w.resume_state("sim")
+        assert checkpoint.step == 12
+        np.testing.assert_array_equal(checkpoint.state["w"], make_state(12)["w"])
+        assert_rows_match(read_run(path, "sim").series, 12)
+
+
+def test_resume_checks_the_specs_and_the_seed(tmp_path):
+    path = tmp_path / "r.h5"
+    with TrajectoryWriter(path, {"sim": SIM_SPEC}, seed=1) as w:
+        w.append("sim", **make_rows(0, 3))
+    other = RunSpec({"t": (), "loss": ()})
+    with pytest.raises(StoreError, match="series"):
+        TrajectoryWriter(path, {"sim": other}, mode="resume")
+    with pytest.raises(StoreError, match="no run"):
+        TrajectoryWriter(path, {"other": SIM_SPEC}, mode="resume")
+    with pytest.raises(StoreError, match="seed"):
+        TrajectoryWriter(path, {"sim": SIM_SPEC}, mode="resume", seed=2)
+    assert_rows_match(read_run(path, "sim").series, 3)  # failed resumes leave the file alone
+    with TrajectoryWriter(path, {"sim": SIM_SPEC}, mode="resume") as w:
+        assert w.status("sim") == "complete" and w.resume_state("sim") is None
+        with pytest.raises(StoreError, match="complete"):
+            w.append("sim", t=1.0)
+
+
+# ------------------------------------------------------------------ other processes
+
+
+def test_reader_in_another_process_sees_rows_while_they_are_written(tmp_path):
+    path = tmp_path / "live.h5"
+    n_rows = 120
+    proc = _spawn_writer(path, "w", n_rows, pace=0.01)
+    try:
+        _wait_ready(proc)
+        seen = []
+        with open_run(path, "sim") as reader:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                reader.refresh()
+                n = reader.lengths["t"]
+                seen.append((n, reader.status))
+                if n == n_rows:
+                    break
+                time.sleep(0.02)
+            tail = reader.read()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    growing = sorted({n for n, _ in seen if 0 < n < n_rows})
+    assert len(growing) >= 3, f"the reader saw too few intermediate lengths: {seen}"
+    assert all(status == "running" for n, status in seen if n < n_rows)
+    assert_rows_match({k: v[: len(tail["t"])] for k, v in tail.series.items()})
+    final = read_run(path, "sim")
+    assert_rows_match(final.series, n_rows)
+    assert final.status == "complete"
+
+
+def test_sigkill_at_random_moments_leaves_every_flushed_row(tmp_path):
+    rng = random.Random(20220712)
+    most_rows = 0
+    for trial in range(4):
+        path = tmp_path / f"kill{trial}.h5"
+        proc = _spawn_writer(path, "w", 10**7, pace=0.0)
+        if trial == 0:  # at any moment, including while the file is being created
+            time.sleep(rng.uniform(0.0, 0.6))
+        else:
+            _wait_ready(proc)
+            time.sleep(rng.uniform(0.02, 0.4))
+        flushed = _last_flushed(_kill(proc))
+        if not path.exists():
+            assert trial == 0  # killed before the file appeared: nothing was flushed either
+            continue
+        data = read_run(path, "sim")
+        assert data.status == "running"
+        for name, n in flushed.items():
+            assert len(data[name]) >= n, (name, len(data[name]), n)
+        assert_rows_match(data.series)  # whatever is in the file is right
+        assert list_runs(path) == ["sim"]
+        most_rows = max(most_rows, min(flushed.values()))
+    assert most_rows > 0, "no trial flushed any rows before the kill; the test proved nothing"
+
+
+def test_resume_after_kills_gives_the_rows_of_an_uninterrupted_run(tmp_path, capsys):
+    n_rows = 20 * CKPT_EVERY
+    reference = tmp_path / "reference.h5"
+    _writer_main(str(reference), "w", str(n_rows), "0")
+    capsys.readouterr()
+
+    path = tmp_path / "resumed.h5"
+    rng = random.Random(7)
+    for mode in ("w", "resume"):  # killed once, resumed in a new process, killed again
+        proc = _spawn_writer(path, mode, n_rows, pace=0.002)
+        _wait_ready(proc)
+        time.sleep(rng.uniform(0.1, 0.4))
+        _kill(proc)
+
+    with TrajectoryWriter(path, {"sim": SIM_SPEC}, mode="resume", network_json=NETWORK_JSON,
+                          seed=1) as w:
+        start = n_rows
+        if w.status("sim") != "complete":
+            checkpoint = w.resume_state("sim")
+            start = checkpoint.step if checkpoint else 0
+            if checkpoint:
+                assert checkpoint.step % CKPT_EVERY == 0
+                np.testing.assert_array_equal(checkpoint.state["w"],
+                                              make_state(checkpoint.step)["w"])
+            # the file was cut back to the rows of the checkpoint
+            assert_rows_match(read_run(path, "sim").series, start)
+        for i in range(start, n_rows):
+            w.append("sim", **{name: rows[0] for name, rows in make_rows(i, i + 1).items()})
+            if (i + 1) % CKPT_EVERY == 0:
+                w.checkpoint("sim", i + 1, make_state(i + 1))
+
+    got, want = read_run(path, "sim"), read_run(reference, "sim")
+    assert got.series.keys() == want.series.keys()
+    for name in want.series:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert (got.status, got.steps_done) == ("complete", n_rows) == (want.status, want.steps_done)
+    with h5py.File(path, "r") as f:
+        assert "resumed" in f.attrs and f.attrs["created"] <= f.attrs["resumed"]
+    assert not Path(f"{path}.partial").exists()
+
+
+# ------------------------------------------------------------------ failures
+
+
+@pytest.mark.parametrize("make_path", [
+    lambda tmp: tmp / "missing" / "out.h5",  # directory does not exist
+    lambda tmp: tmp,  # the path is a directory
+    lambda tmp: (tmp / "file").write_text("x") and tmp / "file" / "out.h5",  # parent is a file
+])
+def test_an_unwritable_path_fails_before_anything_else(tmp_path, make_path):
+    path = make_path(tmp_path)
+    with pytest.raises(StoreError, match=str(path)):
+        TrajectoryWriter(path, {"sim": SIM_SPEC})
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
+                    reason="root may write anywhere")
+def test_a_directory_without_permission_fails(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(StoreError, match="permission"):
+        TrajectoryWriter(locked / "out.h5", {"sim": SIM_SPEC})
+
+
+def test_a_second_writer_on_the_same_file_is_refused(tmp_path):
+    path = tmp_path / "one.h5"
+    with TrajectoryWriter(path, {"sim": SIM_SPEC}) as w:
+        with pytest.raises(StoreError, match="another process"):
+            TrajectoryWriter(path, {"sim": SIM_SPEC})
+        w.append("sim", **make_rows(0, 2))
+    assert_rows_match(read_run(path, "sim").series, 2)
+
+
+def test_an_error_in_the_writer_thread_reaches_the_caller(tmp_path, monkeypatch):
+    path = tmp_path / "err.h5"
+
+    def failing_write(self, run, name, block, n):
+        raise OSError("simulated disk failure")
+
+    w = TrajectoryWriter(path, {"sim": SIM_SPEC}, buffer_rows=2)
+    monkeypatch.setattr(TrajectoryWriter, "_write_block", failing_write)
+    w.append("sim", **make_rows(0, 5))  # returns: the write happens in the background
+    with pytest.raises(StoreError, match="simulated disk failure"):
+        w.flush()
+    with pytest.raises(StoreError, match="simulated disk failure"):
+        w.append("sim", **make_rows(5, 6))
+    with pytest.raises(StoreError, match="simulated disk failure"):
+        w.close()
+    assert run_status(path, "sim").startswith("failed: write error")
+
+
+def test_failed_status_is_recorded(tmp_path):
+    path = tmp_path / "failed.h5"
+    with TrajectoryWriter(path, {"sim": SIM_SPEC, "theory": SIM_SPEC}) as w:
+        w.append("sim", **make_rows(0, 8))
+        w.set_status("sim", "failed: diverged at step 8 (loss = inf)")
+        w.flush()
+        assert run_status(path, "sim") == "failed: diverged at step 8 (loss = inf)"  # live
+    assert run_status(path, "sim") == "failed: diverged at step 8 (loss = inf)"
+    assert run_status(path, "theory") == "complete"
+    with h5py.File(path, "r") as f:
+        assert f["sim"].attrs["status"] == "failed: diverged at step 8 (loss = inf)"
+    with TrajectoryWriter(tmp_path / "x.h5", {"sim": SIM_SPEC}) as w:
+        with pytest.raises(StoreError, match="status"):
+            w.set_status("sim", "done")
+
+
+def test_an_exception_in_the_with_block_marks_running_runs_failed(tmp_path):
+    path = tmp_path / "exc.h5"
+    with pytest.raises(ZeroDivisionError):
+        with TrajectoryWriter(path, {"sim": SIM_SPEC}) as w:
+            w.append("sim", **make_rows(0, 3))
+            1 / 0  # noqa: B018
+    data = read_run(path, "sim")
+    assert data.status.startswith("failed: ZeroDivisionError")
+    assert_rows_match(data.series, 3)
+
+
+def test_bad_input_raises_store_error(tmp_path):
+    with TrajectoryWriter(tmp_path / "bad.h5", {"sim": SIM_SPEC}) as w:
+        with pytest.raises(StoreError, match="no run"):
+            w.append("nope", t=1.0)
+        with pytest.raises(StoreError, match="no series"):
+            w.append("sim", nope=1.0)
+        with pytest.raises(StoreError, match="shape"):
+            w.append("sim", **{"weights/x->h": np.zeros((3, 4))})
+        with pytest.raises(StoreError, match="complex"):
+            w.append("sim", t=1j)
+        with pytest.raises(StoreError, match="int64"):
+            w.append("sim", count=0.5)
+        with pytest.raises(StoreError, match="checkpoint"):
+            w.checkpoint("sim", 1, {"w": np.zeros((4, 3))})
+        with pytest.raises(StoreError, match="shape"):
+            w.checkpoint("sim", 1, {"w": np.zeros(3), "step": 1})
+        w.append("sim", t=[1.0, 2.0])  # an ok block after all the refusals
+    for bad in [{"x": (0,)}, {"x": ((2,), object)}, {"live": ()}, {"a//b": ()}, {}]:
+        with pytest.raises(StoreError):
+            RunSpec(bad)
+    with pytest.raises(StoreError, match="reserved"):
+        RunSpec({"t": ()}, attrs={"status": "x"})
+    with pytest.raises(StoreError, match="cannot store"):
+        TrajectoryWriter(tmp_path / "b.h5", {"r": RunSpec({"t": ()}, attrs={"d": {"a": 1}})})
+    with pytest.raises(StoreError, match="mode"):
+        TrajectoryWriter(tmp_path / "c.h5", {"sim": SIM_SPEC}, mode="a")
+
+
+def test_reading_a_missing_foreign_or_corrupt_file_raises_store_error(tmp_path):
+    with pytest.raises(StoreError, match="no such file"):
+        read_run(tmp_path / "missing.h5", "sim")
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(StoreError, match="not a readable HDF5"):
+        list_runs(garbage)
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["x"] = np.arange(3)
+    with pytest.raises(StoreError, match="not a fastrace file"):
+        run_info(foreign)
+    good = tmp_path / "good.h5"
+    with TrajectoryWriter(good, {"sim": SIM_SPEC}) as w:
+        w.append("sim", **make_rows(0, 300))
+    with pytest.raises(StoreError, match="no run"):
+        read_run(good, "theory")
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+    with pytest.raises(StoreError):
+        read_run(truncated, "sim")
+
+
+# ------------------------------------------------------------------ compression
+
+
+def _filters(path: Path, name: str) -> list[int]:
+    with h5py.File(path, "r") as f:
+        plist = f[name].id.get_create_plist()
+        return [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
+
+
+def test_blosc_lz4_is_used_when_hdf5plugin_is_installed(tmp_path):
+    pytest.importorskip("hdf5plugin")
+    path = tmp_path / "blosc.h5"
+    with TrajectoryWriter(path, {"sim": SIM_SPEC}, compression="auto") as w:
+        w.append("sim", **make_rows(0, 500))
+    assert _filters(path, "sim/weights/x->h") == [32001]
+    assert_rows_match(read_run(path, "sim").series, 500)
+
+
+def test_without_hdf5plugin_auto_means_no_compression(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "hdf5plugin", None)  # makes `import hdf5plugin` fail
+    path = tmp_path / "plain.h5"
+    with TrajectoryWriter(path, {"sim": SIM_SPEC}, compression="auto") as w:
+        w.append("sim", **make_rows(0, 50))
+    assert _filters(path, "sim/weights/x->h") == []
+    assert_rows_match(read_run(path, "sim").series, 50)
+    with pytest.raises(StoreError, match="hdf5plugin"):
+        TrajectoryWriter(tmp_path / "b.h5", {"sim": SIM_SPEC}, compression="blosc-lz4")
