@@ -449,7 +449,7 @@ static char *kw_ode[] = {"path_ptr", "path_edges", "target_ptr", "target_paths",
                          "rate", "t0", "t_end", "t_out", "rtol", "atol", "h0", "hmax",
                          "max_steps", "thresholds", NULL};
 
-/* method 0: dopri5, 1: rodas3 */
+/* method 0: dopri5, 1: rodas3, 2: auto */
 static PyObject *run_ode(PyObject *args, PyObject *kw, int method)
 {
     PyObject *pp, *pe, *tp, *tt, *b, *s, *d, *rate, *tout_obj, *thr_obj = Py_None, *ev = NULL;
@@ -463,7 +463,9 @@ static PyObject *run_ode(PyObject *args, PyObject *kw, int method)
     int64_t *iwork;
     batch bt;
     run_out r;
-    const char *fmt = method == 0 ? "OOOOOOOOddOddddL|O:dopri5" : "OOOOOOOOddOddddL|O:rodas3";
+    static const char *formats[] = {"OOOOOOOOddOddddL|O:dopri5", "OOOOOOOOddOddddL|O:rodas3",
+                                    "OOOOOOOOddOddddL|O:auto"};
+    const char *fmt = formats[method];
 
     if (!PyArg_ParseTupleAndKeywords(args, kw, fmt, kw_ode, &pp, &pe, &tp, &tt, &b, &s, &d, &rate,
                                      &t0, &t_end, &tout_obj, &opt.rtol, &opt.atol, &opt.h0,
@@ -509,7 +511,9 @@ static PyObject *run_ode(PyObject *args, PyObject *kw, int method)
         Py_DECREF(ev);
         return NULL;
     }
-    wsize = method == 0 ? race_dopri5_work_size(&bt.st.sys) : race_rodas3_work_size(&bt.st.sys);
+    wsize = method == 0   ? race_dopri5_work_size(&bt.st.sys)
+            : method == 1 ? race_rodas3_work_size(&bt.st.sys)
+                          : race_auto_work_size(&bt.st.sys);
     work = alloc_doubles(wsize + (size_t)(n_out * bt.n_edges));
     iwork = (int64_t *)malloc((size_t)bt.n_edges * sizeof(int64_t));
     if (work == NULL || iwork == NULL) {
@@ -532,9 +536,12 @@ static PyObject *run_ode(PyObject *args, PyObject *kw, int method)
         if (method == 0)
             status = race_dopri5(&sys, si, di, bt.b + i * bt.n_edges, t0, t_end, n_out, t_out,
                                  &opt, thr, buf, ev_data + i * dims[1], &st, work);
-        else
+        else if (method == 1)
             status = race_rodas3(&sys, si, di, bt.b + i * bt.n_edges, t0, t_end, n_out, t_out,
                                  &opt, thr, buf, ev_data + i * dims[1], &st, work, iwork);
+        else
+            status = race_auto(&sys, si, di, bt.b + i * bt.n_edges, t0, t_end, n_out, t_out,
+                               &opt, thr, buf, ev_data + i * dims[1], &st, work, iwork);
         scatter(r.out_data, buf, n_out, bt.n_sys, i, bt.n_edges);
         store_run(&r, i, status, &st);
     }
@@ -567,6 +574,16 @@ static PyObject *py_rodas3(PyObject *self, PyObject *args, PyObject *kw)
     return run_ode(args, kw, 1);
 }
 
+PyDoc_STRVAR(auto_doc,
+"auto(...) -> same arguments and results as dopri5: DOPRI5 until the problem turns stiff,\n"
+"then RODAS3 (see race_auto in race.h).");
+
+static PyObject *py_auto(PyObject *self, PyObject *args, PyObject *kw)
+{
+    (void)self;
+    return run_ode(args, kw, 2);
+}
+
 /* ---------------------------------------------------------------------------------------- */
 
 static PyMethodDef methods[] = {
@@ -579,6 +596,7 @@ static PyMethodDef methods[] = {
     {"gd_map", (PyCFunction)(void (*)(void))py_gd_map, METH_VARARGS | METH_KEYWORDS, gd_map_doc},
     {"dopri5", (PyCFunction)(void (*)(void))py_dopri5, METH_VARARGS | METH_KEYWORDS, dopri5_doc},
     {"rodas3", (PyCFunction)(void (*)(void))py_rodas3, METH_VARARGS | METH_KEYWORDS, rodas3_doc},
+    {"auto", (PyCFunction)(void (*)(void))py_auto, METH_VARARGS | METH_KEYWORDS, auto_doc},
     {NULL, NULL, 0, NULL},
 };
 

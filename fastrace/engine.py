@@ -18,6 +18,8 @@ from .network import Network
 from .stats import gated_moments
 
 _OP = {"nn": 0, "nt": 1, "tn": 2, "axpby": 3, "dot": 4}
+#: below this much work per call (runs × steps × flops per step) the runs go serially
+PARALLEL_MIN_FLOPS = 2e7
 _STATE, _CONST = 0, 1
 
 
@@ -260,6 +262,10 @@ class MomentsPlan:
         self.const = np.concatenate(const) if const else np.zeros(1)
         self.loss_const = loss_const
         self.n_groups = {v: len(cols[v]) for v in order}
+        gemm = self.ops_i[:, 0] <= 2
+        #: floating-point operations of one evaluation (the products the plan actually does)
+        self.flops = float(2 * np.sum(self.ops_i[gemm, 1] * self.ops_i[gemm, 2]
+                                      * self.ops_i[gemm, 3]))
 
 
 
@@ -304,7 +310,8 @@ class GradientEngine:
         return out
 
     # ------------------------------------------------------------------ evaluation
-    def _run_plan(self, w, velocity, lr, n_steps, momentum, weight_decay, update, max_abs):
+    def _run_plan(self, w, velocity, lr, n_steps, momentum, weight_decay, update, max_abs,
+                  snapshot_steps=None, snapshots=None):
         from ._kernels import plan as kernels
 
         plan = self.plan
@@ -315,10 +322,16 @@ class GradientEngine:
             state[:, self.n_params:2 * self.n_params] = velocity
         losses = np.empty((n_runs, n_steps))
         status = np.full(n_runs, -1, dtype=np.int64)
-        run = kernels.descend_parallel if n_runs > 1 else kernels.descend_serial
+        if snapshot_steps is None:
+            snapshot_steps = np.zeros(0, dtype=np.int64)
+            snapshots = np.zeros((n_runs, 0, self.n_params))
+        # threads pay off only when there is enough work to share: small problems stay serial
+        parallel = n_runs > 1 and n_runs * n_steps * plan.flops >= PARALLEL_MIN_FLOPS
+        run = kernels.descend_parallel if parallel else kernels.descend_serial
         run(kernels.dgemm_pointer(), plan.ops_i, plan.ops_f, plan.const, state, plan.layout,
             np.ascontiguousarray(lr, dtype=np.float64), float(momentum), float(weight_decay),
-            int(n_steps), plan.loss_const, float(max_abs), bool(update), losses, status)
+            int(n_steps), plan.loss_const, float(max_abs), bool(update), losses, status,
+            snapshot_steps, snapshots)
         return state, losses, status
 
     def loss_and_gradient(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -347,7 +360,8 @@ class GradientEngine:
 
     def descend(self, w: np.ndarray, velocity: np.ndarray, lr: np.ndarray, n_steps: int,
                 momentum: float = 0.0, weight_decay: float = 0.0,
-                max_abs: float = np.inf) -> np.ndarray:
+                max_abs: float = np.inf, snapshot_steps: np.ndarray | None = None,
+                snapshots: np.ndarray | None = None) -> np.ndarray:
         """``n_steps`` gradient-descent steps on every run, in place.
 
         w, velocity: (n_runs, n_params), updated in place; lr: (n_runs,).
@@ -356,11 +370,23 @@ class GradientEngine:
         Returns the loss of each run before each step, (n_runs, n_steps). A run whose loss or
         weights stop being finite, or whose weights exceed ``max_abs``, stops there: its later
         losses are NaN (see ``last_status``: the failing step per run, or -1).
+        ``snapshot_steps`` (increasing step counts in 1..n_steps) and ``snapshots``
+        (n_runs, len(snapshot_steps), n_params): the weights after those many steps are written
+        there, so that many save points cost one call.
         """
         lr = np.broadcast_to(np.asarray(lr, dtype=np.float64), (w.shape[0],))
+        if snapshot_steps is not None:
+            snapshot_steps = np.ascontiguousarray(snapshot_steps, dtype=np.int64)
+            if snapshot_steps.size and (np.any(np.diff(snapshot_steps) <= 0)
+                                        or snapshot_steps[0] < 1 or snapshot_steps[-1] > n_steps):
+                raise ValueError("snapshot_steps must increase within 1..n_steps")
+            if snapshots is None or snapshots.shape != (w.shape[0], snapshot_steps.size,
+                                                        self.n_params):
+                raise ValueError("snapshots must be (n_runs, len(snapshot_steps), n_params)")
         if self.plan is not None:
             state, losses, status = self._run_plan(w, velocity, lr, n_steps, momentum,
-                                                   weight_decay, True, max_abs)
+                                                   weight_decay, True, max_abs,
+                                                   snapshot_steps, snapshots)
             n = self.n_params
             w[...] = state[:, :n]
             velocity[...] = state[:, n:2 * n]
@@ -372,6 +398,7 @@ class GradientEngine:
         losses = np.full((w.shape[0], n_steps), np.nan)
         status = np.full(w.shape[0], -1, dtype=np.int64)
         active = np.ones(w.shape[0], dtype=bool)
+        snap = 0
         for k in range(n_steps):
             L, G = self.loss_and_gradient(w)
             losses[active, k] = L[active]
@@ -386,6 +413,10 @@ class GradientEngine:
             bad = active & (~np.isfinite(L) | ~(np.abs(w) <= max_abs).all(axis=1))
             status[bad] = k
             active &= ~bad
+            if snapshot_steps is not None and snap < snapshot_steps.size \
+                    and snapshot_steps[snap] == k + 1:
+                snapshots[:, snap] = w
+                snap += 1
             if not active.any():
                 break
         self.last_status = status

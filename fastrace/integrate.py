@@ -1,5 +1,6 @@
-"""Integrate race systems: adaptive Dormand–Prince 5(4), the Rosenbrock method RODAS3, or the
-exact gradient-descent map, over the C core (``fastrace._race``) or numba kernels.
+"""Integrate race systems: adaptive Dormand–Prince 5(4), the Rosenbrock method RODAS3, the two
+with automatic stiffness switching, or the exact gradient-descent map, over the C core
+(``fastrace._race``) or numba kernels.
 
 One call integrates every mode of a :class:`~fastrace.system.RaceSystem`, optionally for many
 parameter sets at once (different initial weights ``b0``, ``s`` values or per-edge ``rate``
@@ -25,7 +26,8 @@ except ImportError:  # pragma: no cover - only in an unbuilt source tree
 
 __all__ = ["RaceSolution", "integrate_system", "STATUS_MESSAGES", "AUTO_C_MAX_SYSTEMS"]
 
-METHODS = ("dopri5", "rosenbrock", "gd")
+METHODS = ("dopri5", "rosenbrock", "auto", "gd")
+_KERNELS = {"dopri5": "dopri5", "rosenbrock": "rodas3", "auto": "auto"}
 BACKENDS = ("auto", "numba", "c")
 #: backend="auto" uses the C core up to this many systems (no JIT wait), numba above.
 AUTO_C_MAX_SYSTEMS = 2048
@@ -108,7 +110,10 @@ def integrate_system(system: RaceSystem, b0: ArrayLike, *, method: str = "dopri5
     Methods:
     - ``"dopri5"``: adaptive Dormand–Prince 5(4), dense output of order 4 at ``save_at``.
     - ``"rosenbrock"``: RODAS3 (stiffly accurate, L-stable, order 3) with the analytic
-      Jacobian; the method of choice for long runs past convergence, which are stiff.
+      Jacobian and dense output of order 3.
+    - ``"auto"``: dopri5 until Hairer's stiffness test fires, then rosenbrock to the end.
+      Race systems turn stiff once a mode is learnt (the step of an explicit method is then
+      capped by stability, not accuracy), so for long runs this is by far the cheapest.
     - ``"gd"``: the exact gradient-descent map b <- b + lr * rhs(b); step k is time k * lr.
 
     Parameters
@@ -153,7 +158,8 @@ def integrate_system(system: RaceSystem, b0: ArrayLike, *, method: str = "dopri5
 
     if method == "gd":
         if events is not None:
-            raise ConfigError("events are computed by the ODE methods only (dopri5, rosenbrock)")
+            raise ConfigError("events are computed by the ODE methods only (dopri5, rosenbrock, "
+                          "auto)")
         lr_value, record, t = _gd_schedule(lr, steps, t_end, save_at)
         args = structure + (b0_flat, s_flat, system.d, rate_flat, lr_value, record)
         out, status, stats = _run(backend, "gd", args, threads)
@@ -169,7 +175,7 @@ def integrate_system(system: RaceSystem, b0: ArrayLike, *, method: str = "dopri5
         h0_value = 0.0 if h0 is None else _positive(h0, "h0")
         hmax_value = 0.0 if hmax is None else _positive(hmax, "hmax")
         thresholds = _thresholds(events, system.n_paths)
-        kernel = "dopri5" if method == "dopri5" else "rodas3"
+        kernel = _KERNELS[method]
         if thresholds is None and backend == "numba":  # one compiled signature: NaN = no event
             thresholds_arg = np.full(system.n_paths, np.nan)
         else:
@@ -384,7 +390,7 @@ def _raise_failure(solution: RaceSolution) -> None:
                               step=step, quantity="b", value=float("inf"))
     else:
         err = IntegrationError(f"integration failed for {len(lines)} of {solution.status.size} "
-                               f"systems: {shown}; try method='rosenbrock' for stiff runs, a "
+                               f"systems: {shown}; try method='auto' for stiff runs, a "
                                "larger max_steps, or looser tolerances")
     err.solution = solution
     raise err

@@ -55,6 +55,7 @@ METHODS = ("gd", "flow")
 WEIGHT_DTYPES = ("float64", "float32")
 SCHEMA = 1  # version of the run attributes written by simulate (read back by resume)
 MAX_CHUNK = 512  # most gradient-descent steps per engine call between divergence checks
+SNAPSHOT_BYTES = 64 * 2**20  # most memory for weight snapshots taken within one engine call
 SEND_ROWS, SEND_SECONDS = 64, 1.0  # rows go to the writer in blocks of 64, or after 1 s
 DIVERGED = "failed: diverged"  # status prefix of a diverged run (resume refuses it)
 
@@ -639,22 +640,37 @@ def _drive_gd(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: np.
             continue
 
         nxt = [steps, m + MAX_CHUNK]
-        j = int(np.searchsorted(save, m, side="right"))
-        if j < len(save):
-            nxt.append(int(save[j]))
         if every:
             nxt.append((m // every + 1) * every)
         nxt += [r.pos for r in live if r.pos > m]
         n = min(nxt) - m
+        # save points inside the chunk are snapshots taken by the engine, so a schedule of many
+        # save points costs few engine calls; their number is capped to bound the memory
+        lo = int(np.searchsorted(save, m, side="right"))
+        hi = int(np.searchsorted(save, m + n, side="left"))
+        cap = max(1, SNAPSHOT_BYTES // (8 * len(active) * engine.n_params))
+        if hi - lo > cap:
+            hi = lo + cap
+            n = int(save[hi]) - m
+        inner = np.asarray(save[lo:hi], dtype=np.int64)
+        snaps = np.empty((len(active), inner.size, engine.n_params))
 
         w = W if whole else W[idx]
         v = V if whole else V[idx]
         w_start, v_start = w.copy(), v.copy()
         with np.errstate(all="ignore"):
-            losses = engine.descend(w, v, plan.lr[idx], n, plan.momentum, plan.weight_decay)
+            losses = engine.descend(w, v, plan.lr[idx], n, plan.momentum, plan.weight_decay,
+                                    snapshot_steps=inner - m, snapshots=snaps)
         for k, row in zip(saving, pending):
             row["loss"] = np.float64(losses[k, 0])
             rec.emit(active[k], row)
+        for j, at in enumerate(inner):
+            if not (np.isfinite(losses[:, :at - m + 1]).all() and np.isfinite(snaps[:, j]).all()):
+                break  # the divergence below is reported; rows up to it are kept
+            rows = rec.rows(snaps[:, j], plan.lr[idx] * at, np.full(len(active), at), None)
+            for k, row in enumerate(rows):
+                row["loss"] = np.float64(losses[k, at - m])
+                rec.emit(active[k], row)
         diverged = ~np.isfinite(losses).all(axis=1) | _weights_bad(w, plan.divergence_threshold)
         if diverged.any():
             raise _locate_gd_divergence(engine, plan, active, idx, w_start, v_start, n, m)

@@ -104,12 +104,13 @@ def execute(fn, ops_i, ops_f, const, st, ints, flts, chars):
 
 @numba.njit(cache=True, nogil=True)
 def descend_one(fn, ops_i, ops_f, const, st, layout, lr, momentum, weight_decay, n_steps,
-                loss_const, max_abs, update, losses):
+                loss_const, max_abs, update, losses, snap_steps, snaps):
     """``n_steps`` evaluations (and, with ``update``, descent steps) of one run, in place.
 
     layout = (n_params, w_off, v_off, g_off, zero_start, zero_end). losses[s] receives the loss
-    before step s. Returns -1, or the first step whose loss is not finite (the run stops there
-    without updating), or ``n_steps`` when after the last step a weight is not finite or exceeds
+    before step s; snaps[j] the weights after snap_steps[j] steps (increasing, 1..n_steps).
+    Returns -1, or the first step whose loss is not finite (the run stops there without
+    updating), or ``n_steps`` when after the last step a weight is not finite or exceeds
     ``max_abs`` in magnitude.
     """
     n_params, w_off, v_off, g_off, z0, z1 = (layout[0], layout[1], layout[2], layout[3],
@@ -122,6 +123,7 @@ def descend_one(fn, ops_i, ops_f, const, st, layout, lr, momentum, weight_decay,
     w = st[w_off:w_off + n_params]
     v = st[v_off:v_off + n_params]
     g = st[g_off:g_off + n_params]
+    snap = 0
     for s in range(n_steps):
         for i in range(z0, z1):
             st[i] = 0.0
@@ -143,6 +145,9 @@ def descend_one(fn, ops_i, ops_f, const, st, layout, lr, momentum, weight_decay,
                 step = (g[i] + weight_decay * w[i]) + momentum * v[i]
                 v[i] = step
                 w[i] -= lr * step
+        if snap < snap_steps.shape[0] and snap_steps[snap] == s + 1:
+            snaps[snap, :] = w
+            snap += 1
     if update:
         for i in range(n_params):
             if not (abs(w[i]) <= max_abs):
@@ -152,15 +157,17 @@ def descend_one(fn, ops_i, ops_f, const, st, layout, lr, momentum, weight_decay,
 
 @numba.njit(cache=True, nogil=True)
 def descend_serial(fn, ops_i, ops_f, const, state, layout, lr, momentum, weight_decay, n_steps,
-                   loss_const, max_abs, update, losses, status):
+                   loss_const, max_abs, update, losses, status, snap_steps, snaps):
     for r in range(state.shape[0]):
         status[r] = descend_one(fn, ops_i, ops_f, const, state[r], layout, lr[r], momentum,
-                                weight_decay, n_steps, loss_const, max_abs, update, losses[r])
+                                weight_decay, n_steps, loss_const, max_abs, update, losses[r],
+                                snap_steps, snaps[r])
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def descend_parallel(fn, ops_i, ops_f, const, state, layout, lr, momentum, weight_decay, n_steps,
-                     loss_const, max_abs, update, losses, status):
+                     loss_const, max_abs, update, losses, status, snap_steps, snaps):
     for r in numba.prange(state.shape[0]):
         status[r] = descend_one(fn, ops_i, ops_f, const, state[r], layout, lr[r], momentum,
-                                weight_decay, n_steps, loss_const, max_abs, update, losses[r])
+                                weight_decay, n_steps, loss_const, max_abs, update, losses[r],
+                                snap_steps, snaps[r])

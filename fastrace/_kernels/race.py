@@ -363,8 +363,8 @@ def _crosses(g_old, g_new):
 def _events_start(st, thresholds, y0, t0, pi_old, event_times):
     path_strengths_one(st, y0, pi_old)
     for p in range(pi_old.shape[0]):
-        event_times[p] = np.nan
-        if not np.isnan(thresholds[p]) and pi_old[p] - thresholds[p] == 0.0:
+        if (np.isnan(event_times[p]) and not np.isnan(thresholds[p])
+                and pi_old[p] - thresholds[p] == 0.0):
             event_times[p] = t0
 
 
@@ -379,9 +379,25 @@ def _any_crossing(thresholds, pi_old, pi_new, event_times):
 
 
 @njit(**_OPTS)
-def _bad_options(t0, t_end, rtol, atol, max_steps):
-    return (not (t_end > t0) or not (rtol > 0.0) or not (atol > 0.0) or not np.isfinite(t0)
-            or not np.isfinite(t_end) or max_steps < 1)
+def _options_ok(t0, t_end, rtol, atol, max_steps):
+    return (t_end > t0 and rtol > 0.0 and atol > 0.0 and np.isfinite(t0) and np.isfinite(t_end)
+            and max_steps >= 1)
+
+
+@njit(**_OPTS)
+def _run_begin(stats, event_times):
+    stats[0] = 0
+    stats[1] = 0
+    stats[2] = 0
+    for p in range(event_times.shape[0]):
+        event_times[p] = np.nan
+
+
+@njit(**_OPTS)
+def _run_finish(out, k_out):
+    for k in range(k_out, out.shape[0]):
+        for i in range(out.shape[1]):
+            out[k, i] = np.nan
 
 
 # ------------------------------------------------------------------------------------------
@@ -508,9 +524,10 @@ def _dp_locate_events(st, thresholds, pi_old, pi_new, t, h, y, rc2, rc3,
 
 
 @njit(**_OPTS)
-def dopri5_one(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax_opt, max_steps, thresholds,
-               events, out, event_times, stats, work):
-    """race_dopri5 for one system: out (n_out, n_edges); stats [accepted, rejected, rhs]."""
+def _dopri5_core(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax_opt, max_steps,
+                 thresholds, events, out, event_times, stats, work, detect_stiff):
+    """dopri5_core of race.c: adds to stats, writes outputs and pending events; y is
+    work[:n] throughout.  Returns (status, outputs written, t, h, stopped because stiff)."""
     n = b0.shape[0]
     n_paths = st[0]
     n_out = t_out.shape[0]
@@ -533,22 +550,17 @@ def dopri5_one(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax_opt, max_step
     pi_new = work[15 * n + n_paths:15 * n + 2 * n_paths]
     rwork = work[15 * n + 2 * n_paths:]
 
-    stats[0] = 0
-    stats[1] = 0
-    stats[2] = 0
-    for p in range(n_paths):
-        event_times[p] = np.nan
     k_out = 0
     status = OK
-    if _bad_options(t0, t_end, rtol, atol, max_steps):
-        status = BAD_INPUT
-    else:
-        for i in range(n):
-            y[i] = b0[i]
-        rhs_one(st, par, y, k1, rwork)
-        stats[2] = 1
-        if not _all_finite(y) or not _all_finite(k1):
-            status = NONFINITE
+    t = t0
+    h = 0.0
+    stiff = False
+    for i in range(n):
+        y[i] = b0[i]
+    rhs_one(st, par, y, k1, rwork)
+    stats[2] += 1
+    if not _all_finite(y) or not _all_finite(k1):
+        status = NONFINITE
     if status == OK:
         if events:
             _events_start(st, thresholds, y, t0, pi_old, event_times)
@@ -560,15 +572,15 @@ def dopri5_one(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax_opt, max_step
         if h0 > 0.0:
             h = min(h0, hmax)
         else:
-            h = _initial_step(st, par, y, k1,
-                              hmax, rtol, atol, 5.0, ytmp, k2, rwork)
+            h = _initial_step(st, par, y, k1, hmax, rtol, atol, 5.0, ytmp, k2, rwork)
             stats[2] += 1
-        t = t0
         facold = 1e-4
         reject = False
         last = False
         nonfinite = False
         nstep = 0
+        iasti = 0
+        nonsti = 0
         while True:
             if nstep >= max_steps:
                 status = MAX_STEPS
@@ -650,6 +662,20 @@ def dopri5_one(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax_opt, max_step
                                           y, rc2, rc3, rc4, rc5, event_times)
                     for p in range(n_paths):
                         pi_old[p] = pi_new[p]
+                if detect_stiff:
+                    # Hairer's test; ytmp still holds the point of stage 6 and k6 its slope
+                    stnum = 0.0
+                    stden = 0.0
+                    for i in range(n):
+                        stnum += (k7[i] - k6[i]) * (k7[i] - k6[i])
+                        stden += (ynew[i] - ytmp[i]) * (ynew[i] - ytmp[i])
+                    if stden > 0.0 and h * math.sqrt(stnum / stden) > 3.25:
+                        nonsti = 0
+                        iasti += 1
+                    else:
+                        nonsti += 1
+                        if nonsti == 6:
+                            iasti = 0
                 for i in range(n):
                     y[i] = ynew[i]
                     k1[i] = k7[i]
@@ -662,16 +688,31 @@ def dopri5_one(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax_opt, max_step
                     hnew = min(abs(hnew), abs(h))
                 reject = False
                 nonfinite = False
+                if iasti >= 15:
+                    stiff = True
+                    h = hnew
+                    break
             else:
                 hnew = h / min(DP_FACC1, fac11 / DP_SAFE)
                 reject = True
                 last = False
                 stats[1] += 1
             h = hnew
-    while k_out < n_out:
-        for i in range(n):
-            out[k_out, i] = np.nan
-        k_out += 1
+    return status, k_out, t, h, stiff
+
+
+@njit(**_OPTS)
+def dopri5_one(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax, max_steps, thresholds,
+               events, out, event_times, stats, work):
+    """race_dopri5 for one system: out (n_out, n_edges); stats [accepted, rejected, rhs]."""
+    _run_begin(stats, event_times)
+    status = BAD_INPUT
+    k_out = 0
+    if _options_ok(t0, t_end, rtol, atol, max_steps):
+        status, k_out, _, _, _ = _dopri5_core(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax,
+                                              max_steps, thresholds, events, out, event_times,
+                                              stats, work, False)
+    _run_finish(out, k_out)
     return status
 
 
@@ -803,9 +844,10 @@ def _hermite_locate_events(st, thresholds, pi_old, pi_new, t, h, y, f0, ynew,
 
 
 @njit(**_OPTS)
-def rodas3_one(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax_opt, max_steps, thresholds,
-               events, out, event_times, stats, work, jac, g, piv):
-    """race_rodas3 for one system; jac and g are (n, n) scratch, piv (n,) int64."""
+def _rodas3_core(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax_opt, max_steps,
+                 thresholds, events, out, event_times, stats, work, jac, g, piv):
+    """rodas3_core of race.c; jac and g are (n, n) scratch, piv (n,) int64.
+    Returns (status, outputs written, t, h)."""
     n = b0.shape[0]
     n_paths = st[0]
     n_out = t_out.shape[0]
@@ -823,22 +865,16 @@ def rodas3_one(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax_opt, max_step
     pi_new = work[10 * n + n_paths:10 * n + 2 * n_paths]
     rwork = work[10 * n + 2 * n_paths:]
 
-    stats[0] = 0
-    stats[1] = 0
-    stats[2] = 0
-    for p in range(n_paths):
-        event_times[p] = np.nan
     k_out = 0
     status = OK
-    if _bad_options(t0, t_end, rtol, atol, max_steps):
-        status = BAD_INPUT
-    else:
-        for i in range(n):
-            y[i] = b0[i]
-        rhs_one(st, par, y, f0, rwork)
-        stats[2] = 1
-        if not _all_finite(y) or not _all_finite(f0):
-            status = NONFINITE
+    t = t0
+    h = 0.0
+    for i in range(n):
+        y[i] = b0[i]
+    rhs_one(st, par, y, f0, rwork)
+    stats[2] += 1
+    if not _all_finite(y) or not _all_finite(f0):
+        status = NONFINITE
     if status == OK:
         if events:
             _events_start(st, thresholds, y, t0, pi_old, event_times)
@@ -850,10 +886,8 @@ def rodas3_one(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax_opt, max_step
         if h0 > 0.0:
             h = min(h0, hmax)
         else:
-            h = _initial_step(st, par, y, f0,
-                              hmax, rtol, atol, 3.0, ytmp, ftmp, rwork)
+            h = _initial_step(st, par, y, f0, hmax, rtol, atol, 3.0, ytmp, ftmp, rwork)
             stats[2] += 1
-        t = t0
         reject = False
         last = False
         nonfinite = False
@@ -966,11 +1000,84 @@ def rodas3_one(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax_opt, max_step
                 last = False
                 stats[1] += 1
             h = hnew
-    while k_out < n_out:
-        for i in range(n):
-            out[k_out, i] = np.nan
-        k_out += 1
+    return status, k_out, t, h
+
+
+@njit(**_OPTS)
+def rodas3_one(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax, max_steps, thresholds,
+               events, out, event_times, stats, work, jac, g, piv):
+    """race_rodas3 for one system."""
+    _run_begin(stats, event_times)
+    status = BAD_INPUT
+    k_out = 0
+    if _options_ok(t0, t_end, rtol, atol, max_steps):
+        status, k_out, _, _ = _rodas3_core(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax,
+                                           max_steps, thresholds, events, out, event_times,
+                                           stats, work, jac, g, piv)
+    _run_finish(out, k_out)
     return status
+
+
+@njit(**_OPTS)
+def auto_one(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax, max_steps, thresholds, events,
+             out, event_times, stats, work, jac, g, piv, ybuf):
+    """race_auto for one system: DOPRI5 until stiff, then RODAS3; ybuf (n,) scratch."""
+    _run_begin(stats, event_times)
+    status = BAD_INPUT
+    k_out = 0
+    if _options_ok(t0, t_end, rtol, atol, max_steps):
+        status, k_out, t, h, stiff = _dopri5_core(st, par, b0, t0, t_end, t_out, rtol, atol, h0,
+                                                  hmax, max_steps, thresholds, events, out,
+                                                  event_times, stats, work, True)
+        if status == OK and stiff:
+            rest = max_steps - (stats[0] + stats[1])
+            if rest < 1:
+                status = MAX_STEPS
+            else:
+                for i in range(ybuf.shape[0]):
+                    ybuf[i] = work[i]
+                status, k_more, _, _ = _rodas3_core(st, par, ybuf, t, t_end, t_out[k_out:], rtol,
+                                                    atol, h, hmax, rest, thresholds, events,
+                                                    out[k_out:], event_times, stats, work, jac,
+                                                    g, piv)
+                k_out += k_more
+    _run_finish(out, k_out)
+    return status
+
+
+@njit(parallel=True, **_OPTS)
+def auto_batch(st, b0, s, d, rate, t0, t_end, t_out, rtol, atol, h0, hmax, max_steps, thresholds,
+               n_chunks):
+    n_sys, n = b0.shape
+    n_paths = st[0]
+    n_out = t_out.shape[0]
+    events = False
+    for p in range(n_paths):
+        if not np.isnan(thresholds[p]):
+            events = True
+    out = np.empty((n_out, n_sys, n))
+    event_times = np.empty((n_sys, n_paths))
+    status = np.empty(n_sys, dtype=np.int64)
+    stats = np.zeros((n_sys, 3), dtype=np.int64)
+    n_chunks = max(1, min(n_sys, n_chunks))
+    for c in prange(n_chunks):
+        lo, hi = _chunk(c, n_chunks, n_sys)
+        work = np.empty(15 * n + 2 * n_paths + work_size(st, n))
+        par = np.empty(s.shape[1] + d.shape[1] + n)
+        jac = np.empty((n, n))
+        g = np.empty((n, n))
+        piv = np.empty(n, dtype=np.int64)
+        ybuf = np.empty(n)
+        buf = np.empty((n_out, n))
+        for i in range(lo, hi):
+            _fill_par(par, s[i % s.shape[0]], d[i % d.shape[0]], rate[i % rate.shape[0]])
+            status[i] = auto_one(st, par, b0[i], t0, t_end, t_out, rtol, atol, h0, hmax,
+                                 max_steps, thresholds, events, buf, event_times[i], stats[i],
+                                 work, jac, g, piv, ybuf)
+            for k in range(n_out):
+                for e in range(n):
+                    out[k, i, e] = buf[k, e]
+    return out, event_times, status, stats
 
 
 @njit(parallel=True, **_OPTS)
