@@ -50,14 +50,17 @@ def check_weights(net: Network, weights: Mapping[str, object]) -> Weights:
 
 
 def choose_engine(net: Network, data: Dataset, engine: str = "auto") -> str:
-    """The engine to use: ``"moments"`` when contexts are few compared with samples."""
+    """The engine to use: ``"moments"`` when the contexts carry no more input columns in all
+    (each context counts the dimensions of its open input nodes) than there are samples."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine != "auto":
         return engine
-    n_ctx = data.contexts(net).count
-    d_in = sum(net.dim(u) for u in net.inputs)
-    return "moments" if n_ctx * d_in <= data.n_samples else "samples"
+    ctx = data.contexts(net)
+    node_col = {v: i for i, v in enumerate(net.nodes)}
+    columns = sum(net.dim(u) * np.count_nonzero(ctx.node_gates[:, node_col[u]])
+                  for u in net.inputs)
+    return "moments" if columns <= data.n_samples else "samples"
 
 
 # ---------------------------------------------------------------------- samples engine

@@ -1,5 +1,5 @@
 """Integrate race systems: adaptive Dormand–Prince 5(4), the Rosenbrock method RODAS3, the two
-with automatic stiffness switching, or the exact gradient-descent map, over the C core
+combined by automatic stiffness switching, or the exact gradient-descent map, over the C core
 (``fastrace._race``) or numba kernels.
 
 One call integrates every mode of a :class:`~fastrace.system.RaceSystem`, optionally for many
@@ -74,6 +74,7 @@ class RaceSolution:
 
     @property
     def ok(self) -> bool:
+        """True when every system reached its end."""
         return not self.status.any()
 
     @property

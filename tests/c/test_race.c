@@ -208,6 +208,42 @@ static void test_blow_up(void)
                          iwork);
     check_true("rodas3 blow-up stops with an error status", status != RACE_OK && isnan(out[0]));
     free(work);
+    work = work_for(race_auto_work_size(&sys));
+    status = race_auto(&sys, s, d, b0, 0.0, 20.0, 1, t_out, &opt, NULL, out, NULL, NULL, work,
+                       iwork);
+    check_true("auto blow-up stops with an error status", status != RACE_OK && isnan(out[0]));
+    free(work);
+}
+
+/* race_auto on the D = 2 path long past convergence: switches to RODAS3, stays accurate */
+static void test_auto_switches(void)
+{
+    const int64_t path_ptr[] = {0, 2}, path_edges[] = {0, 1}, target_ptr[] = {0, 1};
+    const int64_t target_paths[] = {0};
+    const double s[] = {2.0}, d[] = {1.5}, b0[] = {0.05, 0.05};
+    const double pi0 = 0.05 * 0.05, thr[] = {0.5 * 2.0 / 1.5};
+    race_system sys = {2, 1, path_ptr, path_edges, target_ptr, target_paths, NULL};
+    race_ode_options opt = {1e-10, 1e-12, 0.0, 0.0, 100000};
+    double t_out[5] = {0.0, 1.0, 2.0, 50.0, 300.0}, out[10], ev[1];
+    double *work = work_for(race_auto_work_size(&sys));
+    int64_t iwork[2];
+    race_stats st_auto, st_dp;
+    double t_cross = log(thr[0] * (2.0 - 1.5 * pi0) / (pi0 * (2.0 - 1.5 * thr[0]))) / (2.0 * 2.0);
+    int status = race_auto(&sys, s, d, b0, 0.0, 300.0, 5, t_out, &opt, thr, out, ev, &st_auto,
+                           work, iwork);
+    check_true("auto status", status == RACE_OK);
+    for (int k = 0; k < 5; ++k) {
+        char label[64];
+        snprintf(label, sizeof label, "auto pi(t=%g)", t_out[k]);
+        check_close(label, out[2 * k] * out[2 * k + 1], pi_d2(2.0, 1.5, pi0, t_out[k]),
+                    1e-7 * pi_d2(2.0, 1.5, pi0, t_out[k]));
+    }
+    check_close("auto event time", ev[0], t_cross, 1e-8);
+    status = race_dopri5(&sys, s, d, b0, 0.0, 300.0, 5, t_out, &opt, thr, out, ev, &st_dp, work);
+    check_true("dopri5 status (long run)", status == RACE_OK);
+    check_true("auto switched to RODAS3 and took far fewer steps",
+               2 * st_auto.n_accepted < st_dp.n_accepted);
+    free(work);
 }
 
 int main(void)
@@ -218,6 +254,7 @@ int main(void)
     test_ode_d2(0);
     test_ode_d2(1);
     test_blow_up();
+    test_auto_switches();
     if (failures) {
         printf("%d check(s) failed\n", failures);
         return 1;
