@@ -131,7 +131,9 @@ int race_gd_map(const race_system *sys, const double *s, const double *d, const 
  * controller, h_new = h / clamp(err^0.17 / err_old^0.04 / 0.9, 1/10, 5), no increase right
  * after a rejection; a rejected step shrinks by clamp(err^0.17 / 0.9, <= 5); a non-finite
  * error estimate rejects the step with h *= 0.1.  The last step is shortened to land on
- * t_end exactly.
+ * t_end exactly.  A run ends with RACE_MAX_STEPS after opt->max_steps attempted steps, and
+ * with RACE_STEP_TOO_SMALL when 0.1 h <= |t| DBL_EPSILON (RACE_NONFINITE instead when the
+ * steps shrank because of inf/NaN), so it never hangs.
  *
  * Output: out[k * n_edges .. ] = b(t_out[k]) for the n_out non-decreasing times t_out in
  * [t0, t_end], from the 4th-order continuous extension of DP5 (the state itself when a

@@ -93,16 +93,6 @@ def path_strengths_one(st, b, pi):
 
 
 @njit(**_OPTS)
-def path_at(st, p, b):
-    """pi_p of b."""
-    pe = HEAD + st[0] + 1
-    x = 1.0
-    for k in range(st[HEAD + p], st[HEAD + p + 1]):
-        x *= b[st[pe + k]]
-    return x
-
-
-@njit(**_OPTS)
 def rhs_one(st, par, b, db, work):
     # one flat function on purpose: this is the hot path
     n = b.shape[0]
@@ -1018,6 +1008,44 @@ def rodas3_one(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax, max_steps, t
     return status
 
 
+@njit(parallel=True, **_OPTS)
+def rodas3_batch(st, b0, s, d, rate, t0, t_end, t_out, rtol, atol, h0, hmax, max_steps,
+                 thresholds, n_chunks):
+    n_sys, n = b0.shape
+    n_paths = st[0]
+    n_out = t_out.shape[0]
+    events = False
+    for p in range(n_paths):
+        if not np.isnan(thresholds[p]):
+            events = True
+    out = np.empty((n_out, n_sys, n))
+    event_times = np.empty((n_sys, n_paths))
+    status = np.empty(n_sys, dtype=np.int64)
+    stats = np.zeros((n_sys, 3), dtype=np.int64)
+    n_chunks = max(1, min(n_sys, n_chunks))
+    for c in prange(n_chunks):
+        lo, hi = _chunk(c, n_chunks, n_sys)
+        work = np.empty(10 * n + 2 * n_paths + work_size(st, n))
+        par = np.empty(s.shape[1] + d.shape[1] + n)
+        jac = np.empty((n, n))
+        g = np.empty((n, n))
+        piv = np.empty(n, dtype=np.int64)
+        buf = np.empty((n_out, n))
+        for i in range(lo, hi):
+            _fill_par(par, s[i % s.shape[0]], d[i % d.shape[0]], rate[i % rate.shape[0]])
+            status[i] = rodas3_one(st, par, b0[i], t0, t_end, t_out, rtol, atol, h0, hmax,
+                                   max_steps, thresholds, events, buf, event_times[i], stats[i],
+                                   work, jac, g, piv)
+            for k in range(n_out):
+                for e in range(n):
+                    out[k, i, e] = buf[k, e]
+    return out, event_times, status, stats
+
+
+# ------------------------------------------------------------------------------------------
+# automatic stiffness switching (race_auto): DOPRI5 until stiff, then RODAS3
+
+
 @njit(**_OPTS)
 def auto_one(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax, max_steps, thresholds, events,
              out, event_times, stats, work, jac, g, piv, ybuf):
@@ -1074,40 +1102,6 @@ def auto_batch(st, b0, s, d, rate, t0, t_end, t_out, rtol, atol, h0, hmax, max_s
             status[i] = auto_one(st, par, b0[i], t0, t_end, t_out, rtol, atol, h0, hmax,
                                  max_steps, thresholds, events, buf, event_times[i], stats[i],
                                  work, jac, g, piv, ybuf)
-            for k in range(n_out):
-                for e in range(n):
-                    out[k, i, e] = buf[k, e]
-    return out, event_times, status, stats
-
-
-@njit(parallel=True, **_OPTS)
-def rodas3_batch(st, b0, s, d, rate, t0, t_end, t_out, rtol, atol, h0, hmax, max_steps,
-                 thresholds, n_chunks):
-    n_sys, n = b0.shape
-    n_paths = st[0]
-    n_out = t_out.shape[0]
-    events = False
-    for p in range(n_paths):
-        if not np.isnan(thresholds[p]):
-            events = True
-    out = np.empty((n_out, n_sys, n))
-    event_times = np.empty((n_sys, n_paths))
-    status = np.empty(n_sys, dtype=np.int64)
-    stats = np.zeros((n_sys, 3), dtype=np.int64)
-    n_chunks = max(1, min(n_sys, n_chunks))
-    for c in prange(n_chunks):
-        lo, hi = _chunk(c, n_chunks, n_sys)
-        work = np.empty(10 * n + 2 * n_paths + work_size(st, n))
-        par = np.empty(s.shape[1] + d.shape[1] + n)
-        jac = np.empty((n, n))
-        g = np.empty((n, n))
-        piv = np.empty(n, dtype=np.int64)
-        buf = np.empty((n_out, n))
-        for i in range(lo, hi):
-            _fill_par(par, s[i % s.shape[0]], d[i % d.shape[0]], rate[i % rate.shape[0]])
-            status[i] = rodas3_one(st, par, b0[i], t0, t_end, t_out, rtol, atol, h0, hmax,
-                                   max_steps, thresholds, events, buf, event_times[i], stats[i],
-                                   work, jac, g, piv)
             for k in range(n_out):
                 for e in range(n):
                     out[k, i, e] = buf[k, e]
