@@ -25,14 +25,15 @@ _STATE, _CONST = 0, 1
 
 class _Ops:
     """Builds a plan: rows of (opcode, m, n, k, a_src, a_off, a_ld, b_src, b_off, b_ld, c_off,
-    c_ld) and (alpha, beta); consecutive products that continue each other are merged."""
+    c_ld, scale_by_lr) and (alpha, beta); consecutive products that continue each other are
+    merged."""
 
     def __init__(self) -> None:
         self.rows: list[list[int]] = []
         self.coef: list[list[float]] = []
 
-    def gemm(self, kind, m, n, k, a, b, c, alpha, beta=1.0):
-        row = [_OP[kind], m, n, k, a[0], a[1], a[2], b[0], b[1], b[2], c[0], c[1]]
+    def gemm(self, kind, m, n, k, a, b, c, alpha, beta=1.0, scale_by_lr=0):
+        row = [_OP[kind], m, n, k, a[0], a[1], a[2], b[0], b[1], b[2], c[0], c[1], scale_by_lr]
         if self.rows and self._merge(row, alpha, beta):
             return
         self.rows.append(row)
@@ -47,26 +48,27 @@ class _Ops:
         def same(idx):
             return all(last[i] == row[i] for i in idx)
 
-        if code in (0, 2) and beta == last_beta and same((1, 3, 4, 5, 6, 7, 9, 11)) \
+        if code in (0, 2) and beta == last_beta and same((1, 3, 4, 5, 6, 7, 9, 11, 12)) \
                 and row[8] == last[8] + last[2] and row[10] == last[10] + last[2]:
             last[2] += row[2]  # more columns of B and C
             return True
-        if code == 1 and beta == 1.0 and same((1, 2, 4, 6, 7, 9, 10, 11)) \
+        if code == 1 and beta == 1.0 and same((1, 2, 4, 6, 7, 9, 10, 11, 12)) \
                 and row[5] == last[5] + last[3] and row[8] == last[8] + last[3]:
             last[3] += row[3]  # the same C, summed over more columns of A and B
             return True
         return False
 
-    def axpby(self, m, n, a, c, alpha, beta):
-        self.rows.append([_OP["axpby"], m, n, 0, a[0], a[1], a[2], 0, 0, 0, c[0], c[1]])
+    def axpby(self, m, n, a, c, alpha, beta, scale_by_lr=0):
+        self.rows.append([_OP["axpby"], m, n, 0, a[0], a[1], a[2], 0, 0, 0, c[0], c[1],
+                          scale_by_lr])
         self.coef.append([alpha, beta])
 
     def dot(self, m, n, a, b, alpha):
-        self.rows.append([_OP["dot"], m, n, 0, a[0], a[1], a[2], b[0], b[1], b[2], 0, 0])
+        self.rows.append([_OP["dot"], m, n, 0, a[0], a[1], a[2], b[0], b[1], b[2], 0, 0, 0])
         self.coef.append([alpha, 0.0])
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        ints = np.array(self.rows, dtype=np.int64).reshape(-1, 12)
+        ints = np.array(self.rows, dtype=np.int64).reshape(-1, 13)
         return ints, np.array(self.coef, dtype=np.float64).reshape(-1, 2)
 
 
@@ -231,34 +233,49 @@ class MomentsPlan:
                 ops.gemm("nn", rows_, n, n, (_STATE, blk, ld), (_CONST, xx_at, n), (gblk, ld), -1.0)
                 ops.dot(rows_, n, (_STATE, blk, ld), (_CONST, yx_at, n), -0.5)
                 ops.dot(rows_, n, (_STATE, blk, ld), (_STATE, gblk, ld), -0.5)
-        # backward: gradients and G_s += a W_eᵀ G_v, in reverse topological order
-        for v in reversed(order):
-            if v in inputs:
-                continue
-            dv = net.dim(v)
-            for e, s, k, ks, a, c in links(v):
-                gcol = G_off[v] + start[v][k]
-                if s in inputs:
-                    gu = float(ctx.node_gates[c, node_col[s]])
-                    ops.axpby(dv, net.dim(s), (_STATE, gcol + pos[v][k][s], width[v]),
-                              (g_off + offsets[e], net.dim(s)), -a * gu, first(("grad", e)))
+        # backward, in reverse topological order: G_s += a W_eᵀ G_v, and the gradients. Two
+        # versions: one writes ∂L/∂W into the gradient block; the other (plain gradient descent)
+        # adds −lr ∂L/∂W straight into W, after W_e's last use, so that no gradient is stored
+        # and no separate update pass runs (the flag scales alpha by the run's lr).
+        front = (list(map(list, ops.rows)), list(map(list, ops.coef)), set(written))
+        tables = {}
+        for fused in (False, True):
+            ops.rows, ops.coef = [list(r) for r in front[0]], [list(c) for c in front[1]]
+            written.clear()
+            written.update(front[2])
+            for v in reversed(order):
+                if v in inputs:
                     continue
-                for u in cols[s][ks]:
-                    ops.gemm("nt", dv, net.dim(s), net.dim(u),
-                             (_STATE, gcol + pos[v][k][u], width[v]),
-                             (_STATE, T_off[s] + start[s][ks] + pos[s][ks][u], width[s]),
-                             (g_off + offsets[e], net.dim(s)), -a, first(("grad", e)))
-            for e, s, k, ks, a, _ in links(v):
-                if s in inputs:
-                    continue
-                gcol = G_off[v] + start[v][k]
-                for u in cols[s][ks]:
-                    ops.gemm("tn", net.dim(s), net.dim(u), dv,
-                             (_STATE, offsets[e], net.dim(s)),
-                             (_STATE, gcol + pos[v][k][u], width[v]),
-                             (G_off[s] + start[s][ks] + pos[s][ks][u], width[s]), a,
-                             first(("G", s, ks, u)))
-        self.ops_i, self.ops_f = ops.arrays()
+                dv = net.dim(v)
+                for e, s, k, ks, a, _ in links(v):
+                    if s in inputs:
+                        continue
+                    gcol = G_off[v] + start[v][k]
+                    for u in cols[s][ks]:
+                        ops.gemm("tn", net.dim(s), net.dim(u), dv,
+                                 (_STATE, offsets[e], net.dim(s)),
+                                 (_STATE, gcol + pos[v][k][u], width[v]),
+                                 (G_off[s] + start[s][ks] + pos[s][ks][u], width[s]), a,
+                                 first(("G", s, ks, u)))
+                for e, s, k, ks, a, c in links(v):
+                    gcol = G_off[v] + start[v][k]
+                    target = (offsets[e] if fused else g_off + offsets[e], net.dim(s))
+                    sign, flag = (1.0, 1) if fused else (-1.0, 0)
+                    if s in inputs:
+                        gu = float(ctx.node_gates[c, node_col[s]])
+                        ops.axpby(dv, net.dim(s), (_STATE, gcol + pos[v][k][s], width[v]),
+                                  target, sign * a * gu,
+                                  1.0 if fused else first(("grad", e)), flag)
+                        continue
+                    for u in cols[s][ks]:
+                        ops.gemm("nt", dv, net.dim(s), net.dim(u),
+                                 (_STATE, gcol + pos[v][k][u], width[v]),
+                                 (_STATE, T_off[s] + start[s][ks] + pos[s][ks][u], width[s]),
+                                 target, sign * a, 1.0 if fused else first(("grad", e)), flag)
+            tables[fused] = ops.arrays()
+        self.ops_i, self.ops_f = tables[False]
+        #: the plan of one plain gradient-descent step (update fused into the gradient products)
+        self.step_i, self.step_f = tables[True]
         self.const = np.concatenate(const) if const else np.zeros(1)
         self.loss_const = loss_const
         self.n_groups = {v: len(cols[v]) for v in order}
@@ -328,7 +345,9 @@ class GradientEngine:
         # threads pay off only when there is enough work to share: small problems stay serial
         parallel = n_runs > 1 and n_runs * n_steps * plan.flops >= PARALLEL_MIN_FLOPS
         run = kernels.descend_parallel if parallel else kernels.descend_serial
-        run(kernels.dgemm_pointer(), plan.ops_i, plan.ops_f, plan.const, state, plan.layout,
+        fused = bool(update) and momentum == 0.0 and weight_decay == 0.0
+        ops_i, ops_f = (plan.step_i, plan.step_f) if fused else (plan.ops_i, plan.ops_f)
+        run(kernels.dgemm_pointer(), ops_i, ops_f, fused, plan.const, state, plan.layout,
             np.ascontiguousarray(lr, dtype=np.float64), float(momentum), float(weight_decay),
             int(n_steps), plan.loss_const, float(max_abs), bool(update), losses, status,
             snapshot_steps, snapshots)

@@ -664,13 +664,21 @@ def _drive_gd(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: np.
         for k, row in zip(saving, pending):
             row["loss"] = np.float64(losses[k, 0])
             rec.emit(active[k], row)
-        for j, at in enumerate(inner):
-            if not (np.isfinite(losses[:, :at - m + 1]).all() and np.isfinite(snaps[:, j]).all()):
-                break  # the divergence below is reported; rows up to it are kept
-            rows = rec.rows(snaps[:, j], plan.lr[idx] * at, np.full(len(active), at), None)
-            for k, row in enumerate(rows):
-                row["loss"] = np.float64(losses[k, at - m])
-                rec.emit(active[k], row)
+        good = 0  # save points before any divergence in this chunk: their rows are kept
+        while good < inner.size and np.isfinite(losses[:, :inner[good] - m + 1]).all() \
+                and np.isfinite(snaps[:, good]).all():
+            good += 1
+        if good:
+            # one batched call for every (save point, run): singular values of all at once
+            at = inner[:good]
+            rows = rec.rows(snaps[:, :good].transpose(1, 0, 2).reshape(-1, engine.n_params),
+                            (at[:, None] * plan.lr[idx][None, :]).ravel(),
+                            np.repeat(at, len(active)), None)
+            for j in range(good):
+                for k in range(len(active)):
+                    row = rows[j * len(active) + k]
+                    row["loss"] = np.float64(losses[k, at[j] - m])
+                    rec.emit(active[k], row)
         diverged = ~np.isfinite(losses).all(axis=1) | _weights_bad(w, plan.divergence_threshold)
         if diverged.any():
             raise _locate_gd_divergence(engine, plan, active, idx, w_start, v_start, n, m)
@@ -982,7 +990,8 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
              run_names: Sequence[str] | None = None, checkpoint_every: int | None = None,
              rtol: float = 1e-8, atol: float = 1e-10, threads: int | None = None,
              divergence_threshold: float = 1e8, progress: bool | None = None,
-             config: str = "", seed: int | None = None) -> Trajectory | list[Trajectory]:
+             config: str = "", seed: int | None = None,
+             compression: str = "auto") -> Trajectory | list[Trajectory]:
     """Train ``net`` on ``data`` from ``weights`` by gradient descent or gradient flow.
 
     Parameters
@@ -1029,6 +1038,8 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
         Stored in the file's root attributes (the experiment's TOML text, an int seed).
 
     Returns a Trajectory, or a list of them when ``weights`` is a list.
+    compression : str
+        HDF5 compression: "auto" (blosc-lz4 when hdf5plugin is installed), "blosc-lz4", "none".
     """
     if not isinstance(net, Network):
         raise NetworkError(f"net must be a fastrace.Network, got {type(net).__name__}")
@@ -1134,7 +1145,8 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
         from . import store
 
         writer = store.TrajectoryWriter(out, _run_specs(plan, rec, data),
-                                        network_json=net.to_json(), config=config, seed=seed)
+                                        network_json=net.to_json(), config=config, seed=seed,
+                                        compression=compression)
         rec.writer = writer
     runs = [_RunState(name, i) for i, name in enumerate(names)]
     _execute(eng, plan, runs, W, V, rec, writer, n_threads, progress)

@@ -6,9 +6,9 @@ product goes to BLAS ``dgemm`` through scipy's Cython BLAS, called from numba wi
 offsets into the flat vectors, so no operation allocates and a whole descent runs without
 returning to Python. Matrices are row-major with explicit leading dimensions.
 
-Columns of ``ops_i``: opcode, m, n, k, a_src, a_off, a_ld, b_src, b_off, b_ld, c_off, c_ld
-(src 0 = the run's state, 1 = the constants; C always lives in the state).
-``ops_f``: alpha, beta.
+Columns of ``ops_i``: opcode, m, n, k, a_src, a_off, a_ld, b_src, b_off, b_ld, c_off, c_ld,
+scale_by_lr (src 0 = the run's state, 1 = the constants; C always lives in the state; with
+scale_by_lr alpha is multiplied by the run's learning rate). ``ops_f``: alpha, beta.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numba
 import numpy as np
 
 GEMM_NN, GEMM_NT, GEMM_TN, AXPBY, DOT = 0, 1, 2, 3, 4
-N_INT_COLUMNS = 12
+N_INT_COLUMNS = 13
 
 _P = ctypes.c_void_p
 _DGEMM_TYPE = ctypes.CFUNCTYPE(None, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P)
@@ -59,7 +59,7 @@ def _gemm(fn, code, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, ints, flts, ch
 
 
 @numba.njit(cache=True, nogil=True)
-def execute(fn, ops_i, ops_f, const, st, ints, flts, chars):
+def execute(fn, ops_i, ops_f, const, st, lr, ints, flts, chars):
     """Run every operation of a plan on one state vector; return the accumulated DOT terms."""
     acc = 0.0
     for o in range(ops_i.shape[0]):
@@ -74,6 +74,8 @@ def execute(fn, ops_i, ops_f, const, st, ints, flts, chars):
         c_off = ops_i[o, 10]
         c_ld = ops_i[o, 11]
         alpha = ops_f[o, 0]
+        if ops_i[o, 12] != 0:
+            alpha *= lr
         beta = ops_f[o, 1]
         a = st if ops_i[o, 4] == 0 else const
         b = st if ops_i[o, 7] == 0 else const
@@ -103,12 +105,14 @@ def execute(fn, ops_i, ops_f, const, st, ints, flts, chars):
 
 
 @numba.njit(cache=True, nogil=True)
-def descend_one(fn, ops_i, ops_f, const, st, layout, lr, momentum, weight_decay, n_steps,
+def descend_one(fn, ops_i, ops_f, fused, const, st, layout, lr, momentum, weight_decay, n_steps,
                 loss_const, max_abs, update, losses, snap_steps, snaps):
     """``n_steps`` evaluations (and, with ``update``, descent steps) of one run, in place.
 
     layout = (n_params, w_off, v_off, g_off, zero_start, zero_end). losses[s] receives the loss
     before step s; snaps[j] the weights after snap_steps[j] steps (increasing, 1..n_steps).
+    ``fused``: the plan itself applies the plain gradient-descent update (no update pass); a
+    non-finite loss is then seen after that step's update.
     Returns -1, or the first step whose loss is not finite (the run stops there without
     updating), or ``n_steps`` when after the last step a weight is not finite or exceeds
     ``max_abs`` in magnitude.
@@ -127,16 +131,14 @@ def descend_one(fn, ops_i, ops_f, const, st, layout, lr, momentum, weight_decay,
     for s in range(n_steps):
         for i in range(z0, z1):
             st[i] = 0.0
-        loss = loss_const + execute(fn, ops_i, ops_f, const, st, ints, flts, chars)
+        # a fused plan applies this step's update itself (ops flagged to scale by lr)
+        loss = loss_const + execute(fn, ops_i, ops_f, const, st, lr, ints, flts, chars)
         losses[s] = loss
         if not np.isfinite(loss):
             return s
-        if not update:
-            continue
-        # branch-free loops, one per rule, so that they vectorise
-        if momentum == 0.0 and weight_decay == 0.0:
-            for i in range(n_params):
-                w[i] -= lr * g[i]
+        # branch-free loops, one per rule, so that they vectorise (plain descent is fused)
+        if fused or not update:
+            pass
         elif momentum == 0.0:
             for i in range(n_params):
                 w[i] -= lr * (g[i] + weight_decay * w[i])
@@ -156,18 +158,18 @@ def descend_one(fn, ops_i, ops_f, const, st, layout, lr, momentum, weight_decay,
 
 
 @numba.njit(cache=True, nogil=True)
-def descend_serial(fn, ops_i, ops_f, const, state, layout, lr, momentum, weight_decay, n_steps,
-                   loss_const, max_abs, update, losses, status, snap_steps, snaps):
+def descend_serial(fn, ops_i, ops_f, fused, const, state, layout, lr, momentum, weight_decay,
+                   n_steps, loss_const, max_abs, update, losses, status, snap_steps, snaps):
     for r in range(state.shape[0]):
-        status[r] = descend_one(fn, ops_i, ops_f, const, state[r], layout, lr[r], momentum,
+        status[r] = descend_one(fn, ops_i, ops_f, fused, const, state[r], layout, lr[r], momentum,
                                 weight_decay, n_steps, loss_const, max_abs, update, losses[r],
                                 snap_steps, snaps[r])
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def descend_parallel(fn, ops_i, ops_f, const, state, layout, lr, momentum, weight_decay, n_steps,
-                     loss_const, max_abs, update, losses, status, snap_steps, snaps):
+def descend_parallel(fn, ops_i, ops_f, fused, const, state, layout, lr, momentum, weight_decay,
+                     n_steps, loss_const, max_abs, update, losses, status, snap_steps, snaps):
     for r in numba.prange(state.shape[0]):
-        status[r] = descend_one(fn, ops_i, ops_f, const, state[r], layout, lr[r], momentum,
+        status[r] = descend_one(fn, ops_i, ops_f, fused, const, state[r], layout, lr[r], momentum,
                                 weight_decay, n_steps, loss_const, max_abs, update, losses[r],
                                 snap_steps, snaps[r])
