@@ -31,6 +31,37 @@ def _as_float_array(name: str, value, ndim: int) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def _distinct_rows(patterns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct rows of a (P, n) array: (index of each distinct row's first occurrence, in
+    lexicographic order of the rows; index (P,) of each row's distinct row).
+
+    Columns are coded as small integers (0/1 gates directly) and combined into one integer key
+    when the codes fit in 63 bits, so millions of samples group in a fraction of a second;
+    otherwise rows are compared whole.
+    """
+    P, n = patterns.shape
+    key = np.zeros(P, dtype=np.int64)
+    capacity = 1
+    for j in range(n):
+        col = patterns[:, j]
+        lo, hi = col.min(), col.max()
+        if lo == hi:
+            continue
+        if lo == 0.0 and hi == 1.0 and np.all((col == 0.0) | (col == 1.0)):
+            codes, radix = col.astype(np.int64), 2
+        else:
+            values, codes = np.unique(col, return_inverse=True)
+            codes, radix = codes.reshape(-1).astype(np.int64), values.size
+        if capacity > (2**62) // radix:
+            _, first, inverse = np.unique(patterns, axis=0, return_index=True,
+                                          return_inverse=True)
+            return first, inverse.reshape(-1)
+        key = key * radix + codes
+        capacity *= radix
+    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    return first, inverse.reshape(-1)
+
+
 @dataclass(frozen=True)
 class Contexts:
     """Samples grouped by distinct gate pattern.
@@ -157,9 +188,9 @@ class Dataset:
         cached = self._cache.get(key)
         if cached is None:
             g_nodes, g_edges = self.gate_matrix(net)
-            patterns = np.concatenate([g_nodes, g_edges], axis=1)
-            unique, index = np.unique(patterns, axis=0, return_inverse=True)
-            index = index.reshape(-1)
+            patterns = np.concatenate([g_nodes, g_edges], axis=1) + 0.0  # -0.0 -> 0.0
+            first, index = _distinct_rows(patterns)
+            unique = patterns[first]
             weight = np.bincount(index, weights=self.weights, minlength=unique.shape[0])
             n_nodes = g_nodes.shape[1]
             cached = Contexts(np.ascontiguousarray(unique[:, :n_nodes]),
