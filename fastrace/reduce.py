@@ -62,6 +62,8 @@ Loss: ``fr.loss(W) = Σ_α mode_loss_α(b) + loss_constant`` with ``loss_constan
 
 from __future__ import annotations
 
+import json
+
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -588,20 +590,29 @@ class Reduction:
     # ------------------------------------------------------------------ dynamics
     def integrate(self, b0, method: str = "dopri5", t_end: float | None = None,
                   save_at=None, lr: float | None = None, steps: int | None = None,
-                  **options) -> ReducedSolution:
+                  out=None, run_name: str = "theory", **options) -> ReducedSolution:
         """Integrate the reduced system from ``b0`` (scalar, (n_edges,) or (n_modes, n_edges)).
 
         ``method``: "dopri5" or "rosenbrock" (gradient flow, τ = 1, up to ``t_end``) or "gd" (the
         Euler map with learning rate ``lr`` for ``steps`` steps, t = k·lr; it reproduces full-network
         gradient descent from :meth:`aligned_init` exactly). Other options (rtol, atol, events,
-        backend, threads, ...) go to :func:`fastrace.integrate.integrate_system`.
+        backend, threads, ...) go to :func:`fastrace.integrate.integrate_system`. With ``out`` (a
+        path), the trajectory is written to that HDF5 file as run ``run_name`` (t, loss,
+        mode_loss, modes/b, modes/pi and, with events, the first crossing times).
         """
         from .integrate import integrate_system
 
+        if out is not None:
+            from . import store
+
+            store.check_writable(out)  # fail before any compute
         b = self.expand_b(b0)
         solution = integrate_system(self.system, b, method=method, t_end=t_end,
                                     save_at=save_at, lr=lr, steps=steps, **options)
-        return ReducedSolution(self, solution)
+        result = ReducedSolution(self, solution)
+        if out is not None:
+            result.to_hdf5(out, run_name)
+        return result
 
 
 @dataclass(frozen=True)
@@ -639,6 +650,30 @@ class ReducedSolution:
     @property
     def path_strengths(self) -> np.ndarray:
         return self.reduction.system.path_strengths(self.b)
+
+    def to_hdf5(self, path, run: str = "theory") -> None:
+        """Write this trajectory to a fastrace HDF5 file (replaced if it exists) as ``run``."""
+        from . import store
+
+        series = {"t": np.asarray(self.t, dtype=np.float64),
+                  "loss": np.asarray(self.loss, dtype=np.float64),
+                  "mode_loss": np.asarray(self.mode_loss, dtype=np.float64),
+                  "modes/b": np.ascontiguousarray(self.b, dtype=np.float64),
+                  "modes/pi": np.ascontiguousarray(self.path_strengths, dtype=np.float64)}
+        if self.events is not None:
+            series["events"] = np.asarray(self.events, dtype=np.float64)[None]
+        attrs = {"kind": "theory", "method": self.solution.method,
+                 "residual": float(self.reduction.residual),
+                 "approximate": bool(self.reduction.approximate),
+                 "edges": json.dumps(list(self.reduction.system.edge_names))}
+        spec = store.RunSpec(series={k: (v.shape[1:], v.dtype) for k, v in series.items()},
+                             attrs=attrs)
+        with store.TrajectoryWriter(path, {run: spec},
+                                    network_json=self.reduction.network.to_json()) as writer:
+            writer.append(run, series)
+            writer.set_steps_done(run, int(self.t.size))
+            if not self.solution.ok:
+                writer.set_status(run, "failed: " + "; ".join(self.solution.failures()[:3]))
 
     @property
     def mode_loss(self) -> np.ndarray:

@@ -271,6 +271,11 @@ def _check_status(status: Any) -> str:
     return status
 
 
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Raise StoreError unless a fastrace file can be created at ``path`` (call before compute)."""
+    _check_writable(Path(path))
+
+
 def _check_writable(path: Path) -> None:
     if path.is_dir():
         raise StoreError(f"cannot write {path}: it is a directory")

@@ -460,3 +460,20 @@ def test_routing_reduced_gd_matches_full_gd(routing_case):
     W = weights[-1]
     for i in range(1, 7):
         np.testing.assert_allclose(W[f"in{i}->h1"], W["in0->h1"], atol=1e-9)
+
+
+def test_reduced_trajectory_streams_to_hdf5(tmp_path):
+    from fastrace import store
+
+    task = fr.tasks.routing()
+    red = fr.reduce(task.network, task.data)
+    path = tmp_path / "theory.h5"
+    th = red.integrate(0.08, method="gd", lr=0.02, steps=50, out=path)
+    data = store.read_run(path, "theory")
+    assert data.status == "complete"
+    np.testing.assert_array_equal(data["t"], th.t)
+    np.testing.assert_array_equal(data["loss"], th.loss)
+    np.testing.assert_array_equal(data["modes/b"], th.b)
+    np.testing.assert_array_equal(data["modes/pi"], th.path_strengths)
+    with pytest.raises(fr.StoreError, match="does not exist"):
+        red.integrate(0.08, method="gd", lr=0.02, steps=5, out=tmp_path / "no" / "x.h5")
