@@ -33,6 +33,7 @@ a1 = a3, ``M a1^2 - a2^2 = c0 = (M - 1) b0^2`` and
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 import operator
 from typing import Literal
 
@@ -680,3 +681,78 @@ def routing_mode_loss(pi: ArrayLike, s: ArrayLike, M: int, K: int, P: int,
         raise ConfigError(f"pi must have shape (..., n_modes) with n_modes = len(s) = "
                           f"{s.shape[0] if s.ndim == 1 else s.shape}, got {pi.shape}")
     return _out(M * K / (P * n_out) * np.sum((s - pi) ** 2, axis=-1))
+
+
+# ------------------------------------------------------------------ any reduced system
+@dataclass(frozen=True)
+class RaceOutcome:
+    """Who wins the race in each mode of a reduced system, and when each pathway learns.
+
+    ``final`` (n_modes, n_paths): path strengths at the end of the integration (converged);
+    ``times`` (n_modes, n_paths): first time a path's strength reaches ``fraction`` of its final
+    value, NaN for paths that end below ``min_share`` of the mode's strongest path (they lose
+    the race and never learn the mode); ``winner`` (n_modes,): index of the strongest path, -1
+    for a mode no path learns; ``order`` (n_modes, n_paths): paths sorted by learning time
+    (losers last); ``t_end``: where the integration stopped.
+    """
+
+    final: np.ndarray
+    times: np.ndarray
+    winner: np.ndarray
+    order: np.ndarray
+    t_end: float
+
+
+def learning_times(system, b0, *, fraction: float = 0.5, min_share: float = 0.05,
+                   t_end: float | None = None, rtol: float = 1e-10, atol: float = 1e-12,
+                   max_doublings: int = 12) -> RaceOutcome:
+    """Predict the neural race of any reduced system (MATH.md §3): the time at which each path
+    learns each mode and which path wins it.
+
+    ``system`` is a :class:`fastrace.system.RaceSystem` (for instance ``fr.reduce(...).system``),
+    ``b0`` the initial strengths ((n_edges,) or (n_modes, n_edges)). The gradient flow is
+    integrated (τ = 1) until every mode has converged (the right-hand side is below
+    ``atol``-scale; ``t_end`` doubles up to ``max_doublings`` times when not given), then the
+    crossing times of ``fraction`` × final strength are located with the integrator's events,
+    per mode. Times are in units of τ (divide by the learning rate for gradient-descent steps).
+    """
+    from .integrate import integrate_system
+
+    frac = float(fraction)
+    if not 0.0 < frac < 1.0:
+        raise ConfigError(f"fraction must lie in (0, 1), got {fraction!r}")
+    if not 0.0 <= float(min_share) < 1.0:
+        raise ConfigError(f"min_share must lie in [0, 1), got {min_share!r}")
+    n_modes, n_paths = system.n_modes, system.n_paths
+    b0 = np.broadcast_to(np.asarray(b0, dtype=np.float64), (n_modes, system.n_edges)).copy()
+    horizon = float(t_end) if t_end is not None else 100.0
+    if not (np.isfinite(horizon) and horizon > 0):
+        raise ConfigError(f"t_end must be positive and finite, got {t_end!r}")
+    for _ in range(max_doublings + 1):
+        sol = integrate_system(system, b0, method="auto", t_end=horizon,
+                               save_at=np.array([0.0, horizon]), rtol=rtol, atol=atol)
+        b_end = sol.b[-1]
+        speed = np.abs(system.rhs(b_end)).max()
+        scale = max(1.0, float(np.abs(b_end).max()))
+        if t_end is not None or speed <= 1e3 * atol * scale:
+            break
+        horizon *= 2.0
+    else:
+        raise IntegrationError(f"the race has not converged by t = {horizon:g} "
+                               f"(|db/dt| = {speed:.3g}); give t_end")
+    final = system.path_strengths(b_end)  # (n_modes, n_paths)
+    times = np.full((n_modes, n_paths), np.nan)
+    strongest = np.abs(final).max(axis=1)
+    for mode in range(n_modes):
+        if strongest[mode] == 0.0:
+            continue
+        learnt = np.abs(final[mode]) >= min_share * strongest[mode]
+        thresholds = np.where(learnt, frac * final[mode], np.nan)
+        one = system.with_modes(system.s[mode:mode + 1], system.d[mode:mode + 1])
+        sol = integrate_system(one, b0[mode:mode + 1], method="auto", t_end=horizon,
+                               save_at=np.array([0.0, horizon]), rtol=rtol, atol=atol,
+                               events=thresholds)
+        times[mode] = sol.events[0]
+    winner = np.where(strongest > 0.0, np.argmax(np.abs(final), axis=1), -1)
+    order = np.argsort(np.where(np.isnan(times), np.inf, times), axis=1, kind="stable")
+    return RaceOutcome(final, times, winner, order, horizon)

@@ -392,3 +392,55 @@ def test_bad_routing_input(call):
     with pytest.raises(ConfigError) as info:
         call()
     assert isinstance(info.value, ValueError)
+
+
+# ------------------------------------------------------------------ learning_times on any system
+def test_learning_times_single_path_matches_closed_form():
+    from fastrace.system import RaceSystem
+
+    s, d, b = 3.0, 1.5, 0.05
+    system = RaceSystem.from_paths([[0, 1]], s=[[s]], d=[[[d]]])
+    out = exact.learning_times(system, np.full(2, b), fraction=0.5)
+    expected = exact.single_path_time(0.5 * s / d, s, d, b * b, depth=2)
+    assert out.winner.tolist() == [0]
+    assert out.final[0, 0] == pytest.approx(s / d, rel=1e-8)
+    assert out.times[0, 0] == pytest.approx(expected, rel=1e-8)
+
+
+def test_learning_times_predicts_the_winner_of_a_race():
+    # a direct path (one edge) and a deep path (two edges) to the same output, same data:
+    # from a small start the shallow path learns exponentially fast and takes the mode
+    from scipy.integrate import solve_ivp
+
+    from fastrace.system import RaceSystem
+
+    s = np.array([[2.0, 2.0]])
+    d = np.ones((1, 2, 2))
+    system = RaceSystem.from_paths([[0], [1, 2]], s=s, d=d)
+    b0 = np.array([1e-3, 1e-2, 1e-2])
+    out = exact.learning_times(system, b0, fraction=0.5)
+
+    def rhs(_t, b):
+        err = 2.0 - (b[0] + b[1] * b[2])
+        return [err, b[2] * err, b[1] * err]
+
+    ref = solve_ivp(rhs, (0, out.t_end), b0, method="LSODA", rtol=1e-12, atol=1e-14,
+                    dense_output=True)
+    pi = np.array([ref.y[0, -1], ref.y[1, -1] * ref.y[2, -1]])
+    np.testing.assert_allclose(out.final[0], pi, rtol=1e-6, atol=1e-9)
+    assert out.winner[0] == int(np.argmax(pi)) == 0
+    grid = np.linspace(0, out.t_end, 200001)
+    shallow = ref.sol(grid)[0]
+    crossing = grid[np.argmax(shallow >= 0.5 * pi[0])]
+    assert out.times[0, 0] == pytest.approx(crossing, abs=2 * (grid[1] - grid[0]))
+    # the deep path ends far below the winner: it never learns the mode
+    assert abs(pi[1]) < 0.05 * abs(pi[0]) and np.isnan(out.times[0, 1])
+    assert out.order[0, 0] == 0
+
+
+def test_learning_times_rejects_bad_fraction():
+    from fastrace.system import RaceSystem
+
+    system = RaceSystem.from_paths([[0, 1]], s=[[1.0]], d=[[[1.0]]])
+    with pytest.raises(ConfigError, match="fraction"):
+        exact.learning_times(system, 0.1, fraction=1.5)
