@@ -152,7 +152,7 @@ class _Plan:
                  n_records: int, momentum: float, weight_decay: float, engine: str, svals: bool,
                  save_weights: bool, weights_dtype: str, quantity_shapes: dict[str, tuple],
                  checkpoint_every: int, rtol: float, atol: float,
-                 divergence_threshold: float) -> None:
+                 divergence_threshold: float, max_steps: int = 100_000) -> None:
         self.method = method
         self.names = names
         self.lr = lr
@@ -172,6 +172,7 @@ class _Plan:
         self.rtol = rtol
         self.atol = atol
         self.divergence_threshold = divergence_threshold
+        self.max_steps = max_steps  # gradient flow: attempted steps per run before giving up
         # save points: gd step indices (shared by all runs) and, per run, their times
         self.save_steps: np.ndarray | None = None
         if steps and not (method == "flow" and _explicit(record)):
@@ -198,7 +199,7 @@ class _Plan:
             "weights_dtype": self.weights_dtype,
             "quantities": json.dumps({k: list(v) for k, v in self.quantity_shapes.items()}),
             "checkpoint_every": self.checkpoint_every, "rtol": self.rtol, "atol": self.atol,
-            "divergence_threshold": self.divergence_threshold,
+            "divergence_threshold": self.divergence_threshold, "max_steps": self.max_steps,
             "record": "explicit" if _explicit(self.record) else str(self.record or "default"),
             "record_every": self.record_every, "n_records": self.n_records,
         }
@@ -246,7 +247,8 @@ class _Plan:
                        weights_dtype=str(first["weights_dtype"]), quantity_shapes=shapes,
                        checkpoint_every=int(first["checkpoint_every"]),
                        rtol=float(first["rtol"]), atol=float(first["atol"]),
-                       divergence_threshold=float(first["divergence_threshold"]))
+                       divergence_threshold=float(first["divergence_threshold"]),
+                       max_steps=int(first.get("max_steps", 100_000)))
         except KeyError as exc:
             raise StoreError(f"run {names[0]!r} is not a simulation run that can be resumed "
                              f"(missing attribute {exc})") from None
@@ -858,6 +860,12 @@ def _drive_flow(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: n
                     r.done = True
                 if writer is not None and (r.done or (every and r.pos % every == 0)):
                     _flow_checkpoint(rec, r, W)
+        for k, r in enumerate(live):
+            if not r.done and r.pos + r.n_rejected >= plan.max_steps:
+                raise IntegrationError(
+                    f"run {r.name!r}: gradient flow took {plan.max_steps} steps and reached only "
+                    f"t = {r.t:.6g} of {t_end[k]:.6g} (step {r.h:.3g}): the flow is stiff here; "
+                    "raise max_steps, loosen rtol, or use method='gd'")
         progress.update(float(sum(r.t for r in runs)))
 
 
@@ -988,7 +996,8 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
              weights_dtype: str = "float64", quantities: Mapping[str, Quantity] | None = None,
              out: str | os.PathLike | None = None, run_name: str = "simulation",
              run_names: Sequence[str] | None = None, checkpoint_every: int | None = None,
-             rtol: float = 1e-8, atol: float = 1e-10, threads: int | None = None,
+             rtol: float = 1e-8, atol: float = 1e-10, max_steps: int = 100_000,
+             threads: int | None = None,
              divergence_threshold: float = 1e8, progress: bool | None = None,
              config: str = "", seed: int | None = None,
              compression: str = "auto") -> Trajectory | list[Trajectory]:
@@ -1034,6 +1043,9 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
         the batch are "failed: stopped ..." and can still be resumed.
     progress : bool, optional
         Progress bar on stderr; default: only when stderr is a terminal.
+    max_steps : int
+        Gradient flow: most steps (accepted and rejected) per run; past it the run stops with
+        IntegrationError instead of grinding through a stiff stretch.
     config, seed
         Stored in the file's root attributes (the experiment's TOML text, an int seed).
 
@@ -1087,6 +1099,8 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
     if weights_dtype not in WEIGHT_DTYPES:
         raise ConfigError(f"weights_dtype must be one of {WEIGHT_DTYPES}, got {weights_dtype!r}")
     rtol = _positive("rtol", rtol)
+    if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
+        raise ConfigError(f"max_steps must be a positive integer, got {max_steps!r}")
     atol = _positive("atol", atol)
     divergence_threshold = float(divergence_threshold)
     if not divergence_threshold > 0:
@@ -1137,7 +1151,7 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
                  momentum=momentum, weight_decay=weight_decay, engine=eng.engine,
                  svals=bool(svals), save_weights=bool(save_weights), weights_dtype=weights_dtype,
                  quantity_shapes=q_shapes, checkpoint_every=every, rtol=rtol, atol=atol,
-                 divergence_threshold=divergence_threshold)
+                 divergence_threshold=divergence_threshold, max_steps=max_steps)
 
     writer = None
     rec = _Recorder(eng, plan, quantities, None)

@@ -510,3 +510,14 @@ def test_bad_weights_and_inputs():
     with pytest.raises(IndexError):
         run.weights(5)
     assert run.weights(-1).keys() == W0.keys()
+
+
+def test_flow_gives_up_after_max_steps_instead_of_grinding(tmp_path):
+    net = fr.Network.chain([3, 5, 2])
+    rng = np.random.default_rng(0)
+    data = fr.Dataset({"h0": rng.standard_normal((10, 3))}, {"h2": rng.standard_normal((10, 2))})
+    W = fr.init.orthogonal(net, gain=0.5, seed=0)
+    with pytest.raises(fr.IntegrationError, match="took 20 steps"):
+        fr.simulate(net, data, W, method="flow", t_end=1e4, max_steps=20, out=tmp_path / "f.h5")
+    from fastrace import store
+    assert store.run_status(tmp_path / "f.h5", "simulation").startswith("failed")
