@@ -50,6 +50,10 @@ _LAZY = {
     "analysis": None,
     "integrate": None,
     "experiments": None,
+    "config": None,
+    "sweep": None,
+    "load_experiment": "config",
+    "run_experiment": "config",
     "plot": None,
     "engine": None,
 }

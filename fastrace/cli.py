@@ -1,5 +1,7 @@
 """The ``fastrace`` command line.
 
+    fastrace run EXPERIMENT.toml -o OUT.h5 [--threads N] [--resume]
+    fastrace sweep SWEEP.toml -o DIR [--workers N] [--scheduler tcp://HOST:PORT] [--seed N]
     fastrace reproduce NAME [-o DIR] [--quick] [--threads N] [--no-plots]
     fastrace info FILE.h5
     fastrace plot FILE.h5 -o FIG.png [--run NAME ...] [--edge EDGE]
@@ -107,6 +109,59 @@ def _reproduce(args: argparse.Namespace) -> int:
         if "figures_note" in rep.summary:
             print(f"  note: {rep.summary['figures_note']}")
     return 0
+
+
+# ----------------------------------------------------------------------------- run, sweep
+def _run(args: argparse.Namespace) -> int:
+    from .config import load_experiment, run_experiment
+
+    exp = load_experiment(args.experiment)
+    summary = run_experiment(exp, args.output, threads=args.threads, resume=args.resume,
+                             progress=args.progress)
+    runs = summary["runs"]
+    print(f"fastrace run {args.experiment}: {len(runs)} run{'s' * (len(runs) != 1)} of task "
+          f"{summary['task']!r}{' (resumed)' if summary['resumed'] else ''}, "
+          f"{summary['seconds']:.2f} s")
+    rows = dict(runs)
+    if summary["theory"] is not None:
+        rows["theory"] = summary["theory"]
+    width = max(len(n) for n in rows)
+    for name, r in rows.items():
+        print(f"  {name:<{width}}  {r['status']:<9}  {r['n_saved']:>6} saved  "
+              f"t = 0 .. {r['t_final']:g}  loss {r['loss_initial']:.4g} -> {r['loss_final']:.4g}")
+    print(f"  wrote {summary['out']}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .config import load_experiment
+    from .errors import ConfigError
+    from .sweep import sweep
+
+    exp = load_experiment(args.experiment)
+    if not exp.sweep:
+        raise ConfigError(f"{args.experiment} has no [sweep] table of lists to sweep over")
+    if args.scheduler is not None:
+        try:
+            from distributed import Client
+        except ImportError:
+            raise ConfigError("--scheduler needs dask.distributed: pip install "
+                              "'fastrace[sweep]'") from None
+        try:
+            client = Client(args.scheduler)
+        except OSError as exc:
+            raise ConfigError(f"cannot reach the Dask scheduler at {args.scheduler}: {exc}") \
+                from None
+        with client:
+            result = sweep(exp, out_dir=args.output, executor=client.get_executor(),
+                           seed=args.seed, report=print)
+    else:
+        result = sweep(exp, out_dir=args.output, seed=args.seed, workers=args.workers,
+                       report=print)
+    print(f"fastrace sweep {args.experiment}: {len(result)} points, {len(result.completed)} "
+          f"complete, {len(result.failed)} failed, {result.seconds:.2f} s")
+    print(f"  wrote {result.index} and {len(result)} point files")
+    return 0 if not result.failed else 1
 
 
 # ----------------------------------------------------------------------------- info, plot
@@ -229,6 +284,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastrace", description="Learning dynamics of gated deep linear networks.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run an experiment file",
+                         description="Run the experiment of a TOML file (task, init, train, "
+                         "optional theory) into one HDF5 file.")
+    run.add_argument("experiment", metavar="EXPERIMENT.toml")
+    run.add_argument("-o", "--output", required=True, metavar="OUT.h5")
+    run.add_argument("--threads", type=int, default=None, metavar="N",
+                     help="numba threads (default: all cores)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue OUT.h5 from its last checkpoint (a killed run)")
+    run.add_argument("--progress", action="store_true", default=None,
+                     help="show a progress bar (default: only on a terminal)")
+    run.set_defaults(func=_run)
+
+    swp = sub.add_parser("sweep", help="run an experiment over a grid of settings",
+                         description="Run the experiment of SWEEP.toml at every point of its "
+                         "[sweep] grid, one file per point in DIR, linked by DIR/index.h5. "
+                         "Exits with 1 when a point failed.")
+    swp.add_argument("experiment", metavar="SWEEP.toml")
+    swp.add_argument("-o", "--output", required=True, metavar="DIR")
+    swp.add_argument("--workers", type=int, default=None, metavar="N",
+                     help="local worker processes (default: one per core)")
+    swp.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
+                     help="run on this Dask scheduler instead of local processes")
+    swp.add_argument("--seed", type=int, default=None, metavar="N",
+                     help="root of the points' child seeds (default: sweep.seed, else 0)")
+    swp.set_defaults(func=_sweep)
 
     rep = sub.add_parser("reproduce", help="reproduce one of the paper's experiments",
                          description="Run an experiment of the paper; write NAME.h5 (every "

@@ -1,0 +1,267 @@
+"""TOML experiment files and ``fastrace run``: same numbers as direct calls, errors that name the key,
+and a run killed with SIGKILL that ``--resume`` finishes to the uninterrupted result."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import fastrace as fr
+from fastrace import cli, store
+from fastrace.config import dumps, experiment_from_table, load_experiment, run_experiment
+
+ORTHOGONAL = """
+[task]
+name = "routing"
+M = 3
+K = 2
+hidden = 6
+
+[init]
+kind = "orthogonal"
+gain = 0.3
+seeds = [0, 1]
+
+[train]
+method = "gd"
+lr = 0.05
+steps = 40
+record_every = 2
+checkpoint_every = 10
+"""
+
+ALIGNED = """
+[task]
+name = "routing"
+M = 3
+K = 2
+hidden = 6
+
+[init]
+kind = "aligned"
+b0 = 0.1
+seeds = [3, 4]
+
+[train]
+lr = 0.05
+steps = 40
+record_every = 2
+
+[theory]
+b0 = 0.1
+"""
+
+
+def _series(path, run):
+    data = store.read_run(path, run)
+    return data.series, data.status
+
+
+def test_orthogonal_experiment_equals_direct_simulate(tmp_path):
+    out = tmp_path / "run.h5"
+    summary = run_experiment(load_experiment(ORTHOGONAL), out, threads=1)
+    task = fr.tasks.routing(M=3, K=2, hidden=6)
+    weights = [fr.init.orthogonal(task.network, 0.3, seed=s) for s in (0, 1)]
+    direct = fr.simulate(task.network, task.data, weights, lr=0.05, steps=40, record_every=2,
+                         threads=1)
+    assert set(summary["runs"]) == {"seed_00", "seed_01"} and summary["theory"] is None
+    assert store.run_info(out)["config"] == ORTHOGONAL
+    for tr in direct:
+        series, status = _series(out, tr.run)
+        assert status == "complete"
+        np.testing.assert_array_equal(series["t"], tr.t)
+        np.testing.assert_array_equal(series["loss"], tr.loss)
+        for edge, sv in tr.svals.items():
+            np.testing.assert_array_equal(series[f"svals/{edge}"], sv)
+        assert summary["runs"][tr.run]["loss_final"] == tr.loss[-1]
+        assert tr.t[-1] == pytest.approx(0.05 * 40)
+
+
+def test_aligned_experiment_with_theory(tmp_path):
+    """Aligned runs use red.aligned_init with default_rng(seed); the theory run is the reduced
+    gradient-descent map, which an aligned full run follows (a physics cross-check)."""
+    out = tmp_path / "aligned.h5"
+    run_experiment(load_experiment(ALIGNED), out, threads=1)
+    task = fr.tasks.routing(M=3, K=2, hidden=6)
+    red = fr.reduce(task.network, task.data)
+    weights = [red.aligned_init(0.1, seed=np.random.default_rng(s)) for s in (3, 4)]
+    direct = fr.simulate(task.network, task.data, weights, lr=0.05, steps=40, record_every=2,
+                         run_names=["seed_03", "seed_04"], threads=1)
+    assert store.list_runs(out) == ["seed_03", "seed_04", "theory"]
+    for tr in direct:
+        series, _ = _series(out, tr.run)
+        np.testing.assert_array_equal(series["loss"], tr.loss)
+    theory, status = _series(out, "theory")
+    assert status == "complete"
+    expected = red.integrate(0.1, method="gd", lr=0.05, steps=40, save_at=np.arange(0, 41, 2))
+    np.testing.assert_array_equal(theory["t"], direct[0].t)
+    np.testing.assert_allclose(theory["loss"], expected.loss, rtol=0, atol=0)
+    np.testing.assert_allclose(theory["loss"], direct[0].loss, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda t: t.update(extra={"a": 1}), "extra"),
+    (lambda t: t.pop("train"), "[train]"),
+    (lambda t: t["task"].update(name="xor9"), "task.name"),
+    (lambda t: t["task"].update(widht=3), "task.widht"),
+    (lambda t: t["init"].update(kind="uniform"), "init.kind"),
+    (lambda t: t["init"].update(gain=-1.0), "init.gain"),
+    (lambda t: t["init"].update(std=1.0), "init.std"),
+    (lambda t: t["init"].update(seeds=[]), "init.seeds"),
+    (lambda t: t["init"].update(seeds=[1, 1]), "init.seeds"),
+    (lambda t: t["train"].pop("lr"), "train.lr"),
+    (lambda t: t["train"].update(lr="fast"), "train.lr"),
+    (lambda t: t["train"].update(steps=2.5), "train.steps"),
+    (lambda t: t["train"].update(method="adam"), "train.method"),
+    (lambda t: t["train"].update(lrr=0.1), "train.lrr"),
+    (lambda t: t["train"].update(save_weights="yes"), "train.save_weights"),
+    (lambda t: t["train"].update(t_end=3.0), "train.t_end"),
+    (lambda t: t.update(theory={"method": "gd"}), "theory.b0"),
+    (lambda t: t.update(sweep={"init": {"gain": 0.2}}), "sweep.init.gain"),
+    (lambda t: t.update(sweep={"gain": [0.2]}), "sweep.gain"),
+])
+def test_bad_experiment_names_the_key(edit, key):
+    import tomllib
+
+    table = tomllib.loads(ORTHOGONAL)
+    edit(table)
+    with pytest.raises(fr.ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        load_experiment(dumps(table))
+
+
+def test_unreadable_sources(tmp_path):
+    with pytest.raises(fr.ConfigError, match="not valid TOML"):
+        load_experiment("[task\nname = 1\n")
+    with pytest.raises(fr.ConfigError, match="cannot read"):
+        load_experiment(tmp_path / "missing.toml")
+    exp = load_experiment(ORTHOGONAL.replace("K = 2", "K = 5"))  # the builder's own check
+    with pytest.raises(fr.ConfigError, match="K"):
+        run_experiment(exp, tmp_path / "x.h5")
+
+
+def test_toml_round_trip_and_overrides():
+    exp = load_experiment(ORTHOGONAL + '\n[sweep]\n"init.gain" = [0.1, 1]\ntrain.lr = [0.01]\n'
+                          "seed = 7\n")
+    assert exp.sweep == {"init.gain": [0.1, 1], "train.lr": [0.01]} and exp.sweep_seed == 7
+    again = load_experiment(exp.to_toml())
+    assert again.table == exp.table and again.sweep == exp.sweep and again.sweep_seed == 7
+    point = exp.with_values({"init.gain": 1.5, "train.checkpoint_every": None})
+    assert point.init["gain"] == 1.5 and "checkpoint_every" not in point.train
+    assert point.sweep == {} and experiment_from_table(point.table).table == point.table
+    assert load_experiment(point.text).table == point.table
+    with pytest.raises(fr.ConfigError, match="train.lr"):
+        exp.with_values({"train.lr": -1.0})
+
+
+def test_cli_run_end_to_end(tmp_path, capsys):
+    path = tmp_path / "exp.toml"
+    path.write_text(ALIGNED)
+    out = tmp_path / "out.h5"
+    assert cli.main(["run", str(path), "-o", str(out), "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "seed_03" in text and "theory" in text and str(out) in text
+    assert store.list_runs(out) == ["seed_03", "seed_04", "theory"]
+    # a bad file: exit code 2 and the key named, no traceback
+    path.write_text(ALIGNED.replace("lr = 0.05", "lr = -0.05"))
+    assert cli.main(["run", str(path), "-o", str(tmp_path / "bad.h5")]) == 2
+    assert "train.lr" in capsys.readouterr().err
+
+
+SLOW_RUNNER = """
+import sys, time
+import fastrace.store as st
+original = st.TrajectoryWriter.checkpoint
+def slow(self, *args, **kwargs):  # pause after each checkpoint so the kill lands mid-run
+    original(self, *args, **kwargs)
+    time.sleep(0.25)
+st.TrajectoryWriter.checkpoint = slow
+from fastrace.cli import main
+sys.exit(main(["run", sys.argv[1], "-o", sys.argv[2], "--threads", "1"]))
+"""
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, capsys):
+    text = ALIGNED.replace("steps = 40", "steps = 120").replace(
+        "record_every = 2", "record_every = 3\ncheckpoint_every = 10")
+    path = tmp_path / "exp.toml"
+    path.write_text(text)
+    killed, whole = tmp_path / "killed.h5", tmp_path / "whole.h5"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_RUNNER, str(path), str(killed)],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            try:
+                step = store.run_info(killed)["runs"]["seed_03"]["checkpoint_step"] or 0
+            except fr.StoreError:
+                step = 0
+            if step >= 30:
+                break
+            time.sleep(0.02)
+        else:
+            pytest.fail("the run never reached its third checkpoint")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    info = store.run_info(killed)["runs"]
+    assert info["seed_03"]["status"] == "running" and "theory" not in info
+    assert info["seed_03"]["steps_done"] < 120
+
+    # a different experiment may not resume it
+    other = tmp_path / "other.toml"
+    other.write_text(text.replace("b0 = 0.1\nseeds", "b0 = 0.2\nseeds"))
+    assert cli.main(["run", str(other), "-o", str(killed), "--resume"]) == 2
+    assert "another experiment" in capsys.readouterr().err
+
+    assert cli.main(["run", str(path), "-o", str(killed), "--resume", "--threads", "1"]) == 0
+    assert "(resumed)" in capsys.readouterr().out
+    assert cli.main(["run", str(path), "-o", str(whole), "--threads", "1"]) == 0
+    assert store.list_runs(killed) == store.list_runs(whole) == ["seed_03", "seed_04", "theory"]
+    for run in ("seed_03", "seed_04", "theory"):
+        a, b = store.read_run(killed, run), store.read_run(whole, run)
+        assert a.status == b.status == "complete"
+        assert set(a.series) == set(b.series)
+        for name in a.series:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=f"{run}/{name}")
+    assert store.run_info(killed)["config"] == text
+
+
+@pytest.mark.parametrize("name", ["routing.toml", "routing_sweep.toml"])
+def test_examples_load(name):
+    here = os.path.join(os.path.dirname(__file__), "..", "examples", name)
+    exp = load_experiment(here)
+    assert exp.task["name"] == "routing"
+    assert bool(exp.sweep) == ("sweep" in name)
+
+
+def test_flow_experiment_settings():
+    exp = load_experiment(textwrap.dedent("""
+        [task]
+        name = "routing"
+        [init]
+        kind = "gaussian"
+        std = 0.1
+        [train]
+        method = "flow"
+        t_end = 2.0
+        n_records = 11
+        [theory]
+        b0 = 0.05
+        method = "dopri5"
+        """))
+    assert exp.train == {"method": "flow", "t_end": 2.0, "n_records": 11}
+    assert exp.init == {"kind": "gaussian", "std": 0.1, "seeds": [0]}
+    with pytest.raises(fr.ConfigError, match="theory.method"):
+        exp.with_values({"theory.method": "gd"})
