@@ -743,8 +743,18 @@ class TrajectoryWriter:
 
     def _writer_loop(self) -> None:
         last_flush = time.monotonic()
+        dirty = False  # rows written since the last flush
         while True:
-            op = self._queue.get()
+            try:
+                op = self._queue.get(timeout=self._flush_interval)
+            except queue.Empty:  # a quiet spell: make what was written visible
+                if dirty and self._error is None:
+                    try:
+                        self._flush_file()
+                    except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+                        self._error = exc
+                    last_flush, dirty = time.monotonic(), False
+                continue
             kind = op[0]
             if kind == "stop":
                 if self._error is None:
@@ -758,10 +768,15 @@ class TrajectoryWriter:
                     flushed = self._apply(op)
                     now = time.monotonic()
                     if flushed:
-                        last_flush = now
-                    elif self._queue.empty() or now - last_flush >= self._flush_interval:
+                        last_flush, dirty = now, False
+                    elif now - last_flush >= self._flush_interval:
+                        # flushing is costly (metadata for SWMR readers): at most once per
+                        # interval, or after a quiet spell; flush(), checkpoints and close()
+                        # flush at once
                         self._flush_file()
-                        last_flush = now
+                        last_flush, dirty = now, False
+                    else:
+                        dirty = True
                 except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
                     self._error = exc
             if kind == "flush":
