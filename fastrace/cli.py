@@ -250,13 +250,21 @@ def warmup(report: Callable[[str], None] | None = None) -> dict[str, float]:
     # one thread: the point is compiling, and tiny parallel calls only pay launch overhead
     step("simulate, gradient descent (batch)",
          lambda: simulate(net, data, two, lr=0.01, steps=2, engine="moments", threads=1))
+    def parallel_descent():
+        from .engine import GradientEngine
+
+        engine = GradientEngine(net, data, "moments")
+        w = engine.pack_many(two)
+        engine.descend(w, np.zeros_like(w), np.full(2, 0.01), 2, parallel=True)
+
+    step("gradient descent, runs in parallel", parallel_descent)
     step("simulate, gradient flow",
          lambda: simulate(net, data, two, method="flow", t_end=0.01, n_records=2,
                              engine="moments", threads=1))
     red = reduce(net, data)
     system = red.system
     b0 = red.expand_b(0.1)
-    for method in ("dopri5", "rosenbrock"):
+    for method in ("dopri5", "rosenbrock", "auto"):
         step(f"integrate {method} (numba)",
              lambda m=method: integrate_system(system, b0, method=m, t_end=0.1, backend="numba",
                                                events=0.01, threads=1))

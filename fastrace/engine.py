@@ -328,7 +328,7 @@ class GradientEngine:
 
     # ------------------------------------------------------------------ evaluation
     def _run_plan(self, w, velocity, lr, n_steps, momentum, weight_decay, update, max_abs,
-                  snapshot_steps=None, snapshots=None):
+                  snapshot_steps=None, snapshots=None, parallel=None):
         from ._kernels import plan as kernels
 
         plan = self.plan
@@ -343,7 +343,8 @@ class GradientEngine:
             snapshot_steps = np.zeros(0, dtype=np.int64)
             snapshots = np.zeros((n_runs, 0, self.n_params))
         # threads pay off only when there is enough work to share: small problems stay serial
-        parallel = n_runs > 1 and n_runs * n_steps * plan.flops >= PARALLEL_MIN_FLOPS
+        if parallel is None:
+            parallel = n_runs > 1 and n_runs * n_steps * plan.flops >= PARALLEL_MIN_FLOPS
         run = kernels.descend_parallel if parallel else kernels.descend_serial
         fused = bool(update) and momentum == 0.0 and weight_decay == 0.0
         ops_i, ops_f = (plan.step_i, plan.step_f) if fused else (plan.ops_i, plan.ops_f)
@@ -380,7 +381,7 @@ class GradientEngine:
     def descend(self, w: np.ndarray, velocity: np.ndarray, lr: np.ndarray, n_steps: int,
                 momentum: float = 0.0, weight_decay: float = 0.0,
                 max_abs: float = np.inf, snapshot_steps: np.ndarray | None = None,
-                snapshots: np.ndarray | None = None) -> np.ndarray:
+                snapshots: np.ndarray | None = None, parallel: bool | None = None) -> np.ndarray:
         """``n_steps`` gradient-descent steps on every run, in place.
 
         w, velocity: (n_runs, n_params), updated in place; lr: (n_runs,).
@@ -391,7 +392,8 @@ class GradientEngine:
         losses are NaN (see ``last_status``: the failing step per run, or -1).
         ``snapshot_steps`` (increasing step counts in 1..n_steps) and ``snapshots``
         (n_runs, len(snapshot_steps), n_params): the weights after those many steps are written
-        there, so that many save points cost one call.
+        there, so that many save points cost one call. ``parallel``: spread the runs over numba
+        threads (True), not (False), or when there is enough work to pay for it (None).
         """
         lr = np.broadcast_to(np.asarray(lr, dtype=np.float64), (w.shape[0],))
         if snapshot_steps is not None:
@@ -405,7 +407,7 @@ class GradientEngine:
         if self.plan is not None:
             state, losses, status = self._run_plan(w, velocity, lr, n_steps, momentum,
                                                    weight_decay, True, max_abs,
-                                                   snapshot_steps, snapshots)
+                                                   snapshot_steps, snapshots, parallel)
             n = self.n_params
             w[...] = state[:, :n]
             velocity[...] = state[:, n:2 * n]
