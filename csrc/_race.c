@@ -14,6 +14,7 @@
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #include <numpy/arrayobject.h>
 
+#include <math.h>
 #include <stdlib.h>
 
 #include "race.h"
@@ -341,7 +342,8 @@ static PyObject *py_path_strengths(PyObject *self, PyObject *args, PyObject *kw)
 /* ---------------------------------------------------------------------------------------- */
 /* integrators                                                                               */
 
-/* time-first output (n_out, n_sys, n_edges), status (n_sys,) and stats (n_sys, 3) */
+/* system-major output (n_sys, n_out, n_edges): every system writes one contiguous block;
+ * status (n_sys,) and stats (n_sys, 3) */
 typedef struct run_out {
     PyObject *out, *status, *stats;
     double *out_data;
@@ -350,7 +352,7 @@ typedef struct run_out {
 
 static int alloc_run_out(run_out *r, npy_intp n_out, npy_intp n_sys, npy_intp n_edges)
 {
-    npy_intp d3[3] = {n_out, n_sys, n_edges}, d1[1] = {n_sys}, d2[2] = {n_sys, 3};
+    npy_intp d3[3] = {n_sys, n_out, n_edges}, d1[1] = {n_sys}, d2[2] = {n_sys, 3};
     r->out = PyArray_SimpleNew(3, d3, NPY_FLOAT64);
     r->status = PyArray_SimpleNew(1, d1, NPY_INT64);
     r->stats = PyArray_SimpleNew(2, d2, NPY_INT64);
@@ -374,18 +376,9 @@ static void store_run(run_out *r, npy_intp i, int status, const race_stats *st)
     r->stats_data[3 * i + 2] = st->n_rhs;
 }
 
-/* copy one system's (n_out, n_edges) block into the time-first output */
-static void scatter(double *dst, const double *src, npy_intp n_out, npy_intp n_sys, npy_intp i,
-                    npy_intp n_edges)
-{
-    for (npy_intp k = 0; k < n_out; ++k)
-        for (npy_intp e = 0; e < n_edges; ++e)
-            dst[(k * n_sys + i) * n_edges + e] = src[k * n_edges + e];
-}
-
 PyDoc_STRVAR(gd_map_doc,
 "gd_map(path_ptr, path_edges, target_ptr, target_paths, b0, s, d, rate, lr, record_steps)\n"
-"-> (out (n_record, n_sys, n_edges), status (n_sys,), stats (n_sys, 3))\n\n"
+"-> (out (n_sys, n_record, n_edges), status (n_sys,), stats (n_sys, 3))\n\n"
 "Gradient descent b <- b + lr * rhs(b); record_steps: non-decreasing int64 step indices.\n"
 "stats columns: steps taken, 0, rhs evaluations.");
 
@@ -395,7 +388,7 @@ static PyObject *py_gd_map(PyObject *self, PyObject *args, PyObject *kw)
                              "d", "rate", "lr", "record_steps", NULL};
     PyObject *pp, *pe, *tp, *tt, *b, *s, *d, *rate, *steps_obj;
     PyArrayObject *steps;
-    double lr, *work, *buf;
+    double lr, *work;
     const int64_t *rec;
     npy_intp n_rec;
     batch bt;
@@ -420,10 +413,9 @@ static PyObject *py_gd_map(PyObject *self, PyObject *args, PyObject *kw)
     }
     if (alloc_run_out(&r, n_rec, bt.n_sys, bt.n_edges) != 0)
         return NULL;
-    work = alloc_doubles(race_gd_work_size(&bt.st.sys) + (size_t)(n_rec * bt.n_edges));
+    work = alloc_doubles(race_gd_work_size(&bt.st.sys));
     if (work == NULL)
         goto fail;
-    buf = work + race_gd_work_size(&bt.st.sys);
     Py_BEGIN_ALLOW_THREADS
     for (npy_intp i = 0; i < bt.n_sys; ++i) {
         race_system sys;
@@ -431,8 +423,8 @@ static PyObject *py_gd_map(PyObject *self, PyObject *args, PyObject *kw)
         const double *si, *di;
         int status;
         system_at(&bt, i, &sys, &si, &di);
-        status = race_gd_map(&sys, si, di, bt.b + i * bt.n_edges, lr, n_rec, rec, buf, &st, work);
-        scatter(r.out_data, buf, n_rec, bt.n_sys, i, bt.n_edges);
+        status = race_gd_map(&sys, si, di, bt.b + i * bt.n_edges, lr, n_rec, rec,
+                             r.out_data + i * n_rec * bt.n_edges, &st, work);
         store_run(&r, i, status, &st);
     }
     Py_END_ALLOW_THREADS
@@ -454,7 +446,7 @@ static PyObject *run_ode(PyObject *args, PyObject *kw, int method)
 {
     PyObject *pp, *pe, *tp, *tt, *b, *s, *d, *rate, *tout_obj, *thr_obj = Py_None, *ev = NULL;
     PyArrayObject *tout, *thr_arr;
-    double t0, t_end, *work, *buf, *ev_data;
+    double t0, t_end, *work, *out_i, *ev_data;
     const double *t_out, *thr = NULL;
     npy_intp n_out, dims[2];
     race_ode_options opt;
@@ -514,7 +506,7 @@ static PyObject *run_ode(PyObject *args, PyObject *kw, int method)
     wsize = method == 0   ? race_dopri5_work_size(&bt.st.sys)
             : method == 1 ? race_rodas3_work_size(&bt.st.sys)
                           : race_auto_work_size(&bt.st.sys);
-    work = alloc_doubles(wsize + (size_t)(n_out * bt.n_edges));
+    work = alloc_doubles(wsize);
     iwork = (int64_t *)malloc((size_t)bt.n_edges * sizeof(int64_t));
     if (work == NULL || iwork == NULL) {
         free(work);
@@ -525,7 +517,6 @@ static PyObject *run_ode(PyObject *args, PyObject *kw, int method)
         Py_DECREF(r.stats);
         return PyErr_NoMemory();
     }
-    buf = work + wsize;
     Py_BEGIN_ALLOW_THREADS
     for (npy_intp i = 0; i < bt.n_sys; ++i) {
         race_system sys;
@@ -533,16 +524,16 @@ static PyObject *run_ode(PyObject *args, PyObject *kw, int method)
         const double *si, *di;
         int status;
         system_at(&bt, i, &sys, &si, &di);
+        out_i = r.out_data + i * n_out * bt.n_edges;
         if (method == 0)
             status = race_dopri5(&sys, si, di, bt.b + i * bt.n_edges, t0, t_end, n_out, t_out,
-                                 &opt, thr, buf, ev_data + i * dims[1], &st, work);
+                                 &opt, thr, out_i, ev_data + i * dims[1], &st, work);
         else if (method == 1)
             status = race_rodas3(&sys, si, di, bt.b + i * bt.n_edges, t0, t_end, n_out, t_out,
-                                 &opt, thr, buf, ev_data + i * dims[1], &st, work, iwork);
+                                 &opt, thr, out_i, ev_data + i * dims[1], &st, work, iwork);
         else
             status = race_auto(&sys, si, di, bt.b + i * bt.n_edges, t0, t_end, n_out, t_out,
-                               &opt, thr, buf, ev_data + i * dims[1], &st, work, iwork);
-        scatter(r.out_data, buf, n_out, bt.n_sys, i, bt.n_edges);
+                               &opt, thr, out_i, ev_data + i * dims[1], &st, work, iwork);
         store_run(&r, i, status, &st);
     }
     Py_END_ALLOW_THREADS
@@ -554,7 +545,7 @@ static PyObject *run_ode(PyObject *args, PyObject *kw, int method)
 PyDoc_STRVAR(dopri5_doc,
 "dopri5(path_ptr, path_edges, target_ptr, target_paths, b0, s, d, rate, t0, t_end, t_out,\n"
 "       rtol, atol, h0, hmax, max_steps, thresholds=None)\n"
-"-> (out (n_out, n_sys, n_edges), event_times (n_sys, n_paths), status (n_sys,),\n"
+"-> (out (n_sys, n_out, n_edges), event_times (n_sys, n_paths), status (n_sys,),\n"
 "    stats (n_sys, 3): accepted steps, rejected steps, rhs evaluations)\n\n"
 "Adaptive Dormand-Prince 5(4) for every system (see race.h); h0 <= 0: automatic first step,\n"
 "hmax <= 0: no limit; thresholds (n_paths,) with NaN for no event.");
@@ -585,8 +576,51 @@ static PyObject *py_auto(PyObject *self, PyObject *args, PyObject *kw)
 }
 
 /* ---------------------------------------------------------------------------------------- */
+/* cheap value checks for the Python front end                                               */
+
+PyDoc_STRVAR(check_values_doc,
+"check_values(x, increasing=False) -> int\n\n"
+"For a C-contiguous float64 array x: 0 when every value is finite (and, with increasing, the\n"
+"values strictly increase), 1 when some value is NaN or inf, 2 when they do not strictly\n"
+"increase; -1 when x is not a C-contiguous float64 array (check it another way).");
+
+static PyObject *py_check_values(PyObject *self, PyObject *args)
+{
+    PyObject *obj;
+    PyArrayObject *a;
+    const double *x;
+    npy_intp n;
+    int increasing = 0;
+    long code = 0;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O|p:check_values", &obj, &increasing))
+        return NULL;
+    if (!PyArray_Check(obj))
+        return PyLong_FromLong(-1);
+    a = (PyArrayObject *)obj;
+    if (PyArray_TYPE(a) != NPY_FLOAT64 || !PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISALIGNED(a))
+        return PyLong_FromLong(-1);
+    x = (const double *)PyArray_DATA(a);
+    n = PyArray_SIZE(a);
+    for (npy_intp i = 0; i < n; ++i) {
+        if (!isfinite(x[i])) {
+            code = 1;
+            break;
+        }
+    }
+    if (code == 0 && increasing)
+        for (npy_intp i = 1; i < n; ++i)
+            if (!(x[i] > x[i - 1])) {
+                code = 2;
+                break;
+            }
+    return PyLong_FromLong(code);
+}
+
+/* ---------------------------------------------------------------------------------------- */
 
 static PyMethodDef methods[] = {
+    {"check_values", (PyCFunction)py_check_values, METH_VARARGS, check_values_doc},
     {"rhs", (PyCFunction)(void (*)(void))py_rhs, METH_VARARGS | METH_KEYWORDS, rhs_doc},
     {"jacobian", (PyCFunction)(void (*)(void))py_jacobian, METH_VARARGS | METH_KEYWORDS,
      jacobian_doc},

@@ -5,7 +5,9 @@ combined by automatic stiffness switching, or the exact gradient-descent map, ov
 One call integrates every mode of a :class:`~fastrace.system.RaceSystem`, optionally for many
 parameter sets at once (different initial weights ``b0``, ``s`` values or per-edge ``rate``
 factors): the n_sets x n_modes systems are independent and each has its own step size and
-error control.  Results are time-first.
+error control.  Results are time-first: ``RaceSolution.b`` is a transposed view of the
+system-major (n_sys, n_saved, n_edges) array the kernels write (each system's trajectory is
+contiguous there; ``np.ascontiguousarray(sol.b)`` makes a time-first copy if one is needed).
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ class RaceSolution:
         return lines
 
 
-def integrate_system(system: RaceSystem, b0: ArrayLike, *, method: str = "dopri5",
+def integrate_system(system: RaceSystem, b0: ArrayLike, *, method: str = "auto",
                      t_end: float | None = None, save_at: ArrayLike | None = None,
                      lr: float | None = None, steps: int | None = None, rtol: float = 1e-8,
                      atol: float = 1e-10, max_steps: int = 1_000_000,
@@ -112,9 +114,9 @@ def integrate_system(system: RaceSystem, b0: ArrayLike, *, method: str = "dopri5
     - ``"dopri5"``: adaptive Dormand–Prince 5(4), dense output of order 4 at ``save_at``.
     - ``"rosenbrock"``: RODAS3 (stiffly accurate, L-stable, order 3) with the analytic
       Jacobian and dense output of order 3.
-    - ``"auto"``: dopri5 until Hairer's stiffness test fires, then rosenbrock to the end.
-      Race systems turn stiff once a mode is learnt (the step of an explicit method is then
-      capped by stability, not accuracy), so for long runs this is by far the cheapest.
+    - ``"auto"`` (default): dopri5 until Hairer's stiffness test fires, then rosenbrock to the
+      end.  Race systems turn stiff once a mode is learnt (the step of an explicit method is
+      then capped by stability, not accuracy), so for long runs this is by far the cheapest.
     - ``"gd"``: the exact gradient-descent map b <- b + lr * rhs(b); step k is time k * lr.
 
     Parameters
@@ -187,12 +189,16 @@ def integrate_system(system: RaceSystem, b0: ArrayLike, *, method: str = "dopri5
         if thresholds is None:
             event_times = None
 
+    # the kernels write system-major (n_sys, n_out, n_edges); b is its time-first view
+    nd = len(lead)
+    b = out.reshape(lead + (t.size, system.n_edges)).transpose((nd,) + tuple(range(nd))
+                                                                + (nd + 1,))
     solution = RaceSolution(
-        system=system, t=t, b=out.reshape((t.size,) + lead + (system.n_edges,)), s=s_used,
+        system=system, t=t, b=b, s=s_used,
         events=None if event_times is None else event_times.reshape(lead + (system.n_paths,)),
         thresholds=thresholds, status=status.reshape(lead), n_steps=stats[:, 0].reshape(lead),
         n_rejected=stats[:, 1].reshape(lead), method=method, backend=backend)
-    if check and not solution.ok:
+    if check and (status[0] != 0 if status.size == 1 else status.any()):
         _raise_failure(solution)
     return solution
 
@@ -211,12 +217,23 @@ def _positive(value, name: str) -> float:
     return x
 
 
+def _value_check(arr: np.ndarray, increasing: bool = False) -> int:
+    """0 finite (and strictly increasing when asked), 1 NaN/inf, 2 not increasing; one C
+    call for contiguous float64 arrays (numpy's ufuncs cost ~1 µs each on tiny arrays)."""
+    code = _race.check_values(arr, increasing) if _race is not None else -1
+    if code == -1:
+        if not np.isfinite(arr).all():
+            return 1
+        return 2 if increasing and arr.ndim == 1 and (arr[1:] <= arr[:-1]).any() else 0
+    return code
+
+
 def _finite_float(value, name: str) -> np.ndarray:
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
         raise DataError(f"{name} must be an array of numbers") from None
-    if not np.isfinite(arr).all():
+    if _value_check(arr):
         raise DataError(f"{name} holds NaN or inf values")
     return arr
 
@@ -228,6 +245,11 @@ def _flatten_batch(system: RaceSystem, b0, s, rate):
     System i = set * n_modes + mode; s and rate rows follow the kernels' ``i % rows`` rule."""
     n_modes, n_edges, n_paths = system.n_modes, system.n_edges, system.n_paths
     b0_arr = _finite_float(b0, "b0")
+    if s is None and rate is None and b0_arr.shape in ((n_edges,), (n_modes, n_edges)):
+        # the common call: one parameter set, the system's own s and rate
+        b0_flat = np.empty((n_modes, n_edges))
+        b0_flat[...] = b0_arr
+        return b0_flat, system.s, system.rate.reshape(1, n_edges), system.s, (n_modes,)
     set_sizes = {}
     if b0_arr.ndim not in (1, 2, 3) or b0_arr.shape[-1] != n_edges or (
             b0_arr.ndim >= 2 and b0_arr.shape[-2] != n_modes):
@@ -283,18 +305,25 @@ def _ode_schedule(t_end, save_at) -> tuple[float, np.ndarray]:
             raise ConfigError("give t_end or save_at")
         t_end_value = _positive(t_end, "t_end")
         return t_end_value, np.linspace(0.0, t_end_value, 101)
-    t = np.ascontiguousarray(_finite_float(save_at, "save_at"), dtype=np.float64)
+    try:
+        t = np.ascontiguousarray(save_at, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DataError("save_at must be an array of numbers") from None
     if t.ndim != 1 or t.size < 1:
         raise ConfigError(f"save_at must be a non-empty 1-d array of times, got shape {t.shape}")
-    if (t[1:] <= t[:-1]).any():
+    code = _value_check(t, increasing=True)
+    if code == 1:
+        raise DataError("save_at holds NaN or inf values")
+    if code == 2:
         raise ConfigError("save_at must be strictly increasing")
-    if t[0] < 0.0:
-        raise ConfigError(f"save_at must start at t >= 0, got {t[0]}")
-    t_end_value = float(t[-1]) if t_end is None else _positive(t_end, "t_end")
+    t0_value, last = float(t[0]), float(t[-1])
+    if t0_value < 0.0:
+        raise ConfigError(f"save_at must start at t >= 0, got {t0_value}")
+    t_end_value = last if t_end is None else _positive(t_end, "t_end")
     if not t_end_value > 0.0:
         raise ConfigError("t_end (or the last save_at time) must be > 0")
-    if t[-1] > t_end_value:
-        raise ConfigError(f"save_at runs past t_end = {t_end_value}: last time {t[-1]}")
+    if last > t_end_value:
+        raise ConfigError(f"save_at runs past t_end = {t_end_value}: last time {last}")
     return t_end_value, t
 
 
@@ -373,9 +402,21 @@ def _run(backend: str, kernel: str, args: tuple, threads: int | None):
         numba.set_num_threads(threads)
     try:
         n_chunks = 16 * numba.get_num_threads()
-        function = getattr(kernels, f"{kernel}_batch")
         st = kernels.pack_structure(*args[:4])
-        return function(st, *_writable(args[4:]), n_chunks)
+        # outputs allocated by numpy (huge pages for large arrays), written by the kernel
+        n_sys, n_edges = args[4].shape
+        n_out = args[9].size if kernel == "gd" else args[10].size
+        results = (np.empty((n_sys, n_out, n_edges)),)
+        if kernel != "gd":
+            results += (np.empty((n_sys, st[0])),)
+        results += (np.empty(n_sys, dtype=np.int64), np.zeros((n_sys, 3), dtype=np.int64))
+        if kernel == "gd":
+            kernels.gd_batch(st, *_writable(args[4:]), n_chunks, *results)
+        else:  # one compiled kernel for the three ODE methods
+            method = {"dopri5": kernels.DOPRI5, "rodas3": kernels.RODAS3, "auto": kernels.AUTO}
+            values = _writable(args[4:])
+            kernels.ode_batch(st, *values[:4], method[kernel], *values[4:], n_chunks, *results)
+        return results
     finally:
         numba.set_num_threads(previous)
 

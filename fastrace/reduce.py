@@ -588,7 +588,7 @@ class Reduction:
         return float(total) if np.ndim(total) == 0 else total
 
     # ------------------------------------------------------------------ dynamics
-    def integrate(self, b0, method: str = "dopri5", t_end: float | None = None,
+    def integrate(self, b0, method: str = "auto", t_end: float | None = None,
                   save_at=None, lr: float | None = None, steps: int | None = None,
                   out=None, run_name: str = "theory", **options) -> ReducedSolution:
         """Integrate the reduced system from ``b0`` (scalar, (n_edges,) or (n_modes, n_edges)).

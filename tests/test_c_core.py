@@ -109,5 +109,18 @@ def test_binding_checks_integrator_options():
         _race.gd_map(pp, pe, tp, tt, b0, s, d, None, 0.1, np.array([3, 1]))
     out, events, status, stats = _race.dopri5(pp, pe, tp, tt, b0, s, d, None, 0.0, 1.0, t,
                                               1e-8, 1e-10, 0.0, 0.0, 10)
-    assert out.shape == (3, 1, 2) and events.shape == (1, 1) and status[0] == _race.OK
+    assert out.shape == (1, 3, 2) and events.shape == (1, 1) and status[0] == _race.OK  # system-major
     assert stats.shape == (1, 3) and stats[0, 0] > 0
+
+
+def test_check_values_helper():
+    """_race.check_values: the front end's one-call finiteness / monotonicity check."""
+    assert _race.check_values(np.array([0.0, 1.0, 2.0])) == 0
+    assert _race.check_values(np.array([0.0, 1.0, 2.0]), True) == 0
+    assert _race.check_values(np.array([[0.0, np.nan]])) == 1
+    assert _race.check_values(np.array([0.0, -np.inf]), True) == 1
+    assert _race.check_values(np.array([0.0, 1.0, 1.0]), True) == 2
+    assert _race.check_values(np.array([0.0, 1.0, 1.0])) == 0
+    assert _race.check_values(np.array([1, 2])) == -1  # not float64: caller checks itself
+    assert _race.check_values(np.ones((2, 4))[:, ::2]) == -1  # not contiguous
+    assert _race.check_values(np.empty(0), True) == 0

@@ -122,7 +122,7 @@ def test_stiff_routing_against_tight_reference(method, tol):
     sol = integrate_system(system, b0, method=method, save_at=t, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(sol.b[:, 0, :], ref, rtol=tol)
     if method != "dopri5":  # not held back by stiffness
-        explicit = integrate_system(system, b0, save_at=t)
+        explicit = integrate_system(system, b0, method="dopri5", save_at=t)
         assert sol.n_steps[0] < explicit.n_steps[0] / (5 if method == "rosenbrock" else 20)
 
 
@@ -197,7 +197,8 @@ def test_numba_equals_c(method):
     c = integrate_system(system, b0, method=method, s=s, rate=rate, backend="c", **kwargs)
     nb = integrate_system(system, b0, method=method, s=s, rate=rate, backend="numba", **kwargs)
     if method == "auto":
-        explicit = integrate_system(system, b0, s=s, rate=rate, backend="c", **kwargs)
+        explicit = integrate_system(system, b0, method="dopri5", s=s, rate=rate, backend="c",
+                                    **kwargs)
         assert np.all(c.n_steps < explicit.n_steps / 2)
     np.testing.assert_allclose(nb.b, c.b, rtol=1e-12, atol=0)
     np.testing.assert_array_equal(nb.n_steps, c.n_steps)
@@ -303,3 +304,42 @@ def test_bad_input_raises_project_errors(kwargs, error, match):
 def test_system_must_be_a_race_system():
     with pytest.raises(ConfigError, match="RaceSystem"):
         integrate_system("not a system", [0.1], t_end=1.0)
+
+
+# ------------------------------------------------------------------------------------------
+# the benchmark workload; output layout; defaults
+
+
+def test_auto_is_default_and_meets_the_benchmark_accuracy():
+    """The routing-mode workload of bench/bench_integrate.py (rtol 1e-8, atol 1e-10, t to 2000)
+    against the exact solution: max abs error below numbalsoda's LSODA (3.5e-7), in few steps."""
+    from fastrace.exact import routing_mode_trajectory
+
+    s = np.array([1.0, 2.7, 5.5, 10.0])
+    system = routing_system(s)
+    t = np.linspace(0.0, 2000.0, 400)
+    sol = integrate_system(system, np.full(3, 0.2), save_at=t, rtol=1e-8, atol=1e-10)
+    assert sol.method == "auto"
+    a1, a2, a3 = routing_mode_trajectory(t, s, M, K, 0.2)
+    want = np.stack([a1, a2, a3], axis=-1)
+    assert np.abs(sol.b - want).max() < 3.5e-7
+    assert sol.n_steps.max() < 150  # dopri5 alone needs thousands (stability-capped)
+
+
+@pytest.mark.parametrize("backend", ["c", "numba"])
+@pytest.mark.parametrize("method", ["auto", "gd"])
+def test_solution_b_is_a_time_first_view_of_system_major_output(backend, method):
+    system = routing_system([3.0, 1.0])
+    b0 = np.array([[[0.2, 0.2, 0.2], [0.1, 0.3, 0.2]]] * 3)  # (3 sets, 2 modes, 3 edges)
+    b0[1] *= 1.5
+    kwargs = dict(lr=0.05, steps=40) if method == "gd" else dict(t_end=10.0)
+    sol = integrate_system(system, b0, method=method, backend=backend, **kwargs)
+    n_t = sol.t.size
+    assert sol.b.shape == (n_t, 3, 2, 3)
+    # system-major underneath: moving time back next to the edges gives a C-contiguous array
+    assert np.moveaxis(sol.b, 0, -2).flags.c_contiguous
+    assert not sol.b.flags.owndata
+    # and every system equals a run of that system alone
+    alone = integrate_system(system.with_modes([[3.0]], [[1.0]]), b0[1, 0], method=method,
+                             backend=backend, **kwargs)
+    np.testing.assert_array_equal(sol.b[:, 1, 0], alone.b[:, 0])

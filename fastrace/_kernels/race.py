@@ -10,12 +10,15 @@ Conventions (see fastrace.system.RaceSystem and csrc/race.h):
   int64 array by :func:`pack_structure`;
 - batch of n_sys systems: b or b0 (n_sys, n_edges); s (rows, n_paths), d (rows, nnz_t),
   rate (rows, n_edges), where rows divides n_sys and system i uses row i % rows;
-- outputs are time-first: (n_out, n_sys, n_edges);
+- outputs are system-major: (n_sys, n_out, n_edges), each system one contiguous block;
 - status codes: 0 ok, 1 max steps, 2 step too small, 3 non-finite, 4 bad input.
 
-Batch kernels loop over systems with ``numba.prange`` in ``n_chunks`` chunks (an argument: a
-few per thread balance uneven systems); each chunk allocates its scratch once, and every system
-has its own step size and error control.
+Integrator batch kernels write into output arrays the caller allocates (numpy's allocator
+backs large arrays with huge pages; numba's does not, and page faults then cost as much as the
+integration): out (n_sys, n_out, n_edges), event_times (n_sys, n_paths), status (n_sys,) and
+stats (n_sys, 3) int64.  Batch kernels loop over systems with ``numba.prange`` in ``n_chunks``
+chunks (an argument: a few per thread balance uneven systems); each chunk allocates its scratch
+once, and every system has its own step size and error control.
 """
 
 from __future__ import annotations
@@ -92,12 +95,15 @@ def path_strengths_one(st, b, pi):
         pi[p] = x
 
 
-@njit(**_OPTS)
+# inline="always": numba does not inline calls between its compiled functions, and a call
+# passing five arrays cost ~30% of a DOPRI5 step on small systems.  The price is compile time
+# (every call site gets a copy).
+@njit(inline="always", **_OPTS)
 def rhs_one(st, par, b, db, work):
-    # one flat function on purpose: this is the hot path
+    # one flat function on purpose: this is the hot path.  Scratch: pi (n_paths), r (n_paths),
+    # pre (nnz): pre[k] = product of the edges of k's path before position k (race.c)
     n = b.shape[0]
     n_paths = st[0]
-    L = st[1]
     pp = HEAD
     pe = pp + n_paths + 1
     tp = pe + st[2]
@@ -106,10 +112,10 @@ def rhs_one(st, par, b, db, work):
     o_rate = n_paths + st[3]
     o_r = n_paths
     o_pre = 2 * n_paths
-    o_suf = o_pre + L + 1
     for p in range(n_paths):
         x = 1.0
         for k in range(st[pp + p], st[pp + p + 1]):
+            work[o_pre + k] = x
             x *= b[st[pe + k]]
         work[p] = x
     for p in range(n_paths):
@@ -119,20 +125,14 @@ def rhs_one(st, par, b, db, work):
         work[o_r + p] = par[p] - acc
     for e in range(n):
         db[e] = 0.0
+    # the rate multiplies before r_p is known: off the stage-to-stage critical path (race.c)
     for p in range(n_paths):
-        lo = st[pp + p]
-        length = st[pp + p + 1] - lo
-        work[o_pre] = 1.0
-        for k in range(length):
-            work[o_pre + k + 1] = work[o_pre + k] * b[st[pe + lo + k]]
-        work[o_suf + length] = 1.0
-        for k in range(length - 1, -1, -1):
-            work[o_suf + k] = b[st[pe + lo + k]] * work[o_suf + k + 1]
-        r = work[o_r + p]
-        for k in range(length):
-            db[st[pe + lo + k]] += (work[o_pre + k] * work[o_suf + k + 1]) * r
-    for e in range(n):
-        db[e] *= par[o_rate + e]
+        suf = 1.0
+        rp = work[o_r + p]
+        for k in range(st[pp + p + 1] - 1, st[pp + p] - 1, -1):
+            e = st[pe + k]
+            db[e] += ((work[o_pre + k] * suf) * par[o_rate + e]) * rp
+            suf = b[e] * suf
 
 
 @njit(**_OPTS)
@@ -302,7 +302,7 @@ def _all_finite(x):
     return True
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def _error_norm(err, y, ynew, rtol, atol):
     n = err.shape[0]
     acc = 0.0
@@ -438,26 +438,16 @@ def gd_one(st, par, b0, lr, record_steps, out, stats, work):
 
 
 @njit(parallel=True, **_OPTS)
-def gd_batch(st, b0, s, d, rate, lr, record_steps, n_chunks):
+def gd_batch(st, b0, s, d, rate, lr, record_steps, n_chunks, out, status, stats):
     n_sys, n = b0.shape
-    n_rec = record_steps.shape[0]
-    out = np.empty((n_rec, n_sys, n))
-    status = np.empty(n_sys, dtype=np.int64)
-    stats = np.zeros((n_sys, 3), dtype=np.int64)
     n_chunks = max(1, min(n_sys, n_chunks))
     for c in prange(n_chunks):
         lo, hi = _chunk(c, n_chunks, n_sys)
         work = np.empty(2 * n + work_size(st, n))
         par = np.empty(s.shape[1] + d.shape[1] + n)
-        buf = np.empty((n_rec, n))
         for i in range(lo, hi):
             _fill_par(par, s[i % s.shape[0]], d[i % d.shape[0]], rate[i % rate.shape[0]])
-            status[i] = gd_one(st, par, b0[i], lr, record_steps, buf, stats[i], work)
-            for k in range(n_rec):
-                for e in range(n):
-                    out[k, i, e] = buf[k, e]
-    return out, status, stats
-
+            status[i] = gd_one(st, par, b0[i], lr, record_steps, out[i], stats[i], work)
 
 # ------------------------------------------------------------------------------------------
 # Dormand-Prince 5(4): coefficients and step control as race.c (Hairer's DOPRI5)
@@ -583,25 +573,27 @@ def _dopri5_core(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax_opt, max_st
                 last = True
             nstep += 1
 
+            # each stage adds its newest slope last (race.c): (y + h (older)) + (h a_ij) k_j
             for i in range(n):
-                ytmp[i] = y[i] + h * (A21 * k1[i])
+                ytmp[i] = y[i] + (h * A21) * k1[i]
             rhs_one(st, par, ytmp, k2, rwork)
             for i in range(n):
-                ytmp[i] = y[i] + h * (A31 * k1[i] + A32 * k2[i])
+                ytmp[i] = (y[i] + h * (A31 * k1[i])) + (h * A32) * k2[i]
             rhs_one(st, par, ytmp, k3, rwork)
             for i in range(n):
-                ytmp[i] = y[i] + h * (A41 * k1[i] + A42 * k2[i] + A43 * k3[i])
+                ytmp[i] = (y[i] + h * (A41 * k1[i] + A42 * k2[i])) + (h * A43) * k3[i]
             rhs_one(st, par, ytmp, k4, rwork)
             for i in range(n):
-                ytmp[i] = y[i] + h * (A51 * k1[i] + A52 * k2[i] + A53 * k3[i] + A54 * k4[i])
+                ytmp[i] = ((y[i] + h * (A51 * k1[i] + A52 * k2[i] + A53 * k3[i]))
+                           + (h * A54) * k4[i])
             rhs_one(st, par, ytmp, k5, rwork)
             for i in range(n):
-                ytmp[i] = y[i] + h * (A61 * k1[i] + A62 * k2[i] + A63 * k3[i] + A64 * k4[i]
-                                      + A65 * k5[i])
+                ytmp[i] = ((y[i] + h * (A61 * k1[i] + A62 * k2[i] + A63 * k3[i] + A64 * k4[i]))
+                           + (h * A65) * k5[i])
             rhs_one(st, par, ytmp, k6, rwork)
             for i in range(n):
-                ynew[i] = y[i] + h * (A71 * k1[i] + A73 * k3[i] + A74 * k4[i] + A75 * k5[i]
-                                      + A76 * k6[i])
+                ynew[i] = ((y[i] + h * (A71 * k1[i] + A73 * k3[i] + A74 * k4[i] + A75 * k5[i]))
+                           + (h * A76) * k6[i])
             rhs_one(st, par, ynew, k7, rwork)
             stats[2] += 6
             for i in range(n):
@@ -678,7 +670,7 @@ def _dopri5_core(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax_opt, max_st
                     hnew = min(abs(hnew), abs(h))
                 reject = False
                 nonfinite = False
-                if iasti >= 15:
+                if iasti >= 5:
                     stiff = True
                     h = hnew
                     break
@@ -691,54 +683,9 @@ def _dopri5_core(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax_opt, max_st
     return status, k_out, t, h, stiff
 
 
-@njit(**_OPTS)
-def dopri5_one(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax, max_steps, thresholds,
-               events, out, event_times, stats, work):
-    """race_dopri5 for one system: out (n_out, n_edges); stats [accepted, rejected, rhs]."""
-    _run_begin(stats, event_times)
-    status = BAD_INPUT
-    k_out = 0
-    if _options_ok(t0, t_end, rtol, atol, max_steps):
-        status, k_out, _, _, _ = _dopri5_core(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax,
-                                              max_steps, thresholds, events, out, event_times,
-                                              stats, work, False)
-    _run_finish(out, k_out)
-    return status
-
-
-@njit(parallel=True, **_OPTS)
-def dopri5_batch(st, b0, s, d, rate, t0, t_end, t_out, rtol, atol, h0, hmax, max_steps,
-                 thresholds, n_chunks):
-    n_sys, n = b0.shape
-    n_paths = st[0]
-    n_out = t_out.shape[0]
-    events = False
-    for p in range(n_paths):
-        if not np.isnan(thresholds[p]):
-            events = True
-    out = np.empty((n_out, n_sys, n))
-    event_times = np.empty((n_sys, n_paths))
-    status = np.empty(n_sys, dtype=np.int64)
-    stats = np.zeros((n_sys, 3), dtype=np.int64)
-    n_chunks = max(1, min(n_sys, n_chunks))
-    for c in prange(n_chunks):
-        lo, hi = _chunk(c, n_chunks, n_sys)
-        work = np.empty(15 * n + 2 * n_paths + work_size(st, n))
-        par = np.empty(s.shape[1] + d.shape[1] + n)
-        buf = np.empty((n_out, n))
-        for i in range(lo, hi):
-            _fill_par(par, s[i % s.shape[0]], d[i % d.shape[0]], rate[i % rate.shape[0]])
-            status[i] = dopri5_one(st, par, b0[i], t0, t_end, t_out, rtol, atol, h0, hmax,
-                                   max_steps, thresholds, events, buf, event_times[i], stats[i],
-                                   work)
-            for k in range(n_out):
-                for e in range(n):
-                    out[k, i, e] = buf[k, e]
-    return out, event_times, status, stats
-
-
 # ------------------------------------------------------------------------------------------
 # dense LU with partial pivoting, as race.c
+
 
 
 @njit(**_OPTS)
@@ -795,18 +742,13 @@ RO_DENSE = 4.0 / 27.0
 
 
 @njit(**_OPTS)
-def _hermite_edge(y, f0, ynew, f1, h, e, theta):
-    u = 1.0 - theta
-    h00 = (1.0 + 2.0 * theta) * u * u
-    h10 = theta * u * u
-    h01 = theta * theta * (3.0 - 2.0 * theta)
-    h11 = -theta * theta * u
-    return h00 * y[e] + h10 * (h * f0[e]) + h01 * ynew[e] + h11 * (h * f1[e])
+def _hermite_edge(y, c1, c2, c3, e, theta):
+    """The cubic Hermite interpolant in power form (race.c hermite_edge)."""
+    return y[e] + theta * (c1[e] + theta * (c2[e] + theta * c3[e]))
 
 
 @njit(**_OPTS)
-def _hermite_locate_events(st, thresholds, pi_old, pi_new, t, h, y, f0, ynew,
-                           f1, event_times):
+def _hermite_locate_events(st, thresholds, pi_old, pi_new, t, h, y, c1, c2, c3, event_times):
     pe = HEAD + st[0] + 1
     for p in range(pi_old.shape[0]):
         thr = thresholds[p]
@@ -822,7 +764,7 @@ def _hermite_locate_events(st, thresholds, pi_old, pi_new, t, h, y, f0, ynew,
             mid = 0.5 * (lo + hi)
             x = 1.0
             for k in range(st[HEAD + p], st[HEAD + p + 1]):
-                x *= _hermite_edge(y, f0, ynew, f1, h, st[pe + k], mid)
+                x *= _hermite_edge(y, c1, c2, c3, st[pe + k], mid)
             gm = x - thr
             if _crosses(glo, gm):
                 hi = mid
@@ -835,9 +777,11 @@ def _hermite_locate_events(st, thresholds, pi_old, pi_new, t, h, y, f0, ynew,
 
 @njit(**_OPTS)
 def _rodas3_core(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax_opt, max_steps,
-                 thresholds, events, out, event_times, stats, work, jac, g, piv):
+                 thresholds, events, out, event_times, stats, work, jac, g, piv, k_start):
     """rodas3_core of race.c; jac and g are (n, n) scratch, piv (n,) int64.
-    Returns (status, outputs written, t, h)."""
+    Outputs and save times are the run's full arrays, written from index k_start on (race.c
+    passes offset pointers; whole arrays keep numba's contiguous layout).  Returns (status,
+    outputs written in all, t, h)."""
     n = b0.shape[0]
     n_paths = st[0]
     n_out = t_out.shape[0]
@@ -855,7 +799,7 @@ def _rodas3_core(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax_opt, max_st
     pi_new = work[10 * n + n_paths:10 * n + 2 * n_paths]
     rwork = work[10 * n + 2 * n_paths:]
 
-    k_out = 0
+    k_out = k_start  # outputs before k_start are written already (race_auto)
     status = OK
     t = t0
     h = 0.0
@@ -957,6 +901,15 @@ def _rodas3_core(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax_opt, max_st
             if err <= 1.0:
                 stats[0] += 1
                 tnew = t_end if last else t + h
+                if (k_out < n_out and t_out[k_out] < tnew) or events:
+                    # Hermite coefficients in the stages, free once a step is accepted
+                    for i in range(n):
+                        hf0 = h * f0[i]
+                        hf1 = h * f1[i]
+                        dy = ynew[i] - y[i]
+                        k1[i] = hf0
+                        k2[i] = 3.0 * dy - 2.0 * hf0 - hf1
+                        k3[i] = hf0 + hf1 - 2.0 * dy
                 while k_out < n_out and t_out[k_out] <= tnew:
                     if t_out[k_out] == tnew:
                         for i in range(n):
@@ -964,12 +917,13 @@ def _rodas3_core(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax_opt, max_st
                     else:
                         theta = (t_out[k_out] - t) / h
                         for i in range(n):
-                            out[k_out, i] = _hermite_edge(y, f0, ynew, f1, h, i, theta)
+                            out[k_out, i] = y[i] + theta * (k1[i] + theta * (k2[i]
+                                                                             + theta * k3[i]))
                     k_out += 1
                 if events:
                     path_strengths_one(st, ynew, pi_new)
-                    _hermite_locate_events(st, thresholds, pi_old, pi_new, t,
-                                           h, y, f0, ynew, f1, event_times)
+                    _hermite_locate_events(st, thresholds, pi_old, pi_new, t, h, y, k1, k2, k3,
+                                           event_times)
                     for p in range(n_paths):
                         pi_old[p] = pi_new[p]
                 for i in range(n):
@@ -993,100 +947,61 @@ def _rodas3_core(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax_opt, max_st
     return status, k_out, t, h
 
 
-@njit(**_OPTS)
-def rodas3_one(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax, max_steps, thresholds,
-               events, out, event_times, stats, work, jac, g, piv):
-    """race_rodas3 for one system."""
-    _run_begin(stats, event_times)
-    status = BAD_INPUT
-    k_out = 0
-    if _options_ok(t0, t_end, rtol, atol, max_steps):
-        status, k_out, _, _ = _rodas3_core(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax,
-                                           max_steps, thresholds, events, out, event_times,
-                                           stats, work, jac, g, piv)
-    _run_finish(out, k_out)
-    return status
-
-
-@njit(parallel=True, **_OPTS)
-def rodas3_batch(st, b0, s, d, rate, t0, t_end, t_out, rtol, atol, h0, hmax, max_steps,
-                 thresholds, n_chunks):
-    n_sys, n = b0.shape
-    n_paths = st[0]
-    n_out = t_out.shape[0]
-    events = False
-    for p in range(n_paths):
-        if not np.isnan(thresholds[p]):
-            events = True
-    out = np.empty((n_out, n_sys, n))
-    event_times = np.empty((n_sys, n_paths))
-    status = np.empty(n_sys, dtype=np.int64)
-    stats = np.zeros((n_sys, 3), dtype=np.int64)
-    n_chunks = max(1, min(n_sys, n_chunks))
-    for c in prange(n_chunks):
-        lo, hi = _chunk(c, n_chunks, n_sys)
-        work = np.empty(10 * n + 2 * n_paths + work_size(st, n))
-        par = np.empty(s.shape[1] + d.shape[1] + n)
-        jac = np.empty((n, n))
-        g = np.empty((n, n))
-        piv = np.empty(n, dtype=np.int64)
-        buf = np.empty((n_out, n))
-        for i in range(lo, hi):
-            _fill_par(par, s[i % s.shape[0]], d[i % d.shape[0]], rate[i % rate.shape[0]])
-            status[i] = rodas3_one(st, par, b0[i], t0, t_end, t_out, rtol, atol, h0, hmax,
-                                   max_steps, thresholds, events, buf, event_times[i], stats[i],
-                                   work, jac, g, piv)
-            for k in range(n_out):
-                for e in range(n):
-                    out[k, i, e] = buf[k, e]
-    return out, event_times, status, stats
-
-
 # ------------------------------------------------------------------------------------------
-# automatic stiffness switching (race_auto): DOPRI5 until stiff, then RODAS3
+# the integrators of race.h: race_dopri5 (method 0), race_rodas3 (1), race_auto (2)
+#
+# One kernel serves the three methods (a run-time switch), so numba compiles the integrators
+# once, not three times.
+
+DOPRI5, RODAS3, AUTO = 0, 1, 2
 
 
 @njit(**_OPTS)
-def auto_one(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax, max_steps, thresholds, events,
-             out, event_times, stats, work, jac, g, piv, ybuf):
-    """race_auto for one system: DOPRI5 until stiff, then RODAS3; ybuf (n,) scratch."""
+def ode_one(st, par, method, b0, t0, t_end, t_out, rtol, atol, h0, hmax, max_steps, thresholds,
+            events, out, event_times, stats, work, jac, g, piv, ybuf):
+    """race_dopri5 / race_rodas3 / race_auto for one system: out (n_out, n_edges); stats
+    [accepted, rejected, rhs evaluations]; ybuf (n,) scratch.  Returns the status."""
     _run_begin(stats, event_times)
     status = BAD_INPUT
     k_out = 0
     if _options_ok(t0, t_end, rtol, atol, max_steps):
-        status, k_out, t, h, stiff = _dopri5_core(st, par, b0, t0, t_end, t_out, rtol, atol, h0,
-                                                  hmax, max_steps, thresholds, events, out,
-                                                  event_times, stats, work, True)
-        if status == OK and stiff:
-            rest = max_steps - (stats[0] + stats[1])
-            if rest < 1:
-                status = MAX_STEPS
-            else:
-                for i in range(ybuf.shape[0]):
-                    ybuf[i] = work[i]
-                status, k_more, _, _ = _rodas3_core(st, par, ybuf, t, t_end, t_out[k_out:], rtol,
-                                                    atol, h, hmax, rest, thresholds, events,
-                                                    out[k_out:], event_times, stats, work, jac,
-                                                    g, piv)
-                k_out += k_more
+        n = ybuf.shape[0]
+        if method == RODAS3:
+            for i in range(n):
+                ybuf[i] = b0[i]
+            status, k_out, _, _ = _rodas3_core(st, par, ybuf, t0, t_end, t_out, rtol, atol, h0,
+                                               hmax, max_steps, thresholds, events, out,
+                                               event_times, stats, work, jac, g, piv, 0)
+        else:
+            status, k_out, t, h, stiff = _dopri5_core(st, par, b0, t0, t_end, t_out, rtol, atol,
+                                                      h0, hmax, max_steps, thresholds, events,
+                                                      out, event_times, stats, work,
+                                                      method == AUTO)
+            if status == OK and stiff:
+                rest = max_steps - (stats[0] + stats[1])
+                if rest < 1:
+                    status = MAX_STEPS
+                else:
+                    for i in range(n):
+                        ybuf[i] = work[i]
+                    status, k_out, _, _ = _rodas3_core(st, par, ybuf, t, t_end, t_out, rtol,
+                                                       atol, h, hmax, rest, thresholds, events,
+                                                       out, event_times, stats, work, jac, g,
+                                                       piv, k_out)
     _run_finish(out, k_out)
     return status
 
 
 @njit(parallel=True, **_OPTS)
-def auto_batch(st, b0, s, d, rate, t0, t_end, t_out, rtol, atol, h0, hmax, max_steps, thresholds,
-               n_chunks):
+def ode_batch(st, b0, s, d, rate, method, t0, t_end, t_out, rtol, atol, h0, hmax, max_steps,
+              thresholds, n_chunks, out, event_times, status, stats):
+    """ode_one over a batch; outputs as described in the module docstring."""
     n_sys, n = b0.shape
     n_paths = st[0]
-    n_out = t_out.shape[0]
     events = False
     for p in range(n_paths):
         if not np.isnan(thresholds[p]):
             events = True
-    out = np.empty((n_out, n_sys, n))
-    event_times = np.empty((n_sys, n_paths))
-    status = np.empty(n_sys, dtype=np.int64)
-    stats = np.zeros((n_sys, 3), dtype=np.int64)
     n_chunks = max(1, min(n_sys, n_chunks))
     for c in prange(n_chunks):
         lo, hi = _chunk(c, n_chunks, n_sys)
@@ -1096,13 +1011,8 @@ def auto_batch(st, b0, s, d, rate, t0, t_end, t_out, rtol, atol, h0, hmax, max_s
         g = np.empty((n, n))
         piv = np.empty(n, dtype=np.int64)
         ybuf = np.empty(n)
-        buf = np.empty((n_out, n))
         for i in range(lo, hi):
             _fill_par(par, s[i % s.shape[0]], d[i % d.shape[0]], rate[i % rate.shape[0]])
-            status[i] = auto_one(st, par, b0[i], t0, t_end, t_out, rtol, atol, h0, hmax,
-                                 max_steps, thresholds, events, buf, event_times[i], stats[i],
-                                 work, jac, g, piv, ybuf)
-            for k in range(n_out):
-                for e in range(n):
-                    out[k, i, e] = buf[k, e]
-    return out, event_times, status, stats
+            status[i] = ode_one(st, par, method, b0[i], t0, t_end, t_out, rtol, atol, h0, hmax,
+                                max_steps, thresholds, events, out[i], event_times[i], stats[i],
+                                work, jac, g, piv, ybuf)
