@@ -8,6 +8,7 @@ edge order, each edge's matrix row-major; a batch of runs is an array (n_runs, n
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -306,6 +307,18 @@ class GradientEngine:
         self.offsets = dict(zip(self.edges, np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()))
         self.n_params = int(sum(sizes))
         self.plan = MomentsPlan(net, data, self.offsets) if self.engine == "moments" else None
+        self._states = threading.local()
+
+    @classmethod
+    def for_data(cls, net: Network, data: Dataset, engine: str = "auto") -> GradientEngine:
+        """The engine of ``net`` on ``data``, built once and kept on the data set (building a
+        moments plan costs milliseconds; repeated simulations of one problem reuse it)."""
+        key = ("engine", net.signature(), choose_engine(net, data, engine))
+        cached = data._cache.get(key)
+        if cached is None:
+            cached = cls(net, data, engine)
+            data._cache[key] = cached
+        return cached  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ packing
     def pack(self, weights: Mapping[str, object]) -> np.ndarray:
@@ -333,10 +346,16 @@ class GradientEngine:
 
         plan = self.plan
         n_runs = w.shape[0]
-        state = np.zeros((n_runs, plan.state_size))
+        # the state is kept between calls: blocks no operation writes stay zero, the others
+        # are overwritten in every evaluation, so only weights and velocity are copied in
+        states = self._states.__dict__  # per thread: concurrent callers never share a state
+        state = states.get(n_runs)
+        if state is None:
+            state = np.zeros((n_runs, plan.state_size))
+            states.clear()
+            states[n_runs] = state
         state[:, :self.n_params] = w
-        if velocity is not None:
-            state[:, self.n_params:2 * self.n_params] = velocity
+        state[:, self.n_params:2 * self.n_params] = 0.0 if velocity is None else velocity
         losses = np.empty((n_runs, n_steps))
         status = np.full(n_runs, -1, dtype=np.int64)
         if snapshot_steps is None:

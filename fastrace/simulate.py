@@ -1142,7 +1142,7 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
         record = np.asarray(record, dtype=np.float64).ravel()
 
     # ---- engine and weights (validated before anything is written)
-    eng = GradientEngine(net, data, engine)
+    eng = GradientEngine.for_data(net, data, engine)
     W = eng.pack_many(runs_w)
     V = np.zeros_like(W)
     quantities, q_shapes = _check_quantities(quantities, eng, W[0])
@@ -1293,7 +1293,7 @@ def _resume_runs(path: Any, net: Network, data: Dataset, names: list[str],
     if not same:
         raise NetworkError(f"{os.fspath(path)}: the network differs from the one the runs "
                            "were started with")
-    engine = GradientEngine(net, data, plan.engine)
+    engine = GradientEngine.for_data(net, data, plan.engine)
     given = dict(quantities or {})
     if set(given) != set(plan.quantity_shapes):
         raise ConfigError(f"the runs recorded quantities {sorted(plan.quantity_shapes)}; pass "
