@@ -140,6 +140,7 @@ GROUP = "routing mode systems: fastrace (numba backend) vs numbalsoda LSODA"
 @pytest.mark.parametrize("n", [1_000, 100_000])
 @pytest.mark.benchmark(group=GROUP)
 def test_fastrace_auto(benchmark, system, n):
+    benchmark.group = f"{GROUP}, N={n}"
     s = workload(n)
     benchmark.extra_info.update(n=n, baseline=True)
     out = benchmark.pedantic(run_fastrace, args=(system, s), rounds=3, warmup_rounds=0)
@@ -149,6 +150,7 @@ def test_fastrace_auto(benchmark, system, n):
 @pytest.mark.parametrize("n", [1_000])
 @pytest.mark.benchmark(group=GROUP)
 def test_fastrace_dopri5(benchmark, system, n):
+    benchmark.group = f"{GROUP}, N={n}"
     s = workload(n)
     benchmark.extra_info["n"] = n
     out = benchmark.pedantic(run_fastrace, args=(system, s), kwargs={"method": "dopri5"},
@@ -159,6 +161,7 @@ def test_fastrace_dopri5(benchmark, system, n):
 @pytest.mark.parametrize("n", [1_000, 100_000])
 @pytest.mark.benchmark(group=GROUP)
 def test_numbalsoda_lsoda(benchmark, lsoda_run, n):
+    benchmark.group = f"{GROUP}, N={n}"
     s = workload(n)
     benchmark.extra_info["n"] = n
     out = benchmark.pedantic(lsoda_run, args=(s,), rounds=3, warmup_rounds=0)
@@ -168,6 +171,7 @@ def test_numbalsoda_lsoda(benchmark, lsoda_run, n):
 @pytest.mark.parametrize("n", [1_000])
 @pytest.mark.benchmark(group=GROUP)
 def test_fastrace_rosenbrock(benchmark, system, n):
+    benchmark.group = f"{GROUP}, N={n}"
     s = workload(n)
     benchmark.extra_info["n"] = n
     out = benchmark.pedantic(run_fastrace, args=(system, s), kwargs={"method": "rosenbrock"},
@@ -178,6 +182,7 @@ def test_fastrace_rosenbrock(benchmark, system, n):
 @pytest.mark.parametrize("n", [1_000])
 @pytest.mark.benchmark(group=GROUP)
 def test_scipy_lsoda_vectorised(benchmark, n):
+    benchmark.group = f"{GROUP}, N={n}"
     pytest.importorskip("scipy")
     s = workload(n)
     benchmark.extra_info["n"] = n
@@ -190,9 +195,10 @@ def test_scipy_lsoda_vectorised(benchmark, n):
 @pytest.mark.parametrize("n", [1_000, 100_000])
 @pytest.mark.benchmark(group="numba auto threads")
 def test_auto_threads(benchmark, system, n, threads):
+    benchmark.group = f"numba auto threads, N={n}"
     s = workload(n)
     benchmark.extra_info.update(n=n, threads=threads)
-    if threads == 2 and n == 100_000:
+    if threads == 2:
         benchmark.extra_info["baseline"] = True
     benchmark.pedantic(run_fastrace, args=(system, s), kwargs={"threads": threads}, rounds=3)
 
