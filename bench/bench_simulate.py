@@ -208,6 +208,7 @@ def wide(request):
 
 @pytest.mark.benchmark(group="width scaling M=16, 10 steps")
 def test_width_fastrace(benchmark, wide):
+    benchmark.group = f"width scaling M=16 H={wide[0].hidden}, 10 steps"
     task, weights = wide
     benchmark.extra_info["baseline"] = True
     benchmark.extra_info["hidden"] = task.hidden
@@ -226,6 +227,7 @@ def test_width_fastrace(benchmark, wide):
 
 @pytest.mark.benchmark(group="width scaling M=16, 10 steps")
 def test_width_torch_stacked(benchmark, wide):
+    benchmark.group = f"width scaling M=16 H={wide[0].hidden}, 10 steps"
     task, weights = wide
     benchmark.extra_info["hidden"] = task.hidden
     benchmark.pedantic(torch_stacked, args=(task, weights, WIDTH_STEPS), kwargs={"threads": 2},
