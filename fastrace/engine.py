@@ -407,8 +407,9 @@ class GradientEngine:
         Step: ``v ← momentum·v + (∇L + weight_decay·w)``; ``w ← w − lr·v`` (heavy ball; with
         momentum 0 this is plain ``w ← w − lr ∇L``).
         Returns the loss of each run before each step, (n_runs, n_steps). A run whose loss or
-        weights stop being finite, or whose weights exceed ``max_abs``, stops there: its later
-        losses are NaN (see ``last_status``: the failing step per run, or -1).
+        weights stop being finite, or whose weights exceed ``max_abs`` after any step, stops
+        there: its later losses are NaN (``last_status``: per run, the number of steps after
+        which its state went bad, or -1).
         ``snapshot_steps`` (increasing step counts in 1..n_steps) and ``snapshots``
         (n_runs, len(snapshot_steps), n_params): the weights after those many steps are written
         there, so that many save points cost one call. ``parallel``: spread the runs over numba
@@ -430,9 +431,9 @@ class GradientEngine:
             n = self.n_params
             w[...] = state[:, :n]
             velocity[...] = state[:, n:2 * n]
-            for r, s in enumerate(status):
-                if s >= 0:
-                    losses[r, s + 1:] = np.nan
+            for r, k in enumerate(status):
+                if k >= 0:  # the state went bad after k steps: later losses were not computed
+                    losses[r, k + 1:] = np.nan
             self.last_status = status
             return losses
         losses = np.full((w.shape[0], n_steps), np.nan)
@@ -450,9 +451,11 @@ class GradientEngine:
             else:
                 step = G
             w[active] -= lr[active, None] * step[active]
-            bad = active & (~np.isfinite(L) | ~(np.abs(w) <= max_abs).all(axis=1))
-            status[bad] = k
-            active &= ~bad
+            bad_loss = active & ~np.isfinite(L)
+            bad_w = active & ~bad_loss & ~(np.abs(w) <= max_abs).all(axis=1)
+            status[bad_loss] = k
+            status[bad_w] = k + 1
+            active &= ~(bad_loss | bad_w)
             if snapshot_steps is not None and snap < snapshot_steps.size \
                     and snapshot_steps[snap] == k + 1:
                 snapshots[:, snap] = w

@@ -662,12 +662,17 @@ def _drive_gd(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: np.
         w_start, v_start = w.copy(), v.copy()
         with np.errstate(all="ignore"):
             losses = engine.descend(w, v, plan.lr[idx], n, plan.momentum, plan.weight_decay,
+                                    max_abs=plan.divergence_threshold,
                                     snapshot_steps=inner - m, snapshots=snaps)
+        # a run whose state went bad after k steps keeps only the save points before that
+        status = engine.last_status
+        last_good = np.where(status >= 0, status - 1, n).min() if len(status) else n
         for k, row in zip(saving, pending):
             row["loss"] = np.float64(losses[k, 0])
             rec.emit(active[k], row)
         good = 0  # save points before any divergence in this chunk: their rows are kept
-        while good < inner.size and np.isfinite(losses[:, :inner[good] - m + 1]).all() \
+        while good < inner.size and inner[good] - m <= last_good \
+                and np.isfinite(losses[:, :inner[good] - m + 1]).all() \
                 and np.isfinite(snaps[:, good]).all():
             good += 1
         if good:
@@ -681,7 +686,8 @@ def _drive_gd(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: np.
                     row = rows[j * len(active) + k]
                     row["loss"] = np.float64(losses[k, at[j] - m])
                     rec.emit(active[k], row)
-        diverged = ~np.isfinite(losses).all(axis=1) | _weights_bad(w, plan.divergence_threshold)
+        diverged = (status >= 0) | ~np.isfinite(losses).all(axis=1) \
+            | _weights_bad(w, plan.divergence_threshold)
         if diverged.any():
             raise _locate_gd_divergence(engine, plan, active, idx, w_start, v_start, n, m)
         if not whole:

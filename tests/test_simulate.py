@@ -521,3 +521,18 @@ def test_flow_gives_up_after_max_steps_instead_of_grinding(tmp_path):
         fr.simulate(net, data, W, method="flow", t_end=1e4, max_steps=20, out=tmp_path / "f.h5")
     from fastrace import store
     assert store.run_status(tmp_path / "f.h5", "simulation").startswith("failed")
+
+
+@pytest.mark.parametrize("checkpoint_every", [None, 1, 50])
+def test_threshold_crossing_inside_a_chunk_is_divergence(tmp_path, checkpoint_every):
+    # w: 0, 1.9, 0.19, 1.729, ...: over the threshold at step 1 and back under it at step 2;
+    # the verdict must not depend on how the run is cut into engine calls
+    net = fr.Network()
+    net.add_node("x", 1).add_node("y", 1).add_edge("x", "y")
+    data = fr.Dataset({"x": np.ones((1, 1))}, {"y": np.ones((1, 1))}, weights=[2.0])
+    W = {"x->y": np.zeros((1, 1))}
+    out = None if checkpoint_every is None else tmp_path / "d.h5"
+    with pytest.raises(fr.DivergenceError, match="step 1") as info:
+        fr.simulate(net, data, W, lr=0.95, steps=100, divergence_threshold=1.5,
+                    save_weights=True, out=out, checkpoint_every=checkpoint_every)
+    assert info.value.step == 1

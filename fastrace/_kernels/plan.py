@@ -104,6 +104,27 @@ def execute(fn, ops_i, ops_f, const, st, lr, ints, flts, chars):
     return acc
 
 
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _sum_of_squares(w):
+    total = 0.0
+    for i in range(w.shape[0]):
+        total += w[i] * w[i]
+    return total
+
+
+@numba.njit(cache=True, nogil=True)
+def _within(w, max_abs):
+    """True when every |w_i| <= max_abs; False for NaN. The norm bounds every entry, so one
+    vectorised pass decides nearly always; the exact scan runs only when the norm is large."""
+    total = _sum_of_squares(w)
+    if total == total and np.sqrt(total) <= max_abs:
+        return True
+    for i in range(w.shape[0]):
+        if not (abs(w[i]) <= max_abs):
+            return False
+    return True
+
+
 @numba.njit(cache=True, nogil=True)
 def descend_one(fn, ops_i, ops_f, fused, const, st, layout, lr, momentum, weight_decay, n_steps,
                 loss_const, max_abs, update, losses, snap_steps, snaps):
@@ -111,11 +132,10 @@ def descend_one(fn, ops_i, ops_f, fused, const, st, layout, lr, momentum, weight
 
     layout = (n_params, w_off, v_off, g_off, zero_start, zero_end). losses[s] receives the loss
     before step s; snaps[j] the weights after snap_steps[j] steps (increasing, 1..n_steps).
-    ``fused``: the plan itself applies the plain gradient-descent update (no update pass); a
-    non-finite loss is then seen after that step's update.
-    Returns -1, or the first step whose loss is not finite (the run stops there without
-    updating), or ``n_steps`` when after the last step a weight is not finite or exceeds
-    ``max_abs`` in magnitude.
+    ``fused``: the plan itself applies the plain gradient-descent update (no update pass).
+    Returns -1, or the number k of steps after which the state went bad and the run stopped:
+    the loss of the weights after k steps is not finite, or (with ``update``) a weight after k
+    steps is not finite or exceeds ``max_abs`` in magnitude. Snapshots after k are not taken.
     """
     n_params, w_off, v_off, g_off, z0, z1 = (layout[0], layout[1], layout[2], layout[3],
                                              layout[4], layout[5])
@@ -147,13 +167,11 @@ def descend_one(fn, ops_i, ops_f, fused, const, st, layout, lr, momentum, weight
                 step = (g[i] + weight_decay * w[i]) + momentum * v[i]
                 v[i] = step
                 w[i] -= lr * step
+        if update and not _within(w, max_abs):
+            return s + 1
         if snap < snap_steps.shape[0] and snap_steps[snap] == s + 1:
             snaps[snap, :] = w
             snap += 1
-    if update:
-        for i in range(n_params):
-            if not (abs(w[i]) <= max_abs):
-                return n_steps
     return -1
 
 
