@@ -714,7 +714,8 @@ def learning_times(system, b0, *, fraction: float = 0.5, min_share: float = 0.05
     integrated (τ = 1) until every mode has converged (the right-hand side is below
     ``atol``-scale; ``t_end`` doubles up to ``max_doublings`` times when not given), then the
     crossing times of ``fraction`` × final strength are located with the integrator's events,
-    per mode. Times are in units of τ (divide by the learning rate for gradient-descent steps).
+    per mode. Times are in units of τ (divide by the learning rate for gradient-descent steps);
+    a path that starts beyond ``fraction`` of its final strength never crosses it: NaN.
     """
     from .integrate import integrate_system
 
@@ -738,7 +739,7 @@ def learning_times(system, b0, *, fraction: float = 0.5, min_share: float = 0.05
             break
         horizon *= 2.0
     else:
-        raise IntegrationError(f"the race has not converged by t = {horizon:g} "
+        raise IntegrationError(f"the race has not converged by t = {horizon / 2:g} "
                                f"(|db/dt| = {speed:.3g}); give t_end")
     final = system.path_strengths(b_end)  # (n_modes, n_paths)
     times = np.full((n_modes, n_paths), np.nan)
