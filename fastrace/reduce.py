@@ -686,5 +686,9 @@ class ReducedSolution:
         return self.mode_loss.sum(axis=-1) + self.reduction.loss_constant
 
     def weights(self, i: int) -> dict[str, np.ndarray]:
-        """Full weights {edge: (dim t, dim s)} reconstructed at saved index ``i``."""
+        """Full weights {edge: (dim t, dim s)} reconstructed at saved index ``i``.
+
+        For a batch over parameter sets (b of shape (n_saved, n_sets, n_modes, n_edges)) each
+        array gets a leading set axis: (n_sets, dim t, dim s).
+        """
         return self.reduction.reconstruct(self.b[i])
