@@ -192,6 +192,26 @@ def _scaled_time_quad(y0: float, gap0: float, y1: float, gap1: float, depth: int
     return math.log(abs(gap0 / gap1)) + depth * value
 
 
+def _check_reachable(x1, x0, fixed, gap0, gap1, same, names: tuple[str, str, str, str]) -> None:
+    """Raise ConfigError unless the flow from x0 reaches x1 in finite time: x1 must lie between x0
+    and the fixed point (gap = fixed point − value, signed). names: (x1, x0, fixed point, what
+    moves), for the messages."""
+    n1, n0, nf, mover = names
+    if np.any(~same & (gap1 == 0)):
+        raise ConfigError(f"{n1} equals the fixed point {nf}, which the flow reaches only as "
+                          "t -> inf")
+    if np.any(~same & (gap0 == 0)):
+        raise ConfigError(f"{n0} is the fixed point {nf}: the {mover} never moves")
+    beyond = ~same & (np.sign(gap0) != np.sign(gap1))
+    if np.any(beyond):
+        raise ConfigError(f"{n1} = {_first_bad(x1, ~beyond)!r} lies beyond the fixed point {nf} = "
+                          f"{_first_bad(fixed, ~beyond)!r}: the {mover} never reaches it")
+    behind = ~same & (np.abs(gap1) > np.abs(gap0))
+    if np.any(behind):
+        raise ConfigError(f"{n1} = {_first_bad(x1, ~behind)!r} lies behind {n0} = "
+                          f"{_first_bad(x0, ~behind)!r}: the flow moves only towards {nf}")
+
+
 def _single_path_parameters(s: object, d: object, pi0: object, depth: object, tau: object):
     depth = _integer("depth", depth, 1)
     tau = _tau(tau)
@@ -235,18 +255,7 @@ def single_path_time(pi1: ArrayLike, s: ArrayLike, d: ArrayLike, pi0: ArrayLike,
     gap0 = (s - d * pi0) / s  # 1 - y, signed, computed without cancellation in y
     gap1 = (s - d * pi1) / s
     same = pi1 == pi0
-    if np.any(~same & (gap1 == 0)):
-        raise ConfigError("pi1 equals the fixed point s/d, which the flow reaches only as t -> inf")
-    if np.any(~same & (gap0 == 0)):
-        raise ConfigError("pi0 is the fixed point s/d: the path never moves")
-    beyond = ~same & (np.sign(gap0) != np.sign(gap1))
-    if np.any(beyond):
-        raise ConfigError(f"pi1 = {_first_bad(pi1, ~beyond)!r} lies beyond the fixed point s/d = "
-                          f"{_first_bad(s / d, ~beyond)!r}: the path never reaches it")
-    behind = ~same & (np.abs(gap1) > np.abs(gap0))
-    if np.any(behind):
-        raise ConfigError(f"pi1 = {_first_bad(pi1, ~behind)!r} lies behind pi0 = "
-                          f"{_first_bad(pi0, ~behind)!r}: the flow moves only towards s/d")
+    _check_reachable(pi1, pi0, s / d, gap0, gap1, same, names=("pi1", "pi0", "s/d", "path"))
 
     stuck = ~same & (pi0 == 0) & (depth >= 2)
     live = ~same & ~stuck
@@ -434,18 +443,7 @@ def routing_learning_time(a2: ArrayLike, s: ArrayLike, M: int, K: int, b0: Array
     a_star = _fixed_point(s, M, b0)
     same = a2 == b0
     gap0, gap1 = a_star - b0, a_star - a2
-    if np.any(~same & (gap1 == 0)):
-        raise ConfigError("a2 equals the fixed point, which is reached only as t -> inf")
-    if np.any(~same & (gap0 == 0)):
-        raise ConfigError("b0 is the fixed point: the mode never moves")
-    beyond = ~same & (np.sign(gap0) != np.sign(gap1))
-    if np.any(beyond):
-        raise ConfigError(f"a2 = {_first_bad(a2, ~beyond)!r} lies beyond the fixed point "
-                          f"a2* = {_first_bad(a_star, ~beyond)!r}: the mode never reaches it")
-    behind = ~same & (np.abs(gap1) > np.abs(gap0))
-    if np.any(behind):
-        raise ConfigError(f"a2 = {_first_bad(a2, ~behind)!r} lies behind b0 = "
-                          f"{_first_bad(b0, ~behind)!r}: the flow moves only towards a2*")
+    _check_reachable(a2, b0, a_star, gap0, gap1, same, names=("a2", "b0", "a2*", "mode"))
     result = np.zeros(a2.shape)
     for i in np.ndindex(a2.shape):
         if not same[i]:
