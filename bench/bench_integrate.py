@@ -5,9 +5,18 @@ K = 4, M = 7, rate factors K/M², K/M, K/M², s uniform in [1, 10], every streng
 t from 0 to 2000, rtol 1e-8, atol 1e-10, 1000 output times. Accuracy is measured against the
 exact θ-form solution of ``fastrace.exact`` (MATH.md §4) on a sample of systems.
 
-fastrace's main entry is ``method="auto"`` (the default: DOPRI5 until stiff, then RODAS3);
+fastrace's main entry is ``method="auto"`` (the default: DOPRI5 until stiff, then RODAS3) on
+its default backend, the C core (2 threads here, 8 systems at a time per thread in interleaved
+lanes); the numba backend (prange, one system at a time per thread) is a second row.
 ``dopri5`` and ``rosenbrock`` alone are extra rows on 1000 systems (DOPRI5 alone is
 stability-capped after convergence: thousands of steps per system).
+
+Output memory: N = 10⁵ systems x 1000 times x 3 edges is 2.4 GB.  On this virtual machine the
+first touch of fresh memory costs 1-4 s (kernel page clearing, seen in ``perf``), more than
+either integrator, and varies from run to run.  So every tool is timed twice: writing into a
+fresh array (what a single call costs) and into a buffer allocated once and reused (what each
+call of a sweep costs, and the integrators' own speed): ``integrate_system(..., out=buf)`` and
+numbalsoda's loop writing into ``buf``.
 
 Run: ``python -m pytest bench/bench_integrate.py --benchmark-only``. numbalsoda and scipy are
 benchmark extras; numbalsoda has no wheel for CPython 3.11 and builds from source with a
@@ -51,12 +60,17 @@ def reference(s_values):
     return np.stack([a1, a2, a3], axis=-1)
 
 
-def run_fastrace(system, s, backend="numba", threads=None, method="auto"):
+def run_fastrace(system, s, backend="c", threads=None, method="auto", out=None):
     n = s.size
     sol = integrate_system(system, np.full((n, 1, 3), B0), s=s.reshape(n, 1, 1), method=method,
                            t_end=T_END, save_at=T_EVAL, rtol=RTOL, atol=ATOL, backend=backend,
-                           threads=threads)
+                           threads=threads, out=out)
     return sol.b[:, :, 0, :]  # (N_OUT, n, 3)
+
+
+def reused_buffer(n):
+    """A (n, 1, N_OUT, 3) output buffer, touched once: what a sweep reuses call after call."""
+    return np.ones((n, 1, N_OUT, 3))
 
 
 def max_error(values, s, sample):
@@ -90,8 +104,9 @@ def numbalsoda_runner():
             usol, success = lsoda(address, u0, t_eval, data=p, rtol=rtol, atol=atol)
             out[:, i, :] = usol
 
-    def run(s):
-        out = np.empty((N_OUT, s.size, 3))
+    def run(s, out=None):
+        if out is None:
+            out = np.empty((N_OUT, s.size, 3))
         solve_all(s, T_EVAL, out, RTOL, ATOL)
         return out
 
@@ -134,16 +149,18 @@ def lsoda_run():
 SAMPLE = np.arange(0, 100_000, 997)
 
 
-GROUP = "routing mode systems: fastrace (numba backend) vs numbalsoda LSODA"
+GROUP = "routing mode systems, fresh output array"
+REUSED = "routing mode systems, output buffer reused"
 
 
 @pytest.mark.parametrize("n", [1_000, 100_000])
+@pytest.mark.parametrize("backend", ["c", "numba"])
 @pytest.mark.benchmark(group=GROUP)
-def test_fastrace_auto(benchmark, system, n):
+def test_fastrace_auto(benchmark, system, n, backend):
     benchmark.group = f"{GROUP}, N={n}"
     s = workload(n)
-    benchmark.extra_info.update(n=n, baseline=True)
-    out = benchmark.pedantic(run_fastrace, args=(system, s), rounds=3, warmup_rounds=0)
+    benchmark.extra_info.update(n=n, backend=backend, baseline=backend == "c")
+    out = benchmark.pedantic(run_fastrace, args=(system, s, backend), rounds=3, warmup_rounds=0)
     benchmark.extra_info["max abs error"] = max_error(out, s, SAMPLE[SAMPLE < n])
 
 
@@ -190,17 +207,42 @@ def test_scipy_lsoda_vectorised(benchmark, n):
     benchmark.extra_info["max abs error"] = max_error(out, s, SAMPLE[SAMPLE < n])
 
 
+# ------------------------------------------------------------------ output buffer reused
+@pytest.mark.parametrize("n", [100_000])
+@pytest.mark.parametrize("backend", ["c", "numba"])
+@pytest.mark.benchmark(group=REUSED)
+def test_fastrace_auto_reused(benchmark, system, n, backend):
+    benchmark.group = f"{REUSED}, N={n}"
+    s, buf = workload(n), reused_buffer(n)
+    benchmark.extra_info.update(n=n, backend=backend, baseline=backend == "c")
+    out = benchmark.pedantic(run_fastrace, args=(system, s, backend), kwargs={"out": buf},
+                             rounds=3, warmup_rounds=0)
+    benchmark.extra_info["max abs error"] = max_error(out, s, SAMPLE[SAMPLE < n])
+
+
+@pytest.mark.parametrize("n", [100_000])
+@pytest.mark.benchmark(group=REUSED)
+def test_numbalsoda_lsoda_reused(benchmark, lsoda_run, n):
+    benchmark.group = f"{REUSED}, N={n}"
+    s, buf = workload(n), np.ones((N_OUT, n, 3))
+    benchmark.extra_info["n"] = n
+    out = benchmark.pedantic(lsoda_run, args=(s, buf), rounds=3, warmup_rounds=0)
+    benchmark.extra_info["max abs error"] = max_error(out, s, SAMPLE[SAMPLE < n])
+
+
 # ------------------------------------------------------------------ threads
 @pytest.mark.parametrize("threads", [2, 1])
 @pytest.mark.parametrize("n", [1_000, 100_000])
-@pytest.mark.benchmark(group="numba auto threads")
-def test_auto_threads(benchmark, system, n, threads):
-    benchmark.group = f"numba auto threads, N={n}"
-    s = workload(n)
-    benchmark.extra_info.update(n=n, threads=threads)
+@pytest.mark.parametrize("backend", ["c", "numba"])
+@pytest.mark.benchmark(group="auto threads")
+def test_auto_threads(benchmark, system, n, threads, backend):
+    benchmark.group = f"auto threads, {backend} backend, N={n}, output buffer reused"
+    s, buf = workload(n), reused_buffer(n)
+    benchmark.extra_info.update(n=n, threads=threads, backend=backend)
     if threads == 2:
         benchmark.extra_info["baseline"] = True
-    benchmark.pedantic(run_fastrace, args=(system, s), kwargs={"threads": threads}, rounds=3)
+    benchmark.pedantic(run_fastrace, args=(system, s, backend),
+                       kwargs={"threads": threads, "out": buf}, rounds=3)
 
 
 # ------------------------------------------------------------------ one system, cold path

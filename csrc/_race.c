@@ -6,7 +6,7 @@
  * it: b or b0 (n_sys, n_edges) defines n_sys; s (rows, n_paths), d (rows, nnz_t) and
  * rate (rows, n_edges) or None, where rows divides n_sys and system i uses row i % rows.
  * All float arrays are C-contiguous float64.  The loop over systems runs in C with the GIL
- * released.  The Python front end (fastrace.integrate, fastrace.system) validates values;
+ * released, on as many threads as asked for (integrators).  The Python front end (fastrace.integrate, fastrace.system) validates values;
  * this layer checks types, shapes and the structure and raises ValueError.
  */
 #define PY_SSIZE_T_CLEAN
@@ -15,6 +15,7 @@
 #include <numpy/arrayobject.h>
 
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 
 #include "race.h"
@@ -350,10 +351,25 @@ typedef struct run_out {
     int64_t *status_data, *stats_data;
 } run_out;
 
-static int alloc_run_out(run_out *r, npy_intp n_out, npy_intp n_sys, npy_intp n_edges)
+static int alloc_run_out(run_out *r, npy_intp n_out, npy_intp n_sys, npy_intp n_edges,
+                         PyObject *out)
 {
     npy_intp d3[3] = {n_sys, n_out, n_edges}, d1[1] = {n_sys}, d2[2] = {n_sys, 3};
-    r->out = PyArray_SimpleNew(3, d3, NPY_FLOAT64);
+    if (out != NULL && out != Py_None) {
+        PyArrayObject *a = as_array(out, "out", NPY_FLOAT64, 3);
+        if (a == NULL)
+            return -1;
+        if (PyArray_DIM(a, 0) != n_sys || PyArray_DIM(a, 1) != n_out ||
+            PyArray_DIM(a, 2) != n_edges || !PyArray_ISWRITEABLE(a)) {
+            PyErr_SetString(PyExc_ValueError,
+                            "out must be a writable (n_sys, n_out, n_edges) array");
+            return -1;
+        }
+        Py_INCREF(out);
+        r->out = out;
+    } else {
+        r->out = PyArray_SimpleNew(3, d3, NPY_FLOAT64);
+    }
     r->status = PyArray_SimpleNew(1, d1, NPY_INT64);
     r->stats = PyArray_SimpleNew(2, d2, NPY_INT64);
     if (r->out == NULL || r->status == NULL || r->stats == NULL) {
@@ -411,7 +427,7 @@ static PyObject *py_gd_map(PyObject *self, PyObject *args, PyObject *kw)
             return NULL;
         }
     }
-    if (alloc_run_out(&r, n_rec, bt.n_sys, bt.n_edges) != 0)
+    if (alloc_run_out(&r, n_rec, bt.n_sys, bt.n_edges, NULL) != 0)
         return NULL;
     work = alloc_doubles(race_gd_work_size(&bt.st.sys));
     if (work == NULL)
@@ -439,31 +455,99 @@ fail:
 
 static char *kw_ode[] = {"path_ptr", "path_edges", "target_ptr", "target_paths", "b0", "s", "d",
                          "rate", "t0", "t_end", "t_out", "rtol", "atol", "h0", "hmax",
-                         "max_steps", "thresholds", NULL};
+                         "max_steps", "thresholds", "threads", "out", NULL};
 
-/* method 0: dopri5, 1: rodas3, 2: auto */
+/* systems handed out to the threads of one call, CHUNK at a time */
+#define CHUNK 64
+
+typedef struct ode_job {
+    race_batch batch;
+    int method;
+    int64_t n_sys, n_out;
+    double t0, t_end;
+    const double *t_out, *thresholds;
+    race_ode_options opt;
+    double *out, *event_times;
+    int *status;
+    race_stats *stats;
+    size_t wsize;
+    int64_t next;
+    int failed; /* a thread could not allocate its scratch */
+    pthread_mutex_t lock;
+} ode_job;
+
+static void *ode_worker(void *arg)
+{
+    ode_job *job = (ode_job *)arg;
+    double *work = (double *)malloc(job->wsize * sizeof(double));
+    int64_t *iwork = (int64_t *)malloc((size_t)job->batch.sys->n_edges * sizeof(int64_t));
+    for (;;) {
+        int64_t first;
+        pthread_mutex_lock(&job->lock);
+        if (work == NULL || iwork == NULL)
+            job->failed = 1;
+        first = job->failed ? job->n_sys : job->next;
+        job->next = first + CHUNK < job->n_sys ? first + CHUNK : job->n_sys;
+        pthread_mutex_unlock(&job->lock);
+        if (first >= job->n_sys)
+            break;
+        race_ode_batch(&job->batch, job->method, first,
+                       first + CHUNK < job->n_sys ? first + CHUNK : job->n_sys, job->t0,
+                       job->t_end, job->n_out, job->t_out, &job->opt, job->thresholds,
+                       job->out, job->event_times, job->status, job->stats, work, iwork);
+    }
+    free(work);
+    free(iwork);
+    return NULL;
+}
+
+/* Run the job on `threads` threads (the calling one included); 0, or -1 when out of memory. */
+static int run_job(ode_job *job, int threads)
+{
+    pthread_t tids[64];
+    int started = 0;
+    if (pthread_mutex_init(&job->lock, NULL) != 0)
+        return -1;
+    for (int k = 1; k < threads; ++k) {
+        if (pthread_create(&tids[started], NULL, ode_worker, job) != 0)
+            break; /* fewer threads: the others take the work */
+        ++started;
+    }
+    ode_worker(job);
+    for (int k = 0; k < started; ++k)
+        pthread_join(tids[k], NULL);
+    pthread_mutex_destroy(&job->lock);
+    return job->failed ? -1 : 0;
+}
+
+/* method: RACE_METHOD_DOPRI5, RACE_METHOD_RODAS3 or RACE_METHOD_AUTO */
 static PyObject *run_ode(PyObject *args, PyObject *kw, int method)
 {
     PyObject *pp, *pe, *tp, *tt, *b, *s, *d, *rate, *tout_obj, *thr_obj = Py_None, *ev = NULL;
+    PyObject *out_obj = Py_None;
     PyArrayObject *tout, *thr_arr;
-    double t0, t_end, *work, *out_i, *ev_data;
+    double t0, t_end;
     const double *t_out, *thr = NULL;
     npy_intp n_out, dims[2];
     race_ode_options opt;
     long long max_steps;
-    size_t wsize;
-    int64_t *iwork;
+    int threads = 1, rc;
     batch bt;
     run_out r;
-    static const char *formats[] = {"OOOOOOOOddOddddL|O:dopri5", "OOOOOOOOddOddddL|O:rodas3",
-                                    "OOOOOOOOddOddddL|O:auto"};
+    ode_job job;
+    static const char *formats[] = {"OOOOOOOOddOddddL|OiO:dopri5", "OOOOOOOOddOddddL|OiO:rodas3",
+                                    "OOOOOOOOddOddddL|OiO:auto"};
     const char *fmt = formats[method];
 
     if (!PyArg_ParseTupleAndKeywords(args, kw, fmt, kw_ode, &pp, &pe, &tp, &tt, &b, &s, &d, &rate,
                                      &t0, &t_end, &tout_obj, &opt.rtol, &opt.atol, &opt.h0,
-                                     &opt.hmax, &max_steps, &thr_obj))
+                                     &opt.hmax, &max_steps, &thr_obj, &threads, &out_obj))
         return NULL;
     opt.max_steps = (int64_t)max_steps;
+    if (threads < 1 || threads > 64) {
+        PyErr_SetString(PyExc_ValueError, "threads must be between 1 and 64");
+        return NULL;
+    }
     if (parse_batch(pp, pe, tp, tt, b, "b0", s, d, rate, &bt) != 0)
         return NULL;
     if (!(t_end > t0) || !(opt.rtol > 0.0) || !(opt.atol > 0.0) || opt.max_steps < 1) {
@@ -498,62 +582,71 @@ static PyObject *run_ode(PyObject *args, PyObject *kw, int method)
     ev = PyArray_SimpleNew(2, dims, NPY_FLOAT64);
     if (ev == NULL)
         return NULL;
-    ev_data = (double *)PyArray_DATA((PyArrayObject *)ev);
-    if (alloc_run_out(&r, n_out, bt.n_sys, bt.n_edges) != 0) {
+    if (alloc_run_out(&r, n_out, bt.n_sys, bt.n_edges, out_obj) != 0) {
         Py_DECREF(ev);
         return NULL;
     }
-    wsize = method == 0   ? race_dopri5_work_size(&bt.st.sys)
-            : method == 1 ? race_rodas3_work_size(&bt.st.sys)
-                          : race_auto_work_size(&bt.st.sys);
-    work = alloc_doubles(wsize);
-    iwork = (int64_t *)malloc((size_t)bt.n_edges * sizeof(int64_t));
-    if (work == NULL || iwork == NULL) {
-        free(work);
-        free(iwork);
+    job.batch.sys = &bt.st.sys;
+    job.batch.b0 = bt.b;
+    job.batch.s = bt.s;
+    job.batch.d = bt.d;
+    job.batch.rate = bt.rate;
+    job.batch.s_rows = bt.s_rows;
+    job.batch.d_rows = bt.d_rows;
+    job.batch.rate_rows = bt.rate_rows;
+    job.method = method;
+    job.n_sys = bt.n_sys;
+    job.n_out = n_out;
+    job.t0 = t0;
+    job.t_end = t_end;
+    job.t_out = t_out;
+    job.thresholds = thr;
+    job.opt = opt;
+    job.out = r.out_data;
+    job.event_times = (double *)PyArray_DATA((PyArrayObject *)ev);
+    job.wsize = race_batch_work_size(&bt.st.sys);
+    job.next = 0;
+    job.failed = 0;
+    job.status = (int *)malloc((size_t)bt.n_sys * sizeof(int));
+    job.stats = (race_stats *)malloc((size_t)bt.n_sys * sizeof(race_stats));
+    if (job.status == NULL || job.stats == NULL) {
+        rc = -1;
+    } else {
+        if ((npy_intp)threads > (bt.n_sys + CHUNK - 1) / CHUNK)
+            threads = (int)((bt.n_sys + CHUNK - 1) / CHUNK);
+        Py_BEGIN_ALLOW_THREADS
+        rc = run_job(&job, threads);
+        Py_END_ALLOW_THREADS
+    }
+    if (rc == 0)
+        for (npy_intp i = 0; i < bt.n_sys; ++i)
+            store_run(&r, i, job.status[i], &job.stats[i]);
+    free(job.status);
+    free(job.stats);
+    if (rc != 0) {
         Py_DECREF(ev);
         Py_DECREF(r.out);
         Py_DECREF(r.status);
         Py_DECREF(r.stats);
         return PyErr_NoMemory();
     }
-    Py_BEGIN_ALLOW_THREADS
-    for (npy_intp i = 0; i < bt.n_sys; ++i) {
-        race_system sys;
-        race_stats st;
-        const double *si, *di;
-        int status;
-        system_at(&bt, i, &sys, &si, &di);
-        out_i = r.out_data + i * n_out * bt.n_edges;
-        if (method == 0)
-            status = race_dopri5(&sys, si, di, bt.b + i * bt.n_edges, t0, t_end, n_out, t_out,
-                                 &opt, thr, out_i, ev_data + i * dims[1], &st, work);
-        else if (method == 1)
-            status = race_rodas3(&sys, si, di, bt.b + i * bt.n_edges, t0, t_end, n_out, t_out,
-                                 &opt, thr, out_i, ev_data + i * dims[1], &st, work, iwork);
-        else
-            status = race_auto(&sys, si, di, bt.b + i * bt.n_edges, t0, t_end, n_out, t_out,
-                               &opt, thr, out_i, ev_data + i * dims[1], &st, work, iwork);
-        store_run(&r, i, status, &st);
-    }
-    Py_END_ALLOW_THREADS
-    free(work);
-    free(iwork);
     return Py_BuildValue("NNNN", r.out, ev, r.status, r.stats);
 }
 
 PyDoc_STRVAR(dopri5_doc,
 "dopri5(path_ptr, path_edges, target_ptr, target_paths, b0, s, d, rate, t0, t_end, t_out,\n"
-"       rtol, atol, h0, hmax, max_steps, thresholds=None)\n"
+"       rtol, atol, h0, hmax, max_steps, thresholds=None, threads=1, out=None)\n"
 "-> (out (n_sys, n_out, n_edges), event_times (n_sys, n_paths), status (n_sys,),\n"
 "    stats (n_sys, 3): accepted steps, rejected steps, rhs evaluations)\n\n"
 "Adaptive Dormand-Prince 5(4) for every system (see race.h); h0 <= 0: automatic first step,\n"
-"hmax <= 0: no limit; thresholds (n_paths,) with NaN for no event.");
+"hmax <= 0: no limit; thresholds (n_paths,) with NaN for no event; threads: threads to use\n"
+"(systems are handed out 64 at a time); out: a writable C-contiguous float64 array\n"
+"(n_sys, n_out, n_edges) to write into (returned as out) instead of a new one.");
 
 static PyObject *py_dopri5(PyObject *self, PyObject *args, PyObject *kw)
 {
     (void)self;
-    return run_ode(args, kw, 0);
+    return run_ode(args, kw, RACE_METHOD_DOPRI5);
 }
 
 PyDoc_STRVAR(rodas3_doc,
@@ -562,7 +655,7 @@ PyDoc_STRVAR(rodas3_doc,
 static PyObject *py_rodas3(PyObject *self, PyObject *args, PyObject *kw)
 {
     (void)self;
-    return run_ode(args, kw, 1);
+    return run_ode(args, kw, RACE_METHOD_RODAS3);
 }
 
 PyDoc_STRVAR(auto_doc,
@@ -572,7 +665,7 @@ PyDoc_STRVAR(auto_doc,
 static PyObject *py_auto(PyObject *self, PyObject *args, PyObject *kw)
 {
     (void)self;
-    return run_ode(args, kw, 2);
+    return run_ode(args, kw, RACE_METHOD_AUTO);
 }
 
 /* ---------------------------------------------------------------------------------------- */

@@ -1001,6 +1001,28 @@ size_t race_auto_work_size(const race_system *sys)
     return (a > b ? a : b) + (size_t)sys->n_edges;
 }
 
+/* The RODAS3 phase of race_auto, after its DOPRI5 phase stopped at (end->t, y) because the
+ * problem turned stiff; y must not lie in work.  Updates end. */
+static int rodas3_after_stiff(const race_system *sys, const double *s, const double *d,
+                              const double *y, double t_end, int64_t n_out, const double *t_out,
+                              const race_ode_options *opt, const double *thresholds, double *out,
+                              double *event_times, race_stats *stats, double *work,
+                              int64_t *iwork, run_end *end)
+{
+    race_ode_options rest = *opt;
+    int64_t k_done = end->k_out;
+    int status;
+    rest.h0 = end->h;
+    rest.max_steps = opt->max_steps - (stats->n_accepted + stats->n_rejected);
+    if (rest.max_steps < 1)
+        return RACE_MAX_STEPS;
+    status = rodas3_core(sys, s, d, y, end->t, t_end, n_out - k_done, t_out + k_done, &rest,
+                         thresholds, out + k_done * sys->n_edges, event_times, stats, work,
+                         iwork, end);
+    end->k_out += k_done;
+    return status;
+}
+
 int race_auto(const race_system *sys, const double *s, const double *d, const double *b0,
               double t0, double t_end, int64_t n_out, const double *t_out,
               const race_ode_options *opt, const double *thresholds, double *out,
@@ -1018,22 +1040,562 @@ int race_auto(const race_system *sys, const double *s, const double *d, const do
                              event_times, stats, work, 1, &end);
         if (status == RACE_OK && end.stiff) {
             /* continue from the state DOPRI5 left in work[0 .. n-1] */
-            race_ode_options rest = *opt;
             double *y = work + race_auto_work_size(sys) - n;
-            int64_t k_done = end.k_out;
-            rest.h0 = end.h;
-            rest.max_steps = opt->max_steps - (stats->n_accepted + stats->n_rejected);
-            if (rest.max_steps < 1) {
-                status = RACE_MAX_STEPS;
-            } else {
-                copy(n, work, y);
-                status = rodas3_core(sys, s, d, y, end.t, t_end, n_out - k_done,
-                                     t_out + k_done, &rest, thresholds, out + k_done * n,
-                                     event_times, stats, work, iwork, &end);
-                end.k_out += k_done;
-            }
+            copy(n, work, y);
+            status = rodas3_after_stiff(sys, s, d, y, t_end, n_out, t_out, opt, thresholds, out,
+                                        event_times, stats, work, iwork, &end);
         }
     }
     run_finish(sys, end.k_out, n_out, out);
     return status;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* batches: DOPRI5 on RACE_LANES systems at once                                             */
+
+/* A single system's DOPRI5 step is a chain of dependent operations (each stage needs the
+ * previous one), so one system keeps the CPU waiting on latencies.  The batch integrator runs
+ * RACE_LANES independent systems in lock step, every vector stored lane-interleaved
+ * (v[i * RACE_LANES + l] is entry i of lane l), so each operation is a short loop over lanes
+ * that the CPU overlaps or the compiler vectorises.  Every lane keeps its own step size, step
+ * control, outputs and events, and does exactly the floating-point operations of dopri5_core
+ * in the same order: results are identical to race_dopri5 / race_auto system by system.
+ * A lane whose system is done (or turned stiff: its RODAS3 phase runs at once, one system at a
+ * time) takes the next system of the batch. */
+#define RACE_LANES 8
+
+#if defined(__GNUC__) && !defined(__clang__)
+#define LANE_LOOPS __attribute__((optimize("tree-vectorize")))
+#else
+#define LANE_LOOPS
+#endif
+
+static int64_t nnz_targets(const race_system *sys)
+{
+    return sys->target_ptr[sys->n_paths];
+}
+
+/* lane-interleaved: 10 state vectors, pi, r, s (n_paths each), pre (nnz), d (nnz_t), rate;
+ * per lane pi_old (n_paths); one system's scratch: y, ynew, rc2..rc5, pi_new, then the
+ * race_auto work of one system (its RODAS3 phase) */
+size_t race_batch_work_size(const race_system *sys)
+{
+    const int64_t n = sys->n_edges, np = sys->n_paths;
+    const int64_t lanes = RACE_LANES * (11 * n + 3 * np + sys->path_ptr[np] + nnz_targets(sys));
+    return (size_t)(lanes + 3 * RACE_LANES + RACE_LANES * np + 6 * n + np) +
+           race_auto_work_size(sys);
+}
+
+/* The system i of a batch. */
+static void batch_system(const race_batch *bt, int64_t i, race_system *sys, const double **s,
+                         const double **d)
+{
+    *sys = *bt->sys;
+    sys->rate = bt->rate ? bt->rate + (i % bt->rate_rows) * sys->n_edges : NULL;
+    *s = bt->s + (i % bt->s_rows) * sys->n_paths;
+    *d = bt->d + (i % bt->d_rows) * nnz_targets(sys);
+}
+
+/* rhs of every lane, the operations of race_rhs in its order */
+LANE_LOOPS
+static void rhs_lanes(const race_system *sys, int has_rate, const double *restrict sv,
+                      const double *restrict dv, const double *restrict ratev,
+                      const double *restrict b, double *restrict db, double *restrict pi,
+                      double *restrict r, double *restrict pre)
+{
+    const int64_t n = sys->n_edges, np = sys->n_paths;
+    const int64_t *path_ptr = sys->path_ptr, *path_edges = sys->path_edges;
+    const int64_t *target_ptr = sys->target_ptr, *target_paths = sys->target_paths;
+    double x[RACE_LANES];
+
+    for (int64_t p = 0; p < np; ++p) {
+        for (int l = 0; l < RACE_LANES; ++l)
+            x[l] = 1.0;
+        for (int64_t k = path_ptr[p]; k < path_ptr[p + 1]; ++k) {
+            const double *restrict be = b + path_edges[k] * RACE_LANES;
+            double *restrict pk = pre + k * RACE_LANES;
+            for (int l = 0; l < RACE_LANES; ++l) {
+                pk[l] = x[l];
+                x[l] = x[l] * be[l];
+            }
+        }
+        for (int l = 0; l < RACE_LANES; ++l)
+            pi[p * RACE_LANES + l] = x[l];
+    }
+    for (int64_t p = 0; p < np; ++p) {
+        for (int l = 0; l < RACE_LANES; ++l)
+            x[l] = 0.0;
+        for (int64_t k = target_ptr[p]; k < target_ptr[p + 1]; ++k) {
+            const double *restrict dk = dv + k * RACE_LANES;
+            const double *restrict pj = pi + target_paths[k] * RACE_LANES;
+            for (int l = 0; l < RACE_LANES; ++l)
+                x[l] = x[l] + dk[l] * pj[l];
+        }
+        for (int l = 0; l < RACE_LANES; ++l)
+            r[p * RACE_LANES + l] = sv[p * RACE_LANES + l] - x[l];
+    }
+    for (int64_t i = 0; i < n * RACE_LANES; ++i)
+        db[i] = 0.0;
+    for (int64_t p = 0; p < np; ++p) {
+        const double *restrict rp = r + p * RACE_LANES;
+        for (int l = 0; l < RACE_LANES; ++l)
+            x[l] = 1.0; /* suffix products */
+        for (int64_t k = path_ptr[p + 1] - 1; k >= path_ptr[p]; --k) {
+            const int64_t e = path_edges[k];
+            const double *restrict pk = pre + k * RACE_LANES;
+            const double *restrict be = b + e * RACE_LANES;
+            const double *restrict re = ratev + e * RACE_LANES;
+            double *restrict de = db + e * RACE_LANES;
+            if (has_rate) {
+                for (int l = 0; l < RACE_LANES; ++l) {
+                    double w = pk[l] * x[l];
+                    w = w * re[l];
+                    de[l] = de[l] + w * rp[l];
+                    x[l] = be[l] * x[l];
+                }
+            } else {
+                for (int l = 0; l < RACE_LANES; ++l) {
+                    double w = pk[l] * x[l];
+                    de[l] = de[l] + w * rp[l];
+                    x[l] = be[l] * x[l];
+                }
+            }
+        }
+    }
+}
+
+/* The state of one lane: its system and the scalars of dopri5_core. */
+typedef struct lane_state {
+    int64_t i; /* system index, -1: idle */
+    race_system sys;
+    const double *s, *d;
+    race_stats *stats;
+    double *out, *event_times, *pi_old;
+    int64_t k_out, nstep, iasti, nonsti;
+    int reject, last, nonfinite;
+    double t, h, hmax, facold;
+} lane_state;
+
+/* Everything a batch run shares. */
+typedef struct batch_run {
+    const race_batch *bt;
+    int detect_stiff;
+    double t0, t_end;
+    int64_t n_out;
+    const double *t_out;
+    const race_ode_options *opt;
+    const double *thresholds;
+    double *out, *event_times;
+    int *status;
+    race_stats *stats;
+    int64_t next, last_sys;
+    /* lane-interleaved vectors */
+    double *y, *k1, *k2, *k3, *k4, *k5, *k6, *k7, *ytmp, *ynew, *sv, *dv, *ratev;
+    double *pi, *r, *pre, *hv, *err, *pi_old;
+    /* one system's scratch */
+    double *ys, *yn, *rc2, *rc3, *rc4, *rc5, *pi_new, *work;
+    int64_t *iwork;
+} batch_run;
+
+static void lane_get(const double *v, int64_t n, int l, double *dst)
+{
+    for (int64_t i = 0; i < n; ++i)
+        dst[i] = v[i * RACE_LANES + l];
+}
+
+static void lane_put(const double *src, int64_t n, int l, double *v)
+{
+    for (int64_t i = 0; i < n; ++i)
+        v[i * RACE_LANES + l] = src[i];
+}
+
+/* A lane's system is done: RODAS3 phase if it turned stiff, unreached outputs, status. */
+static void lane_finish(batch_run *br, lane_state *ln, int l, int status, int stiff)
+{
+    const race_system *sys = &ln->sys;
+    run_end end = {ln->k_out, ln->t, ln->h, stiff};
+    if (status == RACE_OK && stiff) {
+        double *y = br->work + race_auto_work_size(sys) - sys->n_edges;
+        lane_get(br->y, sys->n_edges, l, y);
+        status = rodas3_after_stiff(sys, ln->s, ln->d, y, br->t_end, br->n_out, br->t_out,
+                                    br->opt, br->thresholds, ln->out, ln->event_times,
+                                    ln->stats, br->work, br->iwork, &end);
+    }
+    run_finish(sys, end.k_out, br->n_out, ln->out);
+    br->status[ln->i] = status;
+    ln->i = -1;
+}
+
+/* Start the next system of the batch in lane l (the start of dopri5_core); returns 0 when the
+ * batch is exhausted, 1 when the lane holds a running system.  Systems that fail at once are
+ * finished here and the next one is tried. */
+static int lane_load(batch_run *br, lane_state *ln, int l)
+{
+    const race_ode_options *opt = br->opt;
+    while (br->next < br->last_sys) {
+        const int64_t i = br->next++;
+        race_system *sys = &ln->sys;
+        int64_t n, np;
+        double *f = br->yn;
+        batch_system(br->bt, i, sys, &ln->s, &ln->d);
+        n = sys->n_edges;
+        np = sys->n_paths;
+        ln->i = i;
+        ln->stats = br->stats + i;
+        ln->out = br->out + i * br->n_out * n;
+        ln->event_times = br->event_times ? br->event_times + i * np : NULL;
+        ln->pi_old = br->pi_old + l * np;
+        ln->k_out = 0;
+        ln->t = br->t0;
+        ln->h = 0.0;
+        run_begin(sys, br->t0, ln->event_times, ln->stats);
+        if (!options_ok(br->t0, br->t_end, opt)) {
+            lane_finish(br, ln, l, RACE_BAD_INPUT, 0);
+            continue;
+        }
+        copy(n, br->bt->b0 + i * n, br->ys);
+        race_rhs(sys, ln->s, ln->d, br->ys, f, br->work);
+        ln->stats->n_rhs += 1;
+        if (!all_finite(n, br->ys) || !all_finite(n, f)) {
+            lane_finish(br, ln, l, RACE_NONFINITE, 0);
+            continue;
+        }
+        if (br->thresholds != NULL && ln->event_times != NULL)
+            events_start(sys, br->thresholds, br->ys, br->t0, ln->pi_old, ln->event_times);
+        while (ln->k_out < br->n_out && br->t_out[ln->k_out] <= br->t0) {
+            copy(n, br->ys, ln->out + ln->k_out * n);
+            ++ln->k_out;
+        }
+        ln->hmax = opt->hmax > 0.0 ? opt->hmax : br->t_end - br->t0;
+        if (opt->h0 > 0.0) {
+            ln->h = fmin(opt->h0, ln->hmax);
+        } else {
+            ln->h = initial_step(sys, ln->s, ln->d, br->ys, f, ln->hmax, opt->rtol, opt->atol,
+                                 5.0, br->rc2, br->rc3, br->work);
+            ln->stats->n_rhs += 1;
+        }
+        lane_put(br->ys, n, l, br->y);
+        lane_put(f, n, l, br->k1);
+        lane_put(ln->s, np, l, br->sv);
+        lane_put(ln->d, nnz_targets(sys), l, br->dv);
+        if (sys->rate != NULL)
+            lane_put(sys->rate, n, l, br->ratev);
+        ln->nstep = ln->iasti = ln->nonsti = 0;
+        ln->reject = ln->last = ln->nonfinite = 0;
+        ln->facold = 1e-4;
+        return 1;
+    }
+    ln->i = -1;
+    return 0;
+}
+
+/* The checks at the top of dopri5_core's loop; 0 when the lane's system ended. */
+static int lane_prepare(batch_run *br, lane_state *ln, int l)
+{
+    if (ln->nstep >= br->opt->max_steps) {
+        lane_finish(br, ln, l, RACE_MAX_STEPS, 0);
+        return 0;
+    }
+    if (0.1 * fabs(ln->h) <= fabs(ln->t) * UROUND || !(ln->h > 0.0)) {
+        lane_finish(br, ln, l, ln->nonfinite ? RACE_NONFINITE : RACE_STEP_TOO_SMALL, 0);
+        return 0;
+    }
+    if (ln->t + 1.01 * ln->h - br->t_end > 0.0) {
+        ln->h = br->t_end - ln->t;
+        ln->last = 1;
+    }
+    ++ln->nstep;
+    return 1;
+}
+
+/* An accepted step of lane l (the accept branch of dopri5_core); 0 when its system ended. */
+static int lane_accept(batch_run *br, lane_state *ln, int l, double err, double hnew)
+{
+    const race_system *sys = &ln->sys;
+    const int64_t n = sys->n_edges, np = sys->n_paths;
+    const int events = br->thresholds != NULL && ln->event_times != NULL;
+    const double h = ln->h;
+    dp_dense dense = {br->ys, br->rc2, br->rc3, br->rc4, br->rc5};
+    double tnew;
+    int need_dense;
+
+    ln->facold = fmax(err, 1e-4);
+    ln->stats->n_accepted += 1;
+    tnew = ln->last ? br->t_end : ln->t + h;
+    if (events) {
+        lane_get(br->ynew, n, l, br->yn);
+        race_path_strengths(sys, br->yn, br->pi_new);
+    }
+    need_dense = (ln->k_out < br->n_out && br->t_out[ln->k_out] < tnew) ||
+                 (events && any_crossing(sys, br->thresholds, ln->pi_old, br->pi_new,
+                                         ln->event_times));
+    if (need_dense) {
+        for (int64_t i = 0; i < n; ++i) {
+            const int64_t j = i * RACE_LANES + l;
+            double ydiff = br->ynew[j] - br->y[j];
+            double bspl = h * br->k1[j] - ydiff;
+            br->ys[i] = br->y[j];
+            br->rc2[i] = ydiff;
+            br->rc3[i] = bspl;
+            br->rc4[i] = ydiff - h * br->k7[j] - bspl;
+            br->rc5[i] = h * (D1 * br->k1[j] + D3 * br->k3[j] + D4 * br->k4[j] +
+                              D5 * br->k5[j] + D6 * br->k6[j] + D7 * br->k7[j]);
+        }
+    }
+    while (ln->k_out < br->n_out && br->t_out[ln->k_out] <= tnew) {
+        double *o = ln->out + ln->k_out * n;
+        if (br->t_out[ln->k_out] == tnew) {
+            lane_get(br->ynew, n, l, o);
+        } else {
+            double theta = (br->t_out[ln->k_out] - ln->t) / h;
+            for (int64_t i = 0; i < n; ++i)
+                o[i] = dp_dense_edge(&dense, i, theta);
+        }
+        ++ln->k_out;
+    }
+    if (events) {
+        if (need_dense)
+            locate_events(sys, br->thresholds, ln->pi_old, br->pi_new, ln->t, h, dp_dense_edge,
+                          &dense, ln->event_times);
+        copy(np, br->pi_new, ln->pi_old);
+    }
+    if (br->detect_stiff) {
+        double stnum = 0.0, stden = 0.0;
+        for (int64_t i = 0; i < n; ++i) {
+            const int64_t j = i * RACE_LANES + l;
+            stnum += (br->k7[j] - br->k6[j]) * (br->k7[j] - br->k6[j]);
+            stden += (br->ynew[j] - br->ytmp[j]) * (br->ynew[j] - br->ytmp[j]);
+        }
+        if (stden > 0.0 && h * sqrt(stnum / stden) > 3.25) {
+            ln->nonsti = 0;
+            ln->iasti += 1;
+        } else {
+            ln->nonsti += 1;
+            if (ln->nonsti == 6)
+                ln->iasti = 0;
+        }
+    }
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t j = i * RACE_LANES + l;
+        br->y[j] = br->ynew[j];
+        br->k1[j] = br->k7[j];
+    }
+    ln->t = tnew;
+    ln->stats->t_reached = tnew;
+    if (ln->last) {
+        lane_finish(br, ln, l, RACE_OK, 0);
+        return 0;
+    }
+    if (fabs(hnew) > ln->hmax)
+        hnew = ln->hmax;
+    if (ln->reject)
+        hnew = fmin(fabs(hnew), fabs(h));
+    ln->reject = 0;
+    ln->nonfinite = 0;
+    ln->h = hnew;
+    if (ln->iasti >= 5) {
+        lane_finish(br, ln, l, RACE_OK, 1);
+        return 0;
+    }
+    return 1;
+}
+
+/* y_tmp = (y + h (a1 k1 + ...)) + (h a_last) k_last for every lane: the stage points of
+ * dopri5_core, with its association order */
+#define STAGE_LOOP(DST, EXPR)                                       \
+    for (int64_t i = 0; i < n; ++i) {                               \
+        const int64_t o = i * RACE_LANES;                           \
+        for (int l = 0; l < RACE_LANES; ++l) {                      \
+            const int64_t j = o + l;                                \
+            const double h = hv[l];                                 \
+            DST[j] = EXPR;                                          \
+        }                                                           \
+    }
+
+LANE_LOOPS
+static void dp_stages(batch_run *br, int64_t n, int has_rate)
+{
+    const race_system *sys = br->bt->sys;
+    const double *restrict hv = br->hv, *restrict y = br->y;
+    double *restrict k1 = br->k1, *restrict k2 = br->k2, *restrict k3 = br->k3;
+    double *restrict k4 = br->k4, *restrict k5 = br->k5, *restrict k6 = br->k6;
+    double *restrict k7 = br->k7, *restrict yt = br->ytmp, *restrict yn = br->ynew;
+#define RHS_LANES(B, DB) \
+    rhs_lanes(sys, has_rate, br->sv, br->dv, br->ratev, B, DB, br->pi, br->r, br->pre)
+    STAGE_LOOP(yt, y[j] + (h * A21) * k1[j])
+    RHS_LANES(yt, k2);
+    STAGE_LOOP(yt, (y[j] + h * (A31 * k1[j])) + (h * A32) * k2[j])
+    RHS_LANES(yt, k3);
+    STAGE_LOOP(yt, (y[j] + h * (A41 * k1[j] + A42 * k2[j])) + (h * A43) * k3[j])
+    RHS_LANES(yt, k4);
+    STAGE_LOOP(yt, (y[j] + h * (A51 * k1[j] + A52 * k2[j] + A53 * k3[j])) + (h * A54) * k4[j])
+    RHS_LANES(yt, k5);
+    STAGE_LOOP(yt, (y[j] + h * (A61 * k1[j] + A62 * k2[j] + A63 * k3[j] + A64 * k4[j])) +
+                       (h * A65) * k5[j])
+    RHS_LANES(yt, k6);
+    STAGE_LOOP(yn, (y[j] + h * (A71 * k1[j] + A73 * k3[j] + A74 * k4[j] + A75 * k5[j])) +
+                       (h * A76) * k6[j])
+    RHS_LANES(yn, k7);
+#undef RHS_LANES
+}
+#undef STAGE_LOOP
+
+/* error norm of every lane (error_norm of the DP5 error estimate, same order) */
+LANE_LOOPS
+static void dp_errors(batch_run *br, int64_t n, double rtol, double atol)
+{
+    double acc[RACE_LANES];
+    for (int l = 0; l < RACE_LANES; ++l)
+        acc[l] = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t o = i * RACE_LANES;
+        for (int l = 0; l < RACE_LANES; ++l) {
+            const int64_t j = o + l;
+            double e = br->hv[l] * (E1 * br->k1[j] + E3 * br->k3[j] + E4 * br->k4[j] +
+                                    E5 * br->k5[j] + E6 * br->k6[j] + E7 * br->k7[j]);
+            double sk = atol + rtol * fmax(fabs(br->y[j]), fabs(br->ynew[j]));
+            double q = e / sk;
+            acc[l] += q * q;
+        }
+    }
+    for (int l = 0; l < RACE_LANES; ++l)
+        br->err[l] = sqrt(acc[l] / (double)n);
+}
+
+static void batch_dopri5(batch_run *br)
+{
+    const race_system *sys = br->bt->sys;
+    const int64_t n = sys->n_edges;
+    const int has_rate = br->bt->rate != NULL;
+    lane_state lanes[RACE_LANES];
+    int active = 0;
+
+    for (int l = 0; l < RACE_LANES; ++l)
+        active += lane_load(br, &lanes[l], l);
+    while (active > 0) {
+        active = 0;
+        for (int l = 0; l < RACE_LANES; ++l) {
+            lane_state *ln = &lanes[l];
+            while (ln->i >= 0 && !lane_prepare(br, ln, l))
+                lane_load(br, ln, l);
+            br->hv[l] = ln->i >= 0 ? ln->h : 0.0;
+            active += ln->i >= 0;
+        }
+        if (active == 0)
+            break;
+        dp_stages(br, n, has_rate);
+        dp_errors(br, n, br->opt->rtol, br->opt->atol);
+        for (int l = 0; l < RACE_LANES; ++l) {
+            lane_state *ln = &lanes[l];
+            double err = br->err[l], fac11, fac, hnew;
+            if (ln->i < 0)
+                continue;
+            ln->stats->n_rhs += 6;
+            if (!(err <= DBL_MAX)) {
+                ln->h = ln->h * 0.1;
+                ln->reject = 1;
+                ln->last = 0;
+                ln->nonfinite = 1;
+                ln->stats->n_rejected += 1;
+                continue;
+            }
+            fac11 = pow(err, DP_EXPO1);
+            fac = fac11 / pow(ln->facold, DP_BETA);
+            fac = fmax(DP_FACC2, fmin(DP_FACC1, fac / DP_SAFE));
+            hnew = ln->h / fac;
+            if (err <= 1.0) {
+                if (!lane_accept(br, ln, l, err, hnew))
+                    lane_load(br, ln, l);
+            } else {
+                ln->h = ln->h / fmin(DP_FACC1, fac11 / DP_SAFE);
+                ln->reject = 1;
+                ln->last = 0;
+                ln->stats->n_rejected += 1;
+            }
+        }
+        active = 1;
+    }
+}
+
+int race_ode_batch(const race_batch *bt, int method, int64_t first, int64_t last, double t0,
+                   double t_end, int64_t n_out, const double *t_out,
+                   const race_ode_options *opt, const double *thresholds, double *out,
+                   double *event_times, int *status, race_stats *stats, double *work,
+                   int64_t *iwork)
+{
+    const race_system *sys = bt->sys;
+    const int64_t n = sys->n_edges, np = sys->n_paths;
+    const int64_t lanes = RACE_LANES;
+    batch_run br;
+    double *w = work;
+
+    if (method != RACE_METHOD_DOPRI5 && method != RACE_METHOD_RODAS3 &&
+        method != RACE_METHOD_AUTO)
+        return RACE_BAD_INPUT;
+    if (method == RACE_METHOD_RODAS3) {
+        for (int64_t i = first; i < last; ++i) {
+            race_system si;
+            const double *s, *d;
+            batch_system(bt, i, &si, &s, &d);
+            status[i] = race_rodas3(&si, s, d, bt->b0 + i * n, t0, t_end, n_out, t_out, opt,
+                                    thresholds, out + i * n_out * n,
+                                    event_times ? event_times + i * np : NULL, stats + i, work,
+                                    iwork);
+        }
+        return RACE_OK;
+    }
+    br.bt = bt;
+    br.detect_stiff = method == RACE_METHOD_AUTO;
+    br.t0 = t0;
+    br.t_end = t_end;
+    br.n_out = n_out;
+    br.t_out = t_out;
+    br.opt = opt;
+    br.thresholds = thresholds;
+    br.out = out;
+    br.event_times = event_times;
+    br.status = status;
+    br.stats = stats;
+    br.next = first;
+    br.last_sys = last;
+#define TAKE(name, count) \
+    do {                  \
+        br.name = w;      \
+        w += (count);     \
+    } while (0)
+    TAKE(y, n * lanes);
+    TAKE(k1, n * lanes);
+    TAKE(k2, n * lanes);
+    TAKE(k3, n * lanes);
+    TAKE(k4, n * lanes);
+    TAKE(k5, n * lanes);
+    TAKE(k6, n * lanes);
+    TAKE(k7, n * lanes);
+    TAKE(ytmp, n * lanes);
+    TAKE(ynew, n * lanes);
+    TAKE(ratev, n * lanes);
+    TAKE(sv, np * lanes);
+    TAKE(pi, np * lanes);
+    TAKE(r, np * lanes);
+    TAKE(pre, sys->path_ptr[np] * lanes);
+    TAKE(dv, nnz_targets(sys) * lanes);
+    TAKE(hv, lanes);
+    TAKE(err, lanes);
+    w += lanes; /* spare */
+    TAKE(pi_old, np * lanes);
+    TAKE(ys, n);
+    TAKE(yn, n);
+    TAKE(rc2, n);
+    TAKE(rc3, n);
+    TAKE(rc4, n);
+    TAKE(rc5, n);
+    TAKE(pi_new, np);
+    br.work = w;
+#undef TAKE
+    br.iwork = iwork;
+    /* idle lanes compute on these: keep them finite */
+    for (double *p = work; p < br.pi_old; ++p)
+        *p = 0.0;
+    batch_dopri5(&br);
+    return RACE_OK;
 }

@@ -183,6 +183,39 @@ int race_auto(const race_system *sys, const double *s, const double *d, const do
               const race_ode_options *opt, const double *thresholds, double *out,
               double *event_times, race_stats *stats, double *work, int64_t *iwork);
 
+/*
+ * Batches: n_sys systems sharing one structure, integrated with one call.
+ *
+ * System i starts from b0[i * n_edges ..], uses s row (i % s_rows), d row (i % d_rows) and
+ * rate row (i % rate_rows) (rate NULL: all ones; sys->rate is ignored).  race_ode_batch
+ * integrates systems first .. last-1 with `method` and writes, for each of them, exactly what
+ * race_dopri5 / race_rodas3 / race_auto would (bit for bit): out + i * n_out * n_edges,
+ * event_times + i * n_paths (event_times may be NULL), status[i] and stats[i].  DOPRI5 (also
+ * the first phase of auto) runs several systems at once in interleaved lanes, which hides the
+ * latency of each system's chain of dependent stages: expect several times the throughput of
+ * a loop over race_auto.  Threads: call it on disjoint ranges with separate work buffers.
+ * work: race_batch_work_size(sys) doubles; iwork: n_edges int64_t.  Returns RACE_BAD_INPUT for
+ * an unknown method, RACE_OK otherwise (per-system outcomes are in status).
+ */
+enum race_method { RACE_METHOD_DOPRI5 = 0, RACE_METHOD_RODAS3 = 1, RACE_METHOD_AUTO = 2 };
+
+typedef struct race_batch {
+    const race_system *sys;   /* the shared structure */
+    const double *b0;         /* (n_sys, n_edges) */
+    const double *s;          /* (s_rows, n_paths) */
+    const double *d;          /* (d_rows, nnz_t) */
+    const double *rate;       /* (rate_rows, n_edges) or NULL */
+    int64_t s_rows, d_rows, rate_rows;
+} race_batch;
+
+size_t race_batch_work_size(const race_system *sys);
+
+int race_ode_batch(const race_batch *batch, int method, int64_t first, int64_t last, double t0,
+                   double t_end, int64_t n_out, const double *t_out,
+                   const race_ode_options *opt, const double *thresholds, double *out,
+                   double *event_times, int *status, race_stats *stats, double *work,
+                   int64_t *iwork);
+
 #ifdef __cplusplus
 }
 #endif

@@ -13,6 +13,7 @@ contiguous there; ``np.ascontiguousarray(sol.b)`` makes a time-first copy if one
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,13 +27,13 @@ try:
 except ImportError:  # pragma: no cover - only in an unbuilt source tree
     _race = None
 
-__all__ = ["RaceSolution", "integrate_system", "STATUS_MESSAGES", "AUTO_C_MAX_SYSTEMS"]
+__all__ = ["RaceSolution", "integrate_system", "STATUS_MESSAGES"]
 
 METHODS = ("dopri5", "rosenbrock", "auto", "gd")
 _KERNELS = {"dopri5": "dopri5", "rosenbrock": "rodas3", "auto": "auto"}
 BACKENDS = ("auto", "numba", "c")
-#: backend="auto" uses the C core up to this many systems (no JIT wait), numba above.
-AUTO_C_MAX_SYSTEMS = 2048
+#: most threads one call of the C core starts
+C_MAX_THREADS = 64
 #: status codes of the integrators (csrc/race.h ``enum race_status``)
 STATUS_MESSAGES = {
     0: "ok",
@@ -107,7 +108,8 @@ def integrate_system(system: RaceSystem, b0: ArrayLike, *, method: str = "auto",
                      events: ArrayLike | None = None, backend: str = "auto",
                      threads: int | None = None, s: ArrayLike | None = None,
                      rate: ArrayLike | None = None, h0: float | None = None,
-                     hmax: float | None = None, check: bool = True) -> RaceSolution:
+                     hmax: float | None = None, check: bool = True,
+                     out: np.ndarray | None = None) -> RaceSolution:
     """Integrate every mode of ``system`` from ``b0`` at t = 0.
 
     Methods:
@@ -134,11 +136,18 @@ def integrate_system(system: RaceSystem, b0: ArrayLike, *, method: str = "auto",
       (default: Hairer's starting-step algorithm, no limit).
     - events: threshold(s) on path strengths, a scalar or (n_paths,) (NaN: no event); the
       solution's ``events`` holds the first crossing times (ODE methods only).
-    - backend: "c" (the compiled core, single thread, no JIT wait), "numba" (parallel over
-      systems), "auto" (C up to AUTO_C_MAX_SYSTEMS systems).  Both give the same numbers.
-    - threads: numba threads for this call (default: numba's current setting).
+    - backend: "c" (the compiled core: no JIT wait, batches on threads with several systems
+      per thread in interleaved lanes), "numba" (parallel over systems with prange), "auto"
+      (C when built).  Both give the same numbers.
+    - threads: threads for this call (default: numba's current setting for numba; for C the
+      cores available, at most NUMBA_NUM_THREADS when set; the C core never starts more than
+      one thread per 64 systems).
     - check: raise IntegrationError (DivergenceError for gd) if any system failed; the
       exception's ``solution`` attribute holds the partial result.
+    - out: optional float64 C-contiguous array (*S, n_saved, n_edges) (S as in RaceSolution:
+      system-major) the trajectories are written into, e.g. to reuse one buffer across calls
+      of a sweep (a fresh multi-GB array costs seconds of page faults); ``sol.b`` is then its
+      time-first view.
     """
     if not isinstance(system, RaceSystem):
         raise ConfigError(f"system must be a RaceSystem, got {type(system).__name__}")
@@ -151,9 +160,8 @@ def integrate_system(system: RaceSystem, b0: ArrayLike, *, method: str = "auto",
         raise ConfigError(f"threads must be a positive int or None, got {threads!r}")
 
     b0_flat, s_flat, rate_flat, s_used, lead = _flatten_batch(system, b0, s, rate)
-    n_sys = b0_flat.shape[0]
     if backend == "auto":
-        backend = "c" if (_race is not None and n_sys <= AUTO_C_MAX_SYSTEMS) else "numba"
+        backend = "c" if _race is not None else "numba"
     if backend == "c" and _race is None:  # pragma: no cover
         raise ConfigError("backend='c' needs the compiled module fastrace._race; "
                           "reinstall fastrace or use backend='numba'")
@@ -164,8 +172,9 @@ def integrate_system(system: RaceSystem, b0: ArrayLike, *, method: str = "auto",
             raise ConfigError("events are computed by the ODE methods only (dopri5, rosenbrock, "
                           "auto)")
         lr_value, record, t = _gd_schedule(lr, steps, t_end, save_at)
+        buffer = _out_buffer(out, lead, t.size, system.n_edges)
         args = structure + (b0_flat, s_flat, system.d, rate_flat, lr_value, record)
-        out, status, stats = _run(backend, "gd", args, threads)
+        out, status, stats = _run(backend, "gd", args, threads, buffer)
         event_times, thresholds = None, None
     else:
         if lr is not None or steps is not None:
@@ -183,9 +192,10 @@ def integrate_system(system: RaceSystem, b0: ArrayLike, *, method: str = "auto",
             thresholds_arg = np.full(system.n_paths, np.nan)
         else:
             thresholds_arg = thresholds
+        buffer = _out_buffer(out, lead, t.size, system.n_edges)
         args = structure + (b0_flat, s_flat, system.d, rate_flat, 0.0, t_end_value, t, rtol, atol,
                             h0_value, hmax_value, int(max_steps), thresholds_arg)
-        out, event_times, status, stats = _run(backend, kernel, args, threads)
+        out, event_times, status, stats = _run(backend, kernel, args, threads, buffer)
         if thresholds is None:
             event_times = None
 
@@ -205,6 +215,20 @@ def integrate_system(system: RaceSystem, b0: ArrayLike, *, method: str = "auto",
 
 # ------------------------------------------------------------------------------------------
 # validation helpers
+
+
+def _out_buffer(out, lead: tuple, n_saved: int, n_edges: int) -> np.ndarray | None:
+    """The user's output array as (n_sys, n_saved, n_edges), or None."""
+    if out is None:
+        return None
+    shape = lead + (n_saved, n_edges)
+    if not isinstance(out, np.ndarray) or out.dtype != np.float64 or out.shape != shape \
+            or not out.flags.c_contiguous or not out.flags.writeable:
+        got = (f"{type(out).__name__} {getattr(out, 'dtype', '')} {getattr(out, 'shape', '')}"
+               .strip())
+        raise ConfigError(f"out must be a writable C-contiguous float64 array of shape {shape} "
+                          f"(systems, saved times, edges), got {got}")
+    return out.reshape(-1, n_saved, n_edges)
 
 
 def _positive(value, name: str) -> float:
@@ -386,19 +410,38 @@ def _thresholds(events, n_paths: int) -> np.ndarray | None:
 # backends
 
 
-def _run(backend: str, kernel: str, args: tuple, threads: int | None):
+def _default_c_threads() -> int:
+    """The cores this process may run on, capped by NUMBA_NUM_THREADS when set (one setting
+    for both backends, so the C core never oversubscribes what numba was told to use)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    limit = os.environ.get("NUMBA_NUM_THREADS", "")
+    if limit.isdigit() and int(limit) > 0:
+        cores = min(cores or 1, int(limit))
+    return max(1, min(cores or 1, C_MAX_THREADS))
+
+
+def _run(backend: str, kernel: str, args: tuple, threads: int | None, out: np.ndarray | None):
     if backend == "c":
-        name = "gd_map" if kernel == "gd" else kernel
-        return getattr(_race, name)(*args)
+        if kernel == "gd":
+            result = _race.gd_map(*args)
+            if out is not None:
+                out[...] = result[0]
+                result = (out,) + result[1:]
+            return result
+        if threads is not None and threads > C_MAX_THREADS:
+            raise ConfigError(f"threads={threads}: the C core starts at most {C_MAX_THREADS}")
+        n_threads = _default_c_threads() if threads is None else threads
+        return getattr(_race, kernel)(*args, threads=n_threads, out=out)
+
     import numba
 
     from ._kernels import race as kernels
 
+    if threads is not None and threads > numba.config.NUMBA_NUM_THREADS:
+        raise ConfigError(f"threads={threads} exceeds the {numba.config.NUMBA_NUM_THREADS} "
+                          "threads numba was started with (NUMBA_NUM_THREADS)")
     previous = numba.get_num_threads()
     if threads is not None:
-        if threads > numba.config.NUMBA_NUM_THREADS:
-            raise ConfigError(f"threads={threads} exceeds the {numba.config.NUMBA_NUM_THREADS} "
-                              "threads numba was started with (NUMBA_NUM_THREADS)")
         numba.set_num_threads(threads)
     try:
         n_chunks = 16 * numba.get_num_threads()
@@ -406,7 +449,7 @@ def _run(backend: str, kernel: str, args: tuple, threads: int | None):
         # outputs allocated by numpy (huge pages for large arrays), written by the kernel
         n_sys, n_edges = args[4].shape
         n_out = args[9].size if kernel == "gd" else args[10].size
-        results = (np.empty((n_sys, n_out, n_edges)),)
+        results = (np.empty((n_sys, n_out, n_edges)) if out is None else out,)
         if kernel != "gd":
             results += (np.empty((n_sys, st[0])),)
         results += (np.empty(n_sys, dtype=np.int64), np.zeros((n_sys, 3), dtype=np.int64))

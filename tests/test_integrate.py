@@ -227,6 +227,62 @@ def test_numba_equals_c_on_random_systems(case):
                                integrate_system(system, b0, backend="c", **gd).b, rtol=1e-12, atol=0)
 
 
+def test_c_batches_lanes_and_threads_agree_with_numba():
+    """The C core runs a batch several systems at a time in interleaved lanes, on threads that
+    take 64 systems at a time: any thread count gives the same bits, and numba (one system at
+    a time, the same operations) agrees; systems that fail do not disturb their neighbours."""
+    rng = np.random.default_rng(5)
+    system = random_system(rng)
+    n_sets = 150
+    b0 = rng.uniform(0.01, 0.3, (n_sets, 2, 6))
+    b0[7, 1, 3] = 25.0  # blows up or runs out of steps
+    s = rng.uniform(0.2, 5.0, (n_sets, 2, 4))
+    kwargs = dict(t_end=60.0, save_at=np.linspace(0.0, 60.0, 13), events=0.5, s=s,
+                  max_steps=3000, check=False)
+    one = integrate_system(system, b0, backend="c", threads=1, **kwargs)
+    two = integrate_system(system, b0, backend="c", threads=2, **kwargs)
+    for field in ("b", "events", "status", "n_steps", "n_rejected"):
+        np.testing.assert_array_equal(getattr(one, field), getattr(two, field))
+    assert one.status[7, 1] != 0 and (one.status == 0).sum() >= 290
+    nb = integrate_system(system, b0, backend="numba", **kwargs)
+    np.testing.assert_allclose(nb.b, one.b, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(nb.events, one.events, rtol=1e-12, atol=0)
+    np.testing.assert_array_equal(nb.n_steps, one.n_steps)
+    np.testing.assert_array_equal(nb.status, one.status)
+    # and a system alone gives what it gave inside the batch
+    alone = integrate_system(system, b0[42], s=s[42], backend="c", **{
+        k: v for k, v in kwargs.items() if k != "s"})
+    np.testing.assert_array_equal(alone.b, one.b[:, 42])
+
+
+@pytest.mark.parametrize("backend", ["c", "numba"])
+@pytest.mark.parametrize("method", ["auto", "gd"])
+def test_out_buffer_receives_the_trajectories(backend, method):
+    system = routing_system([3.0, 1.0])
+    if method == "gd":
+        kwargs, n_saved = dict(lr=0.05, steps=40, save_at=np.arange(0, 41, 4)), 11
+    else:
+        kwargs, n_saved = dict(save_at=np.linspace(0.0, 30.0, 16)), 16
+    ref = integrate_system(system, [0.2, 0.2, 0.2], method=method, backend=backend, **kwargs)
+    buffer = np.full((2, n_saved, 3), np.nan)
+    sol = integrate_system(system, [0.2, 0.2, 0.2], method=method, backend=backend, out=buffer,
+                           **kwargs)
+    assert np.shares_memory(sol.b, buffer)
+    np.testing.assert_array_equal(sol.b, ref.b)
+    np.testing.assert_array_equal(buffer.transpose(1, 0, 2), ref.b)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((2, 16, 4)), np.zeros((2, 16, 3), dtype=np.float32),
+                                 np.zeros((2, 16, 6))[:, :, ::2], "read-only", [[0.0]]])
+def test_out_buffer_is_checked(bad):
+    if isinstance(bad, str):
+        bad = np.zeros((2, 16, 3))
+        bad.flags.writeable = False
+    with pytest.raises(ConfigError, match="out must be a writable C-contiguous float64"):
+        integrate_system(routing_system([3.0, 1.0]), [0.2, 0.2, 0.2],
+                         save_at=np.linspace(0.0, 30.0, 16), out=bad)
+
+
 def test_parameter_sets_and_solution_fields():
     system = routing_system([3.0, 1.0])
     s = np.array([[[3.0], [1.0]], [[5.0], [2.0]]])
