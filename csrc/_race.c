@@ -457,7 +457,7 @@ static char *kw_ode[] = {"path_ptr", "path_edges", "target_ptr", "target_paths",
                          "rate", "t0", "t_end", "t_out", "rtol", "atol", "h0", "hmax",
                          "max_steps", "thresholds", "threads", "out", NULL};
 
-/* systems handed out to the threads of one call, CHUNK at a time */
+/* systems handed out to the threads of one call, at least CHUNK at a time */
 #define CHUNK 64
 
 typedef struct ode_job {
@@ -471,7 +471,7 @@ typedef struct ode_job {
     int *status;
     race_stats *stats;
     size_t wsize;
-    int64_t next;
+    int64_t next, chunk;
     int failed; /* a thread could not allocate its scratch */
     pthread_mutex_t lock;
 } ode_job;
@@ -480,19 +480,19 @@ static void *ode_worker(void *arg)
 {
     ode_job *job = (ode_job *)arg;
     double *work = (double *)malloc(job->wsize * sizeof(double));
-    int64_t *iwork = (int64_t *)malloc((size_t)job->batch.sys->n_edges * sizeof(int64_t));
+    int64_t *iwork = (int64_t *)malloc(race_batch_iwork_size(job->batch.sys) * sizeof(int64_t));
     for (;;) {
         int64_t first;
         pthread_mutex_lock(&job->lock);
         if (work == NULL || iwork == NULL)
             job->failed = 1;
         first = job->failed ? job->n_sys : job->next;
-        job->next = first + CHUNK < job->n_sys ? first + CHUNK : job->n_sys;
+        job->next = first + job->chunk < job->n_sys ? first + job->chunk : job->n_sys;
         pthread_mutex_unlock(&job->lock);
         if (first >= job->n_sys)
             break;
         race_ode_batch(&job->batch, job->method, first,
-                       first + CHUNK < job->n_sys ? first + CHUNK : job->n_sys, job->t0,
+                       first + job->chunk < job->n_sys ? first + job->chunk : job->n_sys, job->t0,
                        job->t_end, job->n_out, job->t_out, &job->opt, job->thresholds,
                        job->out, job->event_times, job->status, job->stats, work, iwork);
     }
@@ -614,6 +614,10 @@ static PyObject *run_ode(PyObject *args, PyObject *kw, int method)
     } else {
         if ((npy_intp)threads > (bt.n_sys + CHUNK - 1) / CHUNK)
             threads = (int)((bt.n_sys + CHUNK - 1) / CHUNK);
+        /* about 16 chunks per thread: balanced, and few lane drains at chunk ends */
+        job.chunk = bt.n_sys / (16 * threads);
+        if (job.chunk < CHUNK)
+            job.chunk = CHUNK;
         Py_BEGIN_ALLOW_THREADS
         rc = run_job(&job, threads);
         Py_END_ALLOW_THREADS
@@ -640,7 +644,7 @@ PyDoc_STRVAR(dopri5_doc,
 "    stats (n_sys, 3): accepted steps, rejected steps, rhs evaluations)\n\n"
 "Adaptive Dormand-Prince 5(4) for every system (see race.h); h0 <= 0: automatic first step,\n"
 "hmax <= 0: no limit; thresholds (n_paths,) with NaN for no event; threads: threads to use\n"
-"(systems are handed out 64 at a time); out: a writable C-contiguous float64 array\n"
+"(one per 64 systems at most); out: a writable C-contiguous float64 array\n"
 "(n_sys, n_out, n_edges) to write into (returned as out) instead of a new one.");
 
 static PyObject *py_dopri5(PyObject *self, PyObject *args, PyObject *kw)

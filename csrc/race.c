@@ -18,6 +18,14 @@
 #pragma GCC optimize("no-tree-vectorize", "no-tree-loop-distribute-patterns")
 #endif
 
+/* ...except in the loops over many independent values (lanes of a batch, output rows), which
+ * ask for it back */
+#if defined(__GNUC__) && !defined(__clang__)
+#define LANE_LOOPS __attribute__((optimize("tree-vectorize")))
+#else
+#define LANE_LOOPS
+#endif
+
 #define UROUND DBL_EPSILON
 
 /* ---------------------------------------------------------------------------------------- */
@@ -145,9 +153,13 @@ void race_rhs(const race_system *sys, const double *s, const double *d, const do
      * suffixes */
     double *pi = work, *r = work + np, *pre = work + 2 * np;
 
+    /* Products start from the first factor, not from 1.0 * it (the same bits, one multiply
+     * less on the dependency chain from one stage to the next); paths are non-empty. */
     for (int64_t p = 0; p < np; ++p) {
-        double x = 1.0;
-        for (int64_t k = path_ptr[p]; k < path_ptr[p + 1]; ++k) {
+        const int64_t lo = path_ptr[p], hi = path_ptr[p + 1];
+        double x = b[path_edges[lo]];
+        pre[lo] = 1.0;
+        for (int64_t k = lo + 1; k < hi; ++k) {
             pre[k] = x;
             x *= b[path_edges[k]];
         }
@@ -164,10 +176,14 @@ void race_rhs(const race_system *sys, const double *s, const double *d, const do
     /* db_e += ((prefix * suffix) * rate_e) * r_p: the rate multiplies before r_p is known,
      * which keeps it off the critical path of the stage-to-stage dependency chain */
     for (int64_t p = 0; p < np; ++p) {
-        double suf = 1.0, rp = r[p];
-        for (int64_t k = path_ptr[p + 1] - 1; k >= path_ptr[p]; --k) {
+        const int64_t lo = path_ptr[p], hi = path_ptr[p + 1];
+        double rp = r[p], suf = b[path_edges[hi - 1]], w = pre[hi - 1];
+        if (rate != NULL)
+            w *= rate[path_edges[hi - 1]];
+        db[path_edges[hi - 1]] += w * rp;
+        for (int64_t k = hi - 2; k >= lo; --k) {
             int64_t e = path_edges[k];
-            double w = pre[k] * suf;
+            w = pre[k] * suf;
             if (rate != NULL)
                 w *= rate[e];
             db[e] += w * rp;
@@ -479,6 +495,80 @@ static double dp_dense_edge(const void *ctx, int64_t e, double theta)
            theta * (c->rc2[e] + theta1 * (c->rc3[e] + theta * (c->rc4[e] + theta1 * c->rc5[e])));
 }
 
+/* Dense output rows of an accepted step from t over h (ending at tnew): rows k_out.. of out for
+ * the times t_out[k] <= tnew, the interpolant at theta = (t_out[k] - t) / h, or ynew itself
+ * when t_out[k] == tnew; returns the next k_out.  The rows are computed in one plain loop
+ * (restrict-qualified, no function pointer) since saving many times per step is common. */
+/* theta = (t_out - t) / h for up to ROW_BLOCK rows at a time (one vectorised division loop),
+ * then the rows */
+#define ROW_BLOCK 64
+
+LANE_LOOPS
+static void thetas(int64_t count, const double *restrict tk, double t, double h,
+                   double *restrict theta)
+{
+    for (int64_t k = 0; k < count; ++k)
+        theta[k] = (tk[k] - t) / h;
+}
+
+LANE_LOOPS
+static void dp_rows(int64_t n, int64_t count, const double *tk, double t, double h,
+                    const double *restrict y, const double *restrict rc2,
+                    const double *restrict rc3, const double *restrict rc4,
+                    const double *restrict rc5, double *restrict out)
+{
+    double th[ROW_BLOCK];
+    for (int64_t k0 = 0; k0 < count; k0 += ROW_BLOCK) {
+        const int64_t kn = count - k0 < ROW_BLOCK ? count - k0 : ROW_BLOCK;
+        thetas(kn, tk + k0, t, h, th);
+        for (int64_t k = 0; k < kn; ++k) {
+            const double theta = th[k], theta1 = 1.0 - theta;
+            double *o = out + (k0 + k) * n;
+            for (int64_t i = 0; i < n; ++i)
+                o[i] = y[i] +
+                       theta * (rc2[i] + theta1 * (rc3[i] + theta * (rc4[i] + theta1 * rc5[i])));
+        }
+    }
+}
+
+LANE_LOOPS
+static void hermite_rows(int64_t n, int64_t count, const double *tk, double t, double h,
+                         const double *restrict y, const double *restrict c1,
+                         const double *restrict c2, const double *restrict c3,
+                         double *restrict out)
+{
+    double th[ROW_BLOCK];
+    for (int64_t k0 = 0; k0 < count; k0 += ROW_BLOCK) {
+        const int64_t kn = count - k0 < ROW_BLOCK ? count - k0 : ROW_BLOCK;
+        thetas(kn, tk + k0, t, h, th);
+        for (int64_t k = 0; k < kn; ++k) {
+            const double theta = th[k];
+            double *o = out + (k0 + k) * n;
+            for (int64_t i = 0; i < n; ++i)
+                o[i] = y[i] + theta * (c1[i] + theta * (c2[i] + theta * c3[i]));
+        }
+    }
+}
+
+/* kind 0: DOPRI5 (c = rc2..rc5), 1: cubic Hermite (c = c1..c3) */
+static int64_t dense_outputs(int kind, int64_t n, int64_t k_out, int64_t n_out,
+                             const double *t_out, double t, double h, double tnew,
+                             const double *y, const double *ca, const double *cb,
+                             const double *cc, const double *cd, const double *ynew, double *out)
+{
+    int64_t k_end = k_out;
+    while (k_end < n_out && t_out[k_end] <= tnew)
+        ++k_end;
+    if (kind == 0)
+        dp_rows(n, k_end - k_out, t_out + k_out, t, h, y, ca, cb, cc, cd, out + k_out * n);
+    else
+        hermite_rows(n, k_end - k_out, t_out + k_out, t, h, y, ca, cb, cc, out + k_out * n);
+    for (int64_t k = k_out; k < k_end; ++k)
+        if (t_out[k] == tnew)
+            copy(n, ynew, out + k * n);
+    return k_end;
+}
+
 /* Where a run ended: outputs written, time, last step size, and whether DOPRI5 stopped because
  * the problem turned stiff. */
 typedef struct run_end {
@@ -606,17 +696,8 @@ static int dopri5_core(const race_system *sys, const double *s, const double *d,
                                   D6 * k6[i] + D7 * k7[i]);
                 }
             }
-            while (k_out < n_out && t_out[k_out] <= tnew) {
-                double *o = out + k_out * n;
-                if (t_out[k_out] == tnew) {
-                    copy(n, ynew, o);
-                } else {
-                    double theta = (t_out[k_out] - t) / h;
-                    for (int64_t i = 0; i < n; ++i)
-                        o[i] = dp_dense_edge(&dense, i, theta);
-                }
-                ++k_out;
-            }
+            k_out = dense_outputs(0, n, k_out, n_out, t_out, t, h, tnew, y, rc2, rc3, rc4, rc5,
+                                  ynew, out);
             if (events) {
                 if (need_dense)
                     locate_events(sys, thresholds, pi_old, pi_new, t, h, dp_dense_edge, &dense,
@@ -932,17 +1013,8 @@ static int rodas3_core(const race_system *sys, const double *s, const double *d,
                     k3[i] = hf0 + hf1 - 2.0 * dy;
                 }
             }
-            while (k_out < n_out && t_out[k_out] <= tnew) {
-                double *o = out + k_out * n;
-                if (t_out[k_out] == tnew) {
-                    copy(n, ynew, o);
-                } else {
-                    double theta = (t_out[k_out] - t) / h;
-                    for (int64_t i = 0; i < n; ++i)
-                        o[i] = y[i] + theta * (k1[i] + theta * (k2[i] + theta * k3[i]));
-                }
-                ++k_out;
-            }
+            k_out = dense_outputs(1, n, k_out, n_out, t_out, t, h, tnew, y, k1, k2, k3, NULL,
+                                  ynew, out);
             if (events) {
                 race_path_strengths(sys, ynew, pi_new);
                 locate_events(sys, thresholds, pi_old, pi_new, t, h, hermite_edge, &dense,
@@ -1063,27 +1135,31 @@ int race_auto(const race_system *sys, const double *s, const double *d, const do
  * A lane whose system is done (or turned stiff: its RODAS3 phase runs at once, one system at a
  * time) takes the next system of the batch. */
 #define RACE_LANES 8
+/* fewer systems than this run one at a time: a lane step costs about as much as this many
+ * single-system steps */
+#define RACE_MIN_LANES 4
 
-#if defined(__GNUC__) && !defined(__clang__)
-#define LANE_LOOPS __attribute__((optimize("tree-vectorize")))
-#else
-#define LANE_LOOPS
-#endif
 
 static int64_t nnz_targets(const race_system *sys)
 {
     return sys->target_ptr[sys->n_paths];
 }
 
-/* lane-interleaved: 10 state vectors, pi, r, s (n_paths each), pre (nnz), d (nnz_t), rate;
- * per lane pi_old (n_paths); one system's scratch: y, ynew, rc2..rc5, pi_new, then the
- * race_auto work of one system (its RODAS3 phase) */
+/* DOPRI5 lanes: 10 state vectors, rate, step sizes, squared errors (n_edges each), pi, r, s
+ * (n_paths each), pre (nnz), d (nnz_t), one error per lane, pi_old (n_paths); RODAS3 lanes:
+ * 14 vectors (n_edges each), s, d, two errors, Jacobian and LU blocks (n_edges^2), pi_old;
+ * one system's scratch: y, ynew, rc2..rc5, pi_new, then the race_auto work of one system */
 size_t race_batch_work_size(const race_system *sys)
 {
-    const int64_t n = sys->n_edges, np = sys->n_paths;
-    const int64_t lanes = RACE_LANES * (11 * n + 3 * np + sys->path_ptr[np] + nnz_targets(sys));
-    return (size_t)(lanes + 3 * RACE_LANES + RACE_LANES * np + 6 * n + np) +
-           race_auto_work_size(sys);
+    const int64_t n = sys->n_edges, np = sys->n_paths, nnz_t = nnz_targets(sys);
+    const int64_t dp = 13 * n + 3 * np + sys->path_ptr[np] + nnz_t + 1 + np;
+    const int64_t ro = 14 * n + np + nnz_t + 2 + 2 * n * n + np;
+    return (size_t)(RACE_LANES * (dp + ro) + 6 * n + np) + race_auto_work_size(sys);
+}
+
+size_t race_batch_iwork_size(const race_system *sys)
+{
+    return (size_t)((RACE_LANES + 1) * sys->n_edges);
 }
 
 /* The system i of a batch. */
@@ -1171,8 +1247,11 @@ typedef struct lane_state {
     const double *s, *d;
     race_stats *stats;
     double *out, *event_times, *pi_old;
-    int64_t k_out, nstep, iasti, nonsti;
+    int64_t k_out, nstep, iasti, nonsti, max_steps;
     int reject, last, nonfinite;
+    int stiff_wait;  /* DOPRI5 lane whose system turned stiff, waiting for a RODAS3 lane */
+    int jac_current; /* RODAS3 lane: the Jacobian at y is in its block */
+    int skip;        /* RODAS3 lane: this step was rejected before its stages */
     double t, h, hmax, facold;
 } lane_state;
 
@@ -1189,9 +1268,14 @@ typedef struct batch_run {
     int *status;
     race_stats *stats;
     int64_t next, last_sys;
-    /* lane-interleaved vectors */
+    /* lane-interleaved vectors of the DOPRI5 lanes */
     double *y, *k1, *k2, *k3, *k4, *k5, *k6, *k7, *ytmp, *ynew, *sv, *dv, *ratev;
-    double *pi, *r, *pre, *hv, *err, *pi_old;
+    double *pi, *r, *pre, *hv, *q2, *err, *pi_old;
+    /* the RODAS3 lanes (auto): vectors, per-lane Jacobian and LU blocks (n x n), pivots */
+    double *ry, *rf0, *rf1, *ryt, *rft, *rk1, *rk2, *rk3, *rk4, *ryn, *rsv, *rdv, *rrate;
+    double *rh, *rhi, *rdense, *rerr, *rerrd, *rjac, *rg, *rpi_old;
+    int64_t *rpiv;
+    lane_state dp[RACE_LANES], ro[RACE_LANES];
     /* one system's scratch */
     double *ys, *yn, *rc2, *rc3, *rc4, *rc5, *pi_new, *work;
     int64_t *iwork;
@@ -1209,19 +1293,16 @@ static void lane_put(const double *src, int64_t n, int l, double *v)
         v[i * RACE_LANES + l] = src[i];
 }
 
-/* A lane's system is done: RODAS3 phase if it turned stiff, unreached outputs, status. */
+/* A lane's system is done: unreached outputs, status; the lane is free.  A system that
+ * turned stiff (auto) instead waits in its lane for a RODAS3 lane. */
 static void lane_finish(batch_run *br, lane_state *ln, int l, int status, int stiff)
 {
-    const race_system *sys = &ln->sys;
-    run_end end = {ln->k_out, ln->t, ln->h, stiff};
+    (void)l;
     if (status == RACE_OK && stiff) {
-        double *y = br->work + race_auto_work_size(sys) - sys->n_edges;
-        lane_get(br->y, sys->n_edges, l, y);
-        status = rodas3_after_stiff(sys, ln->s, ln->d, y, br->t_end, br->n_out, br->t_out,
-                                    br->opt, br->thresholds, ln->out, ln->event_times,
-                                    ln->stats, br->work, br->iwork, &end);
+        ln->stiff_wait = 1;
+        return;
     }
-    run_finish(sys, end.k_out, br->n_out, ln->out);
+    run_finish(&ln->sys, ln->k_out, br->n_out, ln->out);
     br->status[ln->i] = status;
     ln->i = -1;
 }
@@ -1281,7 +1362,8 @@ static int lane_load(batch_run *br, lane_state *ln, int l)
         if (sys->rate != NULL)
             lane_put(sys->rate, n, l, br->ratev);
         ln->nstep = ln->iasti = ln->nonsti = 0;
-        ln->reject = ln->last = ln->nonfinite = 0;
+        ln->max_steps = opt->max_steps;
+        ln->reject = ln->last = ln->nonfinite = ln->stiff_wait = 0;
         ln->facold = 1e-4;
         return 1;
     }
@@ -1292,7 +1374,7 @@ static int lane_load(batch_run *br, lane_state *ln, int l)
 /* The checks at the top of dopri5_core's loop; 0 when the lane's system ended. */
 static int lane_prepare(batch_run *br, lane_state *ln, int l)
 {
-    if (ln->nstep >= br->opt->max_steps) {
+    if (ln->nstep >= ln->max_steps) {
         lane_finish(br, ln, l, RACE_MAX_STEPS, 0);
         return 0;
     }
@@ -1342,16 +1424,10 @@ static int lane_accept(batch_run *br, lane_state *ln, int l, double err, double 
                               D5 * br->k5[j] + D6 * br->k6[j] + D7 * br->k7[j]);
         }
     }
-    while (ln->k_out < br->n_out && br->t_out[ln->k_out] <= tnew) {
-        double *o = ln->out + ln->k_out * n;
-        if (br->t_out[ln->k_out] == tnew) {
-            lane_get(br->ynew, n, l, o);
-        } else {
-            double theta = (br->t_out[ln->k_out] - ln->t) / h;
-            for (int64_t i = 0; i < n; ++i)
-                o[i] = dp_dense_edge(&dense, i, theta);
-        }
-        ++ln->k_out;
+    if (ln->k_out < br->n_out && br->t_out[ln->k_out] <= tnew) {
+        lane_get(br->ynew, n, l, br->yn);
+        ln->k_out = dense_outputs(0, n, ln->k_out, br->n_out, br->t_out, ln->t, h, tnew, br->ys,
+                                  br->rc2, br->rc3, br->rc4, br->rc5, br->yn, ln->out);
     }
     if (events) {
         if (need_dense)
@@ -1400,120 +1476,520 @@ static int lane_accept(batch_run *br, lane_state *ln, int l, double err, double 
     return 1;
 }
 
-/* y_tmp = (y + h (a1 k1 + ...)) + (h a_last) k_last for every lane: the stage points of
- * dopri5_core, with its association order */
-#define STAGE_LOOP(DST, EXPR)                                       \
-    for (int64_t i = 0; i < n; ++i) {                               \
-        const int64_t o = i * RACE_LANES;                           \
-        for (int l = 0; l < RACE_LANES; ++l) {                      \
-            const int64_t j = o + l;                                \
-            const double h = hv[l];                                 \
-            DST[j] = EXPR;                                          \
-        }                                                           \
-    }
+/* The stage points of dopri5_core for every lane, (y + h (a1 k1 + ...)) + (h a_last) k_last in
+ * its association order, as flat loops over m = n_edges * RACE_LANES entries; H holds each
+ * lane's step size repeated for every entry. */
+LANE_LOOPS
+static void dp_stage2(int64_t m, const double *restrict H, const double *restrict y,
+                      const double *restrict k1, double *restrict yt)
+{
+    for (int64_t j = 0; j < m; ++j)
+        yt[j] = y[j] + (H[j] * A21) * k1[j];
+}
 
 LANE_LOOPS
+static void dp_stage3(int64_t m, const double *restrict H, const double *restrict y,
+                      const double *restrict k1, const double *restrict k2, double *restrict yt)
+{
+    for (int64_t j = 0; j < m; ++j)
+        yt[j] = (y[j] + H[j] * (A31 * k1[j])) + (H[j] * A32) * k2[j];
+}
+
+LANE_LOOPS
+static void dp_stage4(int64_t m, const double *restrict H, const double *restrict y,
+                      const double *restrict k1, const double *restrict k2,
+                      const double *restrict k3, double *restrict yt)
+{
+    for (int64_t j = 0; j < m; ++j)
+        yt[j] = (y[j] + H[j] * (A41 * k1[j] + A42 * k2[j])) + (H[j] * A43) * k3[j];
+}
+
+LANE_LOOPS
+static void dp_stage5(int64_t m, const double *restrict H, const double *restrict y,
+                      const double *restrict k1, const double *restrict k2,
+                      const double *restrict k3, const double *restrict k4, double *restrict yt)
+{
+    for (int64_t j = 0; j < m; ++j)
+        yt[j] = (y[j] + H[j] * (A51 * k1[j] + A52 * k2[j] + A53 * k3[j])) + (H[j] * A54) * k4[j];
+}
+
+LANE_LOOPS
+static void dp_stage6(int64_t m, const double *restrict H, const double *restrict y,
+                      const double *restrict k1, const double *restrict k2,
+                      const double *restrict k3, const double *restrict k4,
+                      const double *restrict k5, double *restrict yt)
+{
+    for (int64_t j = 0; j < m; ++j)
+        yt[j] = (y[j] + H[j] * (A61 * k1[j] + A62 * k2[j] + A63 * k3[j] + A64 * k4[j])) +
+                (H[j] * A65) * k5[j];
+}
+
+LANE_LOOPS
+static void dp_stage7(int64_t m, const double *restrict H, const double *restrict y,
+                      const double *restrict k1, const double *restrict k3,
+                      const double *restrict k4, const double *restrict k5,
+                      const double *restrict k6, double *restrict yn)
+{
+    for (int64_t j = 0; j < m; ++j)
+        yn[j] = (y[j] + H[j] * (A71 * k1[j] + A73 * k3[j] + A74 * k4[j] + A75 * k5[j])) +
+                (H[j] * A76) * k6[j];
+}
+
 static void dp_stages(batch_run *br, int64_t n, int has_rate)
 {
     const race_system *sys = br->bt->sys;
-    const double *restrict hv = br->hv, *restrict y = br->y;
-    double *restrict k1 = br->k1, *restrict k2 = br->k2, *restrict k3 = br->k3;
-    double *restrict k4 = br->k4, *restrict k5 = br->k5, *restrict k6 = br->k6;
-    double *restrict k7 = br->k7, *restrict yt = br->ytmp, *restrict yn = br->ynew;
+    const int64_t m = n * RACE_LANES;
+    const double *H = br->hv;
 #define RHS_LANES(B, DB) \
     rhs_lanes(sys, has_rate, br->sv, br->dv, br->ratev, B, DB, br->pi, br->r, br->pre)
-    STAGE_LOOP(yt, y[j] + (h * A21) * k1[j])
-    RHS_LANES(yt, k2);
-    STAGE_LOOP(yt, (y[j] + h * (A31 * k1[j])) + (h * A32) * k2[j])
-    RHS_LANES(yt, k3);
-    STAGE_LOOP(yt, (y[j] + h * (A41 * k1[j] + A42 * k2[j])) + (h * A43) * k3[j])
-    RHS_LANES(yt, k4);
-    STAGE_LOOP(yt, (y[j] + h * (A51 * k1[j] + A52 * k2[j] + A53 * k3[j])) + (h * A54) * k4[j])
-    RHS_LANES(yt, k5);
-    STAGE_LOOP(yt, (y[j] + h * (A61 * k1[j] + A62 * k2[j] + A63 * k3[j] + A64 * k4[j])) +
-                       (h * A65) * k5[j])
-    RHS_LANES(yt, k6);
-    STAGE_LOOP(yn, (y[j] + h * (A71 * k1[j] + A73 * k3[j] + A74 * k4[j] + A75 * k5[j])) +
-                       (h * A76) * k6[j])
-    RHS_LANES(yn, k7);
+    dp_stage2(m, H, br->y, br->k1, br->ytmp);
+    RHS_LANES(br->ytmp, br->k2);
+    dp_stage3(m, H, br->y, br->k1, br->k2, br->ytmp);
+    RHS_LANES(br->ytmp, br->k3);
+    dp_stage4(m, H, br->y, br->k1, br->k2, br->k3, br->ytmp);
+    RHS_LANES(br->ytmp, br->k4);
+    dp_stage5(m, H, br->y, br->k1, br->k2, br->k3, br->k4, br->ytmp);
+    RHS_LANES(br->ytmp, br->k5);
+    dp_stage6(m, H, br->y, br->k1, br->k2, br->k3, br->k4, br->k5, br->ytmp);
+    RHS_LANES(br->ytmp, br->k6);
+    dp_stage7(m, H, br->y, br->k1, br->k3, br->k4, br->k5, br->k6, br->ynew);
+    RHS_LANES(br->ynew, br->k7);
 #undef RHS_LANES
 }
-#undef STAGE_LOOP
 
-/* error norm of every lane (error_norm of the DP5 error estimate, same order) */
+/* The error norm of every lane: error_norm of the DP5 estimate, same operations (fmax written
+ * out with its NaN rule so that it vectorises). */
 LANE_LOOPS
-static void dp_errors(batch_run *br, int64_t n, double rtol, double atol)
+static void dp_errors(int64_t n, const double *restrict H, const double *restrict y,
+                      const double *restrict ynew, const double *restrict k1,
+                      const double *restrict k3, const double *restrict k4,
+                      const double *restrict k5, const double *restrict k6,
+                      const double *restrict k7, double rtol, double atol,
+                      double *restrict q2, double *restrict err)
 {
-    double acc[RACE_LANES];
-    for (int l = 0; l < RACE_LANES; ++l)
-        acc[l] = 0.0;
-    for (int64_t i = 0; i < n; ++i) {
-        const int64_t o = i * RACE_LANES;
-        for (int l = 0; l < RACE_LANES; ++l) {
-            const int64_t j = o + l;
-            double e = br->hv[l] * (E1 * br->k1[j] + E3 * br->k3[j] + E4 * br->k4[j] +
-                                    E5 * br->k5[j] + E6 * br->k6[j] + E7 * br->k7[j]);
-            double sk = atol + rtol * fmax(fabs(br->y[j]), fabs(br->ynew[j]));
-            double q = e / sk;
-            acc[l] += q * q;
-        }
+    const int64_t m = n * RACE_LANES;
+    for (int64_t j = 0; j < m; ++j) {
+        double e = H[j] * (E1 * k1[j] + E3 * k3[j] + E4 * k4[j] + E5 * k5[j] + E6 * k6[j] +
+                           E7 * k7[j]);
+        double a = fabs(y[j]), b = fabs(ynew[j]);
+        double sk = atol + rtol * ((a > b || b != b) ? a : b);
+        double q = e / sk;
+        q2[j] = q * q;
     }
     for (int l = 0; l < RACE_LANES; ++l)
-        br->err[l] = sqrt(acc[l] / (double)n);
+        err[l] = 0.0;
+    for (int64_t i = 0; i < n; ++i)
+        for (int l = 0; l < RACE_LANES; ++l)
+            err[l] = err[l] + q2[i * RACE_LANES + l];
+    for (int l = 0; l < RACE_LANES; ++l)
+        err[l] = sqrt(err[l] / (double)n);
 }
 
-static void batch_dopri5(batch_run *br)
+/* One DOPRI5 step of every running DOPRI5 lane (lanes whose system ended take the next one). */
+static void dp_step(batch_run *br)
+{
+    const int64_t n = br->bt->sys->n_edges;
+    const int has_rate = br->bt->rate != NULL;
+
+    for (int l = 0; l < RACE_LANES; ++l) {
+        lane_state *ln = &br->dp[l];
+        while (ln->i >= 0 && !ln->stiff_wait && !lane_prepare(br, ln, l))
+            if (ln->i < 0)
+                lane_load(br, ln, l);
+        for (int64_t i = 0; i < n; ++i)
+            br->hv[i * RACE_LANES + l] = ln->i >= 0 && !ln->stiff_wait ? ln->h : 0.0;
+    }
+    dp_stages(br, n, has_rate);
+    dp_errors(n, br->hv, br->y, br->ynew, br->k1, br->k3, br->k4, br->k5, br->k6, br->k7,
+              br->opt->rtol, br->opt->atol, br->q2, br->err);
+    for (int l = 0; l < RACE_LANES; ++l) {
+        lane_state *ln = &br->dp[l];
+        double err = br->err[l], fac11, fac, hnew;
+        if (ln->i < 0 || ln->stiff_wait)
+            continue;
+        ln->stats->n_rhs += 6;
+        if (!(err <= DBL_MAX)) {
+            ln->h = ln->h * 0.1;
+            ln->reject = 1;
+            ln->last = 0;
+            ln->nonfinite = 1;
+            ln->stats->n_rejected += 1;
+            continue;
+        }
+        fac11 = pow(err, DP_EXPO1);
+        fac = fac11 / pow(ln->facold, DP_BETA);
+        fac = fmax(DP_FACC2, fmin(DP_FACC1, fac / DP_SAFE));
+        hnew = ln->h / fac;
+        if (err <= 1.0) {
+            if (!lane_accept(br, ln, l, err, hnew) && ln->i < 0)
+                lane_load(br, ln, l);
+        } else {
+            ln->h = ln->h / fmin(DP_FACC1, fac11 / DP_SAFE);
+            ln->reject = 1;
+            ln->last = 0;
+            ln->stats->n_rejected += 1;
+        }
+    }
+}
+
+/* ---- RODAS3 lanes: the operations of rodas3_core, lane by lane ---- */
+
+static void ro_finish(batch_run *br, lane_state *ln, int status)
+{
+    run_finish(&ln->sys, ln->k_out, br->n_out, ln->out);
+    br->status[ln->i] = status;
+    ln->i = -1;
+}
+
+/* Move the stiff system waiting in DOPRI5 lane l to the free RODAS3 lane m: the start of
+ * rodas3_core as rodas3_after_stiff calls it (from the DOPRI5 lane's t, y and proposed h). */
+static void ro_start(batch_run *br, int l, int m)
+{
+    lane_state *dp = &br->dp[l], *ln = &br->ro[m];
+    const race_ode_options *opt = br->opt;
+    int64_t n, np, remaining;
+    double *f = br->yn;
+    *ln = *dp;
+    dp->i = -1;
+    dp->stiff_wait = 0;
+    n = ln->sys.n_edges;
+    np = ln->sys.n_paths;
+    ln->stiff_wait = 0;
+    ln->pi_old = br->rpi_old + m * np;
+    remaining = opt->max_steps - (ln->stats->n_accepted + ln->stats->n_rejected);
+    if (remaining < 1) {
+        ro_finish(br, ln, RACE_MAX_STEPS);
+        return;
+    }
+    lane_get(br->y, n, l, br->ys);
+    race_rhs(&ln->sys, ln->s, ln->d, br->ys, f, br->work);
+    ln->stats->n_rhs += 1;
+    if (!all_finite(n, br->ys) || !all_finite(n, f)) {
+        ro_finish(br, ln, RACE_NONFINITE);
+        return;
+    }
+    if (br->thresholds != NULL && ln->event_times != NULL)
+        events_start(&ln->sys, br->thresholds, br->ys, ln->t, ln->pi_old, ln->event_times);
+    while (ln->k_out < br->n_out && br->t_out[ln->k_out] <= ln->t) {
+        copy(n, br->ys, ln->out + ln->k_out * n);
+        ++ln->k_out;
+    }
+    ln->hmax = opt->hmax > 0.0 ? opt->hmax : br->t_end - ln->t;
+    if (dp->h > 0.0) {
+        ln->h = fmin(dp->h, ln->hmax);
+    } else {
+        ln->h = initial_step(&ln->sys, ln->s, ln->d, br->ys, f, ln->hmax, opt->rtol, opt->atol,
+                             3.0, br->rc2, br->rc3, br->work);
+        ln->stats->n_rhs += 1;
+    }
+    lane_put(br->ys, n, m, br->ry);
+    lane_put(f, n, m, br->rf0);
+    lane_put(ln->s, np, m, br->rsv);
+    lane_put(ln->d, nnz_targets(&ln->sys), m, br->rdv);
+    if (ln->sys.rate != NULL)
+        lane_put(ln->sys.rate, n, m, br->rrate);
+    ln->nstep = 0;
+    ln->max_steps = remaining;
+    ln->reject = ln->last = ln->nonfinite = ln->jac_current = 0;
+}
+
+/* error_norm of e for every lane (fmax written out with its NaN rule) */
+LANE_LOOPS
+static void lanes_norm(int64_t n, const double *restrict e, const double *restrict y,
+                       const double *restrict ynew, double rtol, double atol,
+                       double *restrict q2, double *restrict err)
+{
+    const int64_t m = n * RACE_LANES;
+    for (int64_t j = 0; j < m; ++j) {
+        double a = fabs(y[j]), b = fabs(ynew[j]);
+        double sk = atol + rtol * ((a > b || b != b) ? a : b);
+        double q = e[j] / sk;
+        q2[j] = q * q;
+    }
+    for (int l = 0; l < RACE_LANES; ++l)
+        err[l] = 0.0;
+    for (int64_t i = 0; i < n; ++i)
+        for (int l = 0; l < RACE_LANES; ++l)
+            err[l] = err[l] + q2[i * RACE_LANES + l];
+    for (int l = 0; l < RACE_LANES; ++l)
+        err[l] = sqrt(err[l] / (double)n);
+}
+
+LANE_LOOPS
+static void ro_k2(int64_t m, const double *restrict hi, const double *restrict f0,
+                  const double *restrict k1, double *restrict k2)
+{
+    for (int64_t j = 0; j < m; ++j)
+        k2[j] = f0[j] + (RO_C21 * hi[j]) * k1[j];
+}
+
+LANE_LOOPS
+static void ro_y3(int64_t m, const double *restrict y, const double *restrict k1,
+                  double *restrict yt)
+{
+    for (int64_t j = 0; j < m; ++j)
+        yt[j] = y[j] + 2.0 * k1[j];
+}
+
+LANE_LOOPS
+static void ro_k3(int64_t m, const double *restrict hi, const double *restrict ft,
+                  const double *restrict k1, const double *restrict k2, double *restrict k3)
+{
+    for (int64_t j = 0; j < m; ++j)
+        k3[j] = ft[j] + (RO_C31 * hi[j]) * k1[j] + (RO_C32 * hi[j]) * k2[j];
+}
+
+LANE_LOOPS
+static void ro_y4(int64_t m, const double *restrict y, const double *restrict k1,
+                  const double *restrict k3, double *restrict yt)
+{
+    for (int64_t j = 0; j < m; ++j)
+        yt[j] = y[j] + 2.0 * k1[j] + k3[j];
+}
+
+LANE_LOOPS
+static void ro_k4(int64_t m, const double *restrict hi, const double *restrict ft,
+                  const double *restrict k1, const double *restrict k2,
+                  const double *restrict k3, double *restrict k4)
+{
+    for (int64_t j = 0; j < m; ++j)
+        k4[j] = ft[j] + (RO_C41 * hi[j]) * k1[j] + (RO_C42 * hi[j]) * k2[j] +
+                (RO_C43 * hi[j]) * k3[j];
+}
+
+LANE_LOOPS
+static void ro_ynew(int64_t m, const double *restrict y, const double *restrict k1,
+                    const double *restrict k3, const double *restrict k4, double *restrict yn)
+{
+    for (int64_t j = 0; j < m; ++j)
+        yn[j] = y[j] + 2.0 * k1[j] + k3[j] + k4[j];
+}
+
+LANE_LOOPS
+static void ro_dense_err(int64_t m, const double *restrict h, const double *restrict f0,
+                         const double *restrict f1, const double *restrict y,
+                         const double *restrict yn, double *restrict e)
+{
+    for (int64_t j = 0; j < m; ++j)
+        e[j] = RO_DENSE * (h[j] * (f0[j] + f1[j]) - 2.0 * (yn[j] - y[j]));
+}
+
+/* Solve lane m's LU system in place for vector v. */
+static void ro_solve(batch_run *br, int m, int64_t n, double *v)
+{
+    lane_get(v, n, m, br->yn);
+    lu_solve(n, br->rg + m * n * n, br->rpiv + m * n, br->yn);
+    lane_put(br->yn, n, m, v);
+}
+
+/* The accept branch of rodas3_core for lane m; 0 when its system ended. */
+static int ro_accept(batch_run *br, int m, double hnew)
+{
+    lane_state *ln = &br->ro[m];
+    const race_system *sys = &ln->sys;
+    const int64_t n = sys->n_edges, np = sys->n_paths;
+    const int events = br->thresholds != NULL && ln->event_times != NULL;
+    const double h = ln->h;
+    double *c1 = br->rc2, *c2 = br->rc3, *c3 = br->rc4;
+    hermite_dense dense = {br->ys, c1, c2, c3};
+    double tnew;
+
+    ln->stats->n_accepted += 1;
+    tnew = ln->last ? br->t_end : ln->t + h;
+    if ((ln->k_out < br->n_out && br->t_out[ln->k_out] < tnew) || events) {
+        for (int64_t i = 0; i < n; ++i) {
+            const int64_t j = i * RACE_LANES + m;
+            double hf0 = h * br->rf0[j], hf1 = h * br->rf1[j], dy = br->ryn[j] - br->ry[j];
+            br->ys[i] = br->ry[j];
+            c1[i] = hf0;
+            c2[i] = 3.0 * dy - 2.0 * hf0 - hf1;
+            c3[i] = hf0 + hf1 - 2.0 * dy;
+        }
+    }
+    if (ln->k_out < br->n_out && br->t_out[ln->k_out] <= tnew) {
+        lane_get(br->ryn, n, m, br->yn);
+        ln->k_out = dense_outputs(1, n, ln->k_out, br->n_out, br->t_out, ln->t, h, tnew, br->ys,
+                                  c1, c2, c3, NULL, br->yn, ln->out);
+    }
+    if (events) {
+        lane_get(br->ryn, n, m, br->yn);
+        race_path_strengths(sys, br->yn, br->pi_new);
+        locate_events(sys, br->thresholds, ln->pi_old, br->pi_new, ln->t, h, hermite_edge, &dense,
+                      ln->event_times);
+        copy(np, br->pi_new, ln->pi_old);
+    }
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t j = i * RACE_LANES + m;
+        br->ry[j] = br->ryn[j];
+        br->rf0[j] = br->rf1[j];
+    }
+    ln->jac_current = 0;
+    ln->t = tnew;
+    ln->stats->t_reached = tnew;
+    if (ln->last) {
+        ro_finish(br, ln, RACE_OK);
+        return 0;
+    }
+    if (hnew > ln->hmax)
+        hnew = ln->hmax;
+    if (ln->reject)
+        hnew = fmin(hnew, h);
+    ln->reject = 0;
+    ln->nonfinite = 0;
+    ln->h = hnew;
+    return 1;
+}
+
+/* One RODAS3 step of every running RODAS3 lane. */
+static void ro_step(batch_run *br)
 {
     const race_system *sys = br->bt->sys;
-    const int64_t n = sys->n_edges;
+    const int64_t n = sys->n_edges, m_all = n * RACE_LANES;
     const int has_rate = br->bt->rate != NULL;
-    lane_state lanes[RACE_LANES];
-    int active = 0;
+    const double rtol = br->opt->rtol, atol = br->opt->atol;
 
-    for (int l = 0; l < RACE_LANES; ++l)
-        active += lane_load(br, &lanes[l], l);
-    while (active > 0) {
-        active = 0;
-        for (int l = 0; l < RACE_LANES; ++l) {
-            lane_state *ln = &lanes[l];
-            while (ln->i >= 0 && !lane_prepare(br, ln, l))
-                lane_load(br, ln, l);
-            br->hv[l] = ln->i >= 0 ? ln->h : 0.0;
-            active += ln->i >= 0;
-        }
-        if (active == 0)
-            break;
-        dp_stages(br, n, has_rate);
-        dp_errors(br, n, br->opt->rtol, br->opt->atol);
-        for (int l = 0; l < RACE_LANES; ++l) {
-            lane_state *ln = &lanes[l];
-            double err = br->err[l], fac11, fac, hnew;
-            if (ln->i < 0)
-                continue;
-            ln->stats->n_rhs += 6;
-            if (!(err <= DBL_MAX)) {
-                ln->h = ln->h * 0.1;
-                ln->reject = 1;
-                ln->last = 0;
-                ln->nonfinite = 1;
-                ln->stats->n_rejected += 1;
-                continue;
-            }
-            fac11 = pow(err, DP_EXPO1);
-            fac = fac11 / pow(ln->facold, DP_BETA);
-            fac = fmax(DP_FACC2, fmin(DP_FACC1, fac / DP_SAFE));
-            hnew = ln->h / fac;
-            if (err <= 1.0) {
-                if (!lane_accept(br, ln, l, err, hnew))
-                    lane_load(br, ln, l);
+    for (int m = 0; m < RACE_LANES; ++m) {
+        lane_state *ln = &br->ro[m];
+        double *jac = br->rjac + m * n * n, *g = br->rg + m * n * n, hinv, diag;
+        ln->skip = 1;
+        if (ln->i >= 0) {
+            /* the checks at the top of rodas3_core's loop */
+            if (ln->nstep >= ln->max_steps) {
+                ro_finish(br, ln, RACE_MAX_STEPS);
+            } else if (0.1 * fabs(ln->h) <= fabs(ln->t) * UROUND || !(ln->h > 0.0)) {
+                ro_finish(br, ln, ln->nonfinite ? RACE_NONFINITE : RACE_STEP_TOO_SMALL);
             } else {
-                ln->h = ln->h / fmin(DP_FACC1, fac11 / DP_SAFE);
-                ln->reject = 1;
-                ln->last = 0;
-                ln->stats->n_rejected += 1;
+                if (ln->t + 1.01 * ln->h - br->t_end > 0.0) {
+                    ln->h = br->t_end - ln->t;
+                    ln->last = 1;
+                }
+                ++ln->nstep;
+                if (!ln->jac_current) {
+                    lane_get(br->ry, n, m, br->ys);
+                    race_jacobian(&ln->sys, ln->s, ln->d, br->ys, jac, br->work);
+                    ln->jac_current = 1;
+                }
+                hinv = 1.0 / ln->h;
+                diag = 1.0 / (ln->h * RO_GAMMA);
+                for (int64_t i = 0; i < n * n; ++i)
+                    g[i] = -jac[i];
+                for (int64_t i = 0; i < n; ++i)
+                    g[i * n + i] = diag - jac[i * n + i];
+                if (lu_factor(n, g, br->rpiv + m * n) != 0) {
+                    ln->h = ln->h * 0.1;
+                    ln->reject = 1;
+                    ln->last = 0;
+                    ln->nonfinite = 1;
+                    ln->stats->n_rejected += 1;
+                } else {
+                    ln->skip = 0;
+                    for (int64_t i = 0; i < n; ++i) {
+                        br->rh[i * RACE_LANES + m] = ln->h;
+                        br->rhi[i * RACE_LANES + m] = hinv;
+                        br->rk1[i * RACE_LANES + m] = br->rf0[i * RACE_LANES + m];
+                    }
+                    ro_solve(br, m, n, br->rk1);
+                }
             }
         }
-        active = 1;
+        if (ln->skip) /* idle or rejected: finite values for the lane's (unused) arithmetic */
+            for (int64_t i = 0; i < n; ++i)
+                br->rh[i * RACE_LANES + m] = br->rhi[i * RACE_LANES + m] = 1.0;
+    }
+#define RHS_LANES(B, DB) \
+    rhs_lanes(sys, has_rate, br->rsv, br->rdv, br->rrate, B, DB, br->pi, br->r, br->pre)
+#define SOLVE_ALL(V)                      \
+    for (int m = 0; m < RACE_LANES; ++m)  \
+        if (!br->ro[m].skip)              \
+            ro_solve(br, m, n, V);
+    ro_k2(m_all, br->rhi, br->rf0, br->rk1, br->rk2);
+    SOLVE_ALL(br->rk2)
+    ro_y3(m_all, br->ry, br->rk1, br->ryt);
+    RHS_LANES(br->ryt, br->rft);
+    ro_k3(m_all, br->rhi, br->rft, br->rk1, br->rk2, br->rk3);
+    SOLVE_ALL(br->rk3)
+    ro_y4(m_all, br->ry, br->rk1, br->rk3, br->ryt);
+    RHS_LANES(br->ryt, br->rft);
+    ro_k4(m_all, br->rhi, br->rft, br->rk1, br->rk2, br->rk3, br->rk4);
+    SOLVE_ALL(br->rk4)
+    ro_ynew(m_all, br->ry, br->rk1, br->rk3, br->rk4, br->ryn);
+    RHS_LANES(br->ryn, br->rf1);
+#undef SOLVE_ALL
+#undef RHS_LANES
+    lanes_norm(n, br->rk4, br->ry, br->ryn, rtol, atol, br->rdense, br->rerr);
+    ro_dense_err(m_all, br->rh, br->rf0, br->rf1, br->ry, br->ryn, br->rft);
+    lanes_norm(n, br->rft, br->ry, br->ryn, rtol, atol, br->rdense, br->rerrd);
+
+    for (int m = 0; m < RACE_LANES; ++m) {
+        lane_state *ln = &br->ro[m];
+        double err, errc, fac, hnew;
+        int finite = 1;
+        if (ln->i < 0 || ln->skip)
+            continue;
+        ln->stats->n_rhs += 3;
+        for (int64_t i = 0; i < n; ++i)
+            finite = finite && isfinite(br->rf1[i * RACE_LANES + m]);
+        err = br->rerr[m];
+        if (!finite)
+            err = NAN;
+        else if (br->rerrd[m] > err)
+            err = br->rerrd[m];
+        if (!(err <= DBL_MAX)) {
+            ln->h = ln->h * 0.1;
+            ln->reject = 1;
+            ln->last = 0;
+            ln->nonfinite = 1;
+            ln->stats->n_rejected += 1;
+            continue;
+        }
+        errc = err > 1e-10 ? err : 1e-10;
+        fac = fmin(RO_FACMAX, fmax(RO_FACMIN, RO_SAFE * pow(errc, -1.0 / 3.0)));
+        hnew = ln->h * fac;
+        if (err <= 1.0) {
+            ro_accept(br, m, hnew);
+        } else {
+            ln->reject = 1;
+            ln->last = 0;
+            ln->stats->n_rejected += 1;
+            ln->h = hnew;
+        }
+    }
+}
+
+/* DOPRI5 (and, for auto, RODAS3) lanes over the batch: DOPRI5 lanes step while the RODAS3
+ * lanes fill with systems that turned stiff; RODAS3 lanes step when all are busy, when a stiff
+ * system waits for one, or when no DOPRI5 lane is left. */
+static void batch_lanes(batch_run *br)
+{
+    for (int l = 0; l < RACE_LANES; ++l) {
+        br->dp[l].i = -1;
+        br->ro[l].i = -1;
+        lane_load(br, &br->dp[l], l);
+    }
+    for (;;) {
+        int dp_running = 0, dp_waiting = 0, ro_running = 0;
+        for (int l = 0; l < RACE_LANES; ++l) {
+            lane_state *ln = &br->dp[l];
+            if (ln->i >= 0 && ln->stiff_wait) {
+                for (int m = 0; m < RACE_LANES; ++m) {
+                    if (br->ro[m].i < 0) {
+                        ro_start(br, l, m);
+                        lane_load(br, ln, l);
+                        break;
+                    }
+                }
+            }
+            dp_running += ln->i >= 0 && !ln->stiff_wait;
+            dp_waiting += ln->i >= 0 && ln->stiff_wait;
+        }
+        for (int m = 0; m < RACE_LANES; ++m)
+            ro_running += br->ro[m].i >= 0;
+        if (ro_running > 0 && (ro_running == RACE_LANES || dp_waiting > 0 || dp_running == 0))
+            ro_step(br);
+        else if (dp_running > 0)
+            dp_step(br);
+        else
+            break;
     }
 }
 
@@ -1532,15 +2008,22 @@ int race_ode_batch(const race_batch *bt, int method, int64_t first, int64_t last
     if (method != RACE_METHOD_DOPRI5 && method != RACE_METHOD_RODAS3 &&
         method != RACE_METHOD_AUTO)
         return RACE_BAD_INPUT;
-    if (method == RACE_METHOD_RODAS3) {
+    if (method == RACE_METHOD_RODAS3 || last - first < RACE_MIN_LANES) {
+        /* one system at a time: RODAS3, and batches too small to fill the lanes */
         for (int64_t i = first; i < last; ++i) {
             race_system si;
-            const double *s, *d;
+            const double *s, *d, *b0 = bt->b0 + i * n;
+            double *out_i = out + i * n_out * n, *ev_i = event_times ? event_times + i * np : NULL;
             batch_system(bt, i, &si, &s, &d);
-            status[i] = race_rodas3(&si, s, d, bt->b0 + i * n, t0, t_end, n_out, t_out, opt,
-                                    thresholds, out + i * n_out * n,
-                                    event_times ? event_times + i * np : NULL, stats + i, work,
-                                    iwork);
+            if (method == RACE_METHOD_RODAS3)
+                status[i] = race_rodas3(&si, s, d, b0, t0, t_end, n_out, t_out, opt, thresholds,
+                                        out_i, ev_i, stats + i, work, iwork);
+            else if (method == RACE_METHOD_AUTO)
+                status[i] = race_auto(&si, s, d, b0, t0, t_end, n_out, t_out, opt, thresholds,
+                                      out_i, ev_i, stats + i, work, iwork);
+            else
+                status[i] = race_dopri5(&si, s, d, b0, t0, t_end, n_out, t_out, opt, thresholds,
+                                        out_i, ev_i, stats + i, work);
         }
         return RACE_OK;
     }
@@ -1579,10 +2062,31 @@ int race_ode_batch(const race_batch *bt, int method, int64_t first, int64_t last
     TAKE(r, np * lanes);
     TAKE(pre, sys->path_ptr[np] * lanes);
     TAKE(dv, nnz_targets(sys) * lanes);
-    TAKE(hv, lanes);
+    TAKE(hv, n * lanes);
+    TAKE(q2, n * lanes);
     TAKE(err, lanes);
-    w += lanes; /* spare */
     TAKE(pi_old, np * lanes);
+    TAKE(ry, n * lanes);
+    TAKE(rf0, n * lanes);
+    TAKE(rf1, n * lanes);
+    TAKE(ryt, n * lanes);
+    TAKE(rft, n * lanes);
+    TAKE(rk1, n * lanes);
+    TAKE(rk2, n * lanes);
+    TAKE(rk3, n * lanes);
+    TAKE(rk4, n * lanes);
+    TAKE(ryn, n * lanes);
+    TAKE(rrate, n * lanes);
+    TAKE(rh, n * lanes);
+    TAKE(rhi, n * lanes);
+    TAKE(rdense, n * lanes);
+    TAKE(rsv, np * lanes);
+    TAKE(rdv, nnz_targets(sys) * lanes);
+    TAKE(rerr, lanes);
+    TAKE(rerrd, lanes);
+    TAKE(rjac, n * n * lanes);
+    TAKE(rg, n * n * lanes);
+    TAKE(rpi_old, np * lanes);
     TAKE(ys, n);
     TAKE(yn, n);
     TAKE(rc2, n);
@@ -1593,9 +2097,10 @@ int race_ode_batch(const race_batch *bt, int method, int64_t first, int64_t last
     br.work = w;
 #undef TAKE
     br.iwork = iwork;
+    br.rpiv = iwork + n;
     /* idle lanes compute on these: keep them finite */
-    for (double *p = work; p < br.pi_old; ++p)
+    for (double *p = work; p < br.ys; ++p)
         *p = 0.0;
-    batch_dopri5(&br);
+    batch_lanes(&br);
     return RACE_OK;
 }

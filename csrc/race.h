@@ -190,12 +190,13 @@ int race_auto(const race_system *sys, const double *s, const double *d, const do
  * rate row (i % rate_rows) (rate NULL: all ones; sys->rate is ignored).  race_ode_batch
  * integrates systems first .. last-1 with `method` and writes, for each of them, exactly what
  * race_dopri5 / race_rodas3 / race_auto would (bit for bit): out + i * n_out * n_edges,
- * event_times + i * n_paths (event_times may be NULL), status[i] and stats[i].  DOPRI5 (also
- * the first phase of auto) runs several systems at once in interleaved lanes, which hides the
- * latency of each system's chain of dependent stages: expect several times the throughput of
- * a loop over race_auto.  Threads: call it on disjoint ranges with separate work buffers.
- * work: race_batch_work_size(sys) doubles; iwork: n_edges int64_t.  Returns RACE_BAD_INPUT for
- * an unknown method, RACE_OK otherwise (per-system outcomes are in status).
+ * event_times + i * n_paths (event_times may be NULL), status[i] and stats[i].  DOPRI5 and
+ * auto (both of its phases) run several systems at once in interleaved lanes, which hides the
+ * latency of each system's chain of dependent stages: about twice the throughput of a loop
+ * over race_auto; fewer than 4 systems, and RODAS3 alone, run one at a time.  Threads: call it
+ * on disjoint ranges with separate work buffers.
+ * work: race_batch_work_size(sys) doubles; iwork: race_batch_iwork_size(sys) int64_t.  Returns
+ * RACE_BAD_INPUT for an unknown method, RACE_OK otherwise (per-system outcomes are in status).
  */
 enum race_method { RACE_METHOD_DOPRI5 = 0, RACE_METHOD_RODAS3 = 1, RACE_METHOD_AUTO = 2 };
 
@@ -209,6 +210,7 @@ typedef struct race_batch {
 } race_batch;
 
 size_t race_batch_work_size(const race_system *sys);
+size_t race_batch_iwork_size(const race_system *sys);
 
 int race_ode_batch(const race_batch *batch, int method, int64_t first, int64_t last, double t0,
                    double t_end, int64_t n_out, const double *t_out,

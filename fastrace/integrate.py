@@ -12,6 +12,7 @@ contiguous there; ``np.ascontiguousarray(sol.b)`` makes a time-first copy if one
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -410,9 +411,11 @@ def _thresholds(events, n_paths: int) -> np.ndarray | None:
 # backends
 
 
+@functools.lru_cache(maxsize=1)
 def _default_c_threads() -> int:
     """The cores this process may run on, capped by NUMBA_NUM_THREADS when set (one setting
-    for both backends, so the C core never oversubscribes what numba was told to use)."""
+    for both backends, so the C core never oversubscribes what numba was told to use).
+    Read once per process, like numba's own setting."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     limit = os.environ.get("NUMBA_NUM_THREADS", "")
     if limit.isdigit() and int(limit) > 0:
