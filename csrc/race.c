@@ -482,6 +482,8 @@ static const double D1 = -12715105075.0 / 11282082432.0, D3 = 87487479700.0 / 32
 #define DP_EXPO1 0.17 /* 1/5 - 0.75 * beta */
 #define DP_FACC1 5.0  /* 1 / (smallest factor 0.2) */
 #define DP_FACC2 0.1  /* 1 / (largest factor 10) */
+/* stiffness test firings that switch auto to RODAS3 (see race_auto in race.h) */
+#define STIFF_CONFIRMATIONS 2
 
 typedef struct dp_dense {
     const double *y, *rc2, *rc3, *rc4, *rc5;
@@ -580,7 +582,8 @@ typedef struct run_end {
 /* DOPRI5 from b0 at t0 (y is work[0 .. n-1] throughout, also at the end).  Adds to stats, writes
  * outputs and pending events but neither resets events nor fills unreached outputs.  With
  * detect_stiff it stops after an accepted step once Hairer's stiffness test (h |lambda| > 3.25
- * estimated from the last two stages) has fired 5 times before 6 non-stiff steps in a row. */
+ * estimated from the last two stages) has fired STIFF_CONFIRMATIONS times before 6 non-stiff
+ * steps in a row. */
 static int dopri5_core(const race_system *sys, const double *s, const double *d, const double *b0,
                        double t0, double t_end, int64_t n_out, const double *t_out,
                        const race_ode_options *opt, const double *thresholds, double *out,
@@ -732,7 +735,7 @@ static int dopri5_core(const race_system *sys, const double *s, const double *d,
                 hnew = fmin(fabs(hnew), fabs(h));
             reject = 0;
             nonfinite = 0;
-            if (iasti >= 5) {
+            if (iasti >= STIFF_CONFIRMATIONS) {
                 end->stiff = 1;
                 h = hnew;
                 break;
@@ -1469,7 +1472,7 @@ static int lane_accept(batch_run *br, lane_state *ln, int l, double err, double 
     ln->reject = 0;
     ln->nonfinite = 0;
     ln->h = hnew;
-    if (ln->iasti >= 5) {
+    if (ln->iasti >= STIFF_CONFIRMATIONS) {
         lane_finish(br, ln, l, RACE_OK, 1);
         return 0;
     }

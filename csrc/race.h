@@ -171,9 +171,9 @@ int race_rodas3(const race_system *sys, const double *s, const double *d, const 
 /*
  * Automatic stiffness switching: race_dopri5 until Hairer's stiffness test fires (the
  * estimate h |lambda| = h |k7 - k6| / |ynew - y6| from the last two stages exceeds 3.25 on
- * 5 accepted steps, with no run of 6 non-stiff steps in between; Hairer's code waits for 15, but
- * a false alarm only costs RODAS3 steps while every late switch costs stability-capped DOPRI5
- * steps), then race_rodas3 from that
+ * 2 accepted steps, with no run of 6 non-stiff steps in between; Hairer's code, which can switch
+ * back, waits for 15, but here a false alarm only costs RODAS3 steps (error-controlled all the
+ * same) while every late step is a stability-capped DOPRI5 step), then race_rodas3 from that
  * point to t_end (first step: the step DOPRI5 proposed; the step limit counts both phases).
  * Race systems turn stiff once a mode has been learnt, so long runs cost far fewer steps.
  * Same arguments, outputs and events as race_dopri5; iwork holds n_edges int64_t.

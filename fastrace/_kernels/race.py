@@ -466,6 +466,7 @@ D1, D3 = -12715105075.0 / 11282082432.0, 87487479700.0 / 32700410799.0
 D4, D5 = -10690763975.0 / 1880347072.0, 701980252875.0 / 199316789632.0
 D6, D7 = -1453857185.0 / 822651844.0, 69997945.0 / 29380423.0
 DP_SAFE, DP_BETA, DP_EXPO1, DP_FACC1, DP_FACC2 = 0.9, 0.04, 0.17, 5.0, 0.1
+STIFF_CONFIRMATIONS = 2  # stiffness test firings that switch auto to RODAS3 (race.c)
 
 
 @njit(**_OPTS)
@@ -670,7 +671,7 @@ def _dopri5_core(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax_opt, max_st
                     hnew = min(abs(hnew), abs(h))
                 reject = False
                 nonfinite = False
-                if iasti >= 5:
+                if iasti >= STIFF_CONFIRMATIONS:
                     stiff = True
                     h = hnew
                     break
