@@ -56,7 +56,12 @@ WEIGHT_DTYPES = ("float64", "float32")
 SCHEMA = 1  # version of the run attributes written by simulate (read back by resume)
 MAX_CHUNK = 512  # most gradient-descent steps per engine call between divergence checks
 SNAPSHOT_BYTES = 64 * 2**20  # most memory for weight snapshots taken within one engine call
-SEND_ROWS, SEND_SECONDS = 64, 1.0  # rows go to the writer in blocks of 64, or after 1 s
+BATCH_ROWS = 64  # save-point rows computed together (singular values in one batched call)
+# A run's rows go to the writer once SEND_BYTES of them wait (SEND_BYTES // 8 in the last,
+# shrinking batches of a run), or SEND_SECONDS after the last hand-over: few large blocks, as
+# each block costs the writer a call per series.
+SEND_BYTES, SEND_SECONDS = 4 << 20, 1.0
+STREAM_CALL_BYTES = 16 << 20  # with out=, at most about this many bytes of rows per engine call
 DIVERGED = "failed: diverged"  # status prefix of a diverged run (resume refuses it)
 
 Weights = dict[str, np.ndarray]
@@ -442,6 +447,9 @@ class _Recorder:
         self.keep = keep
         self.snap_dtype = np.dtype(plan.weights_dtype)
         self.spec = self._series_spec()
+        self.row_bytes = sum(math.prod(shape) * dtype.itemsize
+                             for shape, dtype in self.spec.values())
+        self.send_rows = -(-SEND_BYTES // self.row_bytes)  # rows that make SEND_BYTES
 
     def series_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """{series name: (row shape, dtype)} of one run."""
@@ -461,61 +469,83 @@ class _Recorder:
             spec[f"quantities/{name}"] = (tuple(shape), f8)
         return spec
 
-    def rows(self, W: np.ndarray, t: np.ndarray, step: np.ndarray,
-             loss: np.ndarray | None) -> list[dict[str, np.ndarray]]:
-        """Rows for the weight vectors ``W`` (n, n_params); ``loss`` may be filled in later."""
+    def record(self, runs: Sequence[_RunState], W: np.ndarray, t: np.ndarray,
+               step: np.ndarray, loss: np.ndarray, eager: bool = False) -> None:
+        """Record one row per weight vector: row ``i`` holds ``W[i]`` (n, n_params), ``t[i]``,
+        ``step[i]`` and ``loss[i]`` and belongs to ``runs[i]``; each run's rows in order.
+
+        The values of all rows are computed in batched calls and copied into the runs'
+        columns block by block: no Python work per row or per value. ``eager``: hand rows to
+        the writer in smaller blocks (the last batches of a run).
+        """
+        values = self._values(W, t, step, loss)
+        order: dict[int, tuple[_RunState, list[int]]] = {}
+        for i, r in enumerate(runs):
+            order.setdefault(r.index, (r, []))[1].append(i)
+        for r, rows in order.values():
+            at = _as_index(rows)
+            self._store(r, {key: v[at] for key, v in values.items()}, len(rows), eager)
+
+    def _values(self, W: np.ndarray, t: np.ndarray, step: np.ndarray,
+                loss: np.ndarray) -> dict[str, np.ndarray]:
+        """{series: (n, *row shape)} for the weight vectors ``W`` (n, n_params)."""
         n = W.shape[0]
-        rows: list[dict[str, np.ndarray]] = [
-            {"t": np.float64(t[k]), "step": np.int64(step[k]),
-             "loss": np.float64(math.nan if loss is None else loss[k])} for k in range(n)]
-        mats = self.engine.unpack(W)
-        for e, M in mats.items():
+        values: dict[str, np.ndarray] = {"t": t, "step": step, "loss": loss}
+        for e, M in self.engine.unpack(W).items():
             if self.plan.svals:
                 with np.errstate(all="ignore"):
-                    s = (np.linalg.svd(M, compute_uv=False) if np.all(np.isfinite(M))
-                         else np.full((n, min(M.shape[1:])), np.nan))
-                for k in range(n):
-                    rows[k][f"svals/{e}"] = s[k]
+                    values[f"svals/{e}"] = (np.linalg.svd(M, compute_uv=False)
+                                            if np.all(np.isfinite(M))
+                                            else np.full((n, min(M.shape[1:])), np.nan))
             if self.plan.save_weights:
-                for k in range(n):
-                    rows[k][f"weights/{e}"] = M[k].astype(self.snap_dtype, copy=True)
+                values[f"weights/{e}"] = M  # a view of W: copied into the column at once
         for name, fn in self.quantities.items():
             shape = self.plan.quantity_shapes[name]
+            q = np.empty((n, *shape))
             for k in range(n):
                 value = _call_quantity(name, fn, self.engine.unpack(W[k].copy()))
                 if value.shape != shape:
                     raise ConfigError(f"quantities[{name!r}] returned shape {value.shape}, but "
                                       f"{shape} at the start of the run; it must keep its shape")
-                rows[k][f"quantities/{name}"] = value
-        return rows
+                q[k] = value
+            values[f"quantities/{name}"] = q
+        return values
 
-    def emit(self, run: _RunState, row: dict[str, np.ndarray]) -> None:
-        """Store a finished row; rows go to the writer in blocks (see ``send``).
+    def _store(self, run: _RunState, block: dict[str, np.ndarray], n: int,
+               eager: bool) -> None:
+        """Copy ``n`` finished rows into the run's columns; rows go to the writer in blocks
+        (see ``send``).
 
         With ``keep`` every row of the run stays in memory (columns preallocated for all save
         points); otherwise the columns only hold the rows not yet sent.
         """
+        if not self.keep and run.columns and run.filled + n > len(run.columns["t"]):
+            self.send(run)  # hands the full columns over and starts fresh ones
         if not run.columns:
             n_rows = len(self.plan.save_times[run.index]) - run.next_save if self.keep \
-                else SEND_ROWS
+                else max(self.send_rows, n)
             run.columns = {k: np.empty((max(n_rows, 1), *shape), dtype=dtype)
                            for k, (shape, dtype) in self.series_spec().items()}
         i = run.filled
         for key, column in run.columns.items():
-            column[i] = row[key]
-        run.filled += 1
-        run.next_save += 1
-        if self.writer is not None and (run.filled - run.sent >= SEND_ROWS
+            column[i:i + n] = block[key]
+        run.filled += n
+        run.next_save += n
+        waiting = (run.filled - run.sent) * self.row_bytes
+        if self.writer is not None and (waiting >= (SEND_BYTES // 8 if eager else SEND_BYTES)
                                         or time.monotonic() - run.sent_at > SEND_SECONDS):
             self.send(run)
 
     def send(self, run: _RunState) -> None:
-        """Hand the rows not yet sent to the writer (it copies them), one block per series."""
+        """Hand the rows not yet sent to the writer, one block per series, without a copy: the
+        rows of a column are never written again once filled (without ``keep`` a full set of
+        columns is handed over and fresh ones are started)."""
         if self.writer is not None and run.filled > run.sent:
-            self.writer.append(run.name, **{k: c[run.sent:run.filled]
-                                            for k, c in run.columns.items()})
+            self.writer.append_blocks(run.name, {k: c[run.sent:run.filled]
+                                                 for k, c in run.columns.items()})
             run.sent = run.filled
             if not self.keep:
+                run.columns = {}
                 run.filled = run.sent = 0
         run.sent_at = time.monotonic()
 
@@ -531,6 +561,16 @@ class _Recorder:
         self.send(run)
         self.writer.checkpoint(run.name, run.pos, {**state, "next_save": np.int64(run.next_save)})
         run.last_checkpoint = run.pos
+
+
+def _as_index(rows: list[int]) -> slice | np.ndarray:
+    """Positions ``rows`` (increasing) as a slice when evenly spaced, so indexing gives a view."""
+    if len(rows) == 1:
+        return slice(rows[0], rows[0] + 1)
+    stride = rows[1] - rows[0]
+    if all(b - a == stride for a, b in zip(rows, rows[1:])):
+        return slice(rows[0], rows[-1] + 1, stride)
+    return np.array(rows)
 
 
 def _call_quantity(name: str, fn: Quantity, weights: Weights) -> np.ndarray:
@@ -618,26 +658,26 @@ def _drive_gd(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: np.
         idx = np.array([r.index for r in active])
         whole = len(active) == W.shape[0]
 
-        # checkpoint first: it then holds exactly the rows of save points before m
-        if writer is not None and (m == 0 or m == steps or (every and m % every == 0)):
+        # checkpoint first: it then holds exactly the rows of save points before m (the final
+        # checkpoint comes after the last rows instead, below)
+        if writer is not None and m < steps and (m == 0 or (every and m % every == 0)):
             for r in active:
                 if r.last_checkpoint != m:
                     rec.checkpoint(r, {"w": W[r.index], "velocity": V[r.index]})
 
         saving = [k for k, r in enumerate(active)
                   if r.next_save < len(save) and save[r.next_save] == m]
-        pending: list[dict[str, np.ndarray]] = []
-        if saving:
-            sel = idx[saving]
-            pending = rec.rows(W[sel], plan.lr[sel] * m, np.full(len(sel), m), None)
 
         if m == steps:
             if saving:
-                losses = engine.loss(W[idx[saving]])
-                for n_row, (k, row) in enumerate(zip(saving, pending)):
-                    row["loss"] = np.float64(losses[n_row])
-                    rec.emit(active[k], row)
-            for r in active:
+                sel = idx[saving]
+                rec.record([active[k] for k in saving], W[sel], plan.lr[sel] * m,
+                           np.full(len(sel), m), engine.loss(W[sel]))
+            # The final checkpoint holds every row: the file is then written in the order it
+            # is read, and no chunk flushed by the checkpoint is written again at close.
+            for k, r in enumerate(active):
+                if writer is not None and (r.last_checkpoint != m or k in saving):
+                    rec.checkpoint(r, {"w": W[r.index], "velocity": V[r.index]})
                 r.done = True
             continue
 
@@ -651,6 +691,8 @@ def _drive_gd(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: np.
         lo = int(np.searchsorted(save, m, side="right"))
         hi = int(np.searchsorted(save, m + n, side="left"))
         cap = max(1, SNAPSHOT_BYTES // (8 * len(active) * engine.n_params))
+        if writer is not None:  # the writer thread stores one call's rows during the next call
+            cap = min(cap, max(1, STREAM_CALL_BYTES // (len(active) * rec.row_bytes)))
         if hi - lo > cap:
             hi = lo + cap
             n = int(save[hi]) - m
@@ -667,25 +709,24 @@ def _drive_gd(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: np.
         # a run whose state went bad after k steps keeps only the save points before that
         status = engine.last_status
         last_good = np.where(status >= 0, status - 1, n).min() if len(status) else n
-        for k, row in zip(saving, pending):
-            row["loss"] = np.float64(losses[k, 0])
-            rec.emit(active[k], row)
+        if saving:  # the save point at m: weights before the chunk, loss of its first step
+            rec.record([active[k] for k in saving], w_start[saving], plan.lr[idx[saving]] * m,
+                       np.full(len(saving), m), losses[saving, 0])
         good = 0  # save points before any divergence in this chunk: their rows are kept
         while good < inner.size and inner[good] - m <= last_good \
                 and np.isfinite(losses[:, :inner[good] - m + 1]).all() \
                 and np.isfinite(snaps[:, good]).all():
             good += 1
-        if good:
-            # one batched call for every (save point, run): singular values of all at once
-            at = inner[:good]
-            rows = rec.rows(snaps[:, :good].transpose(1, 0, 2).reshape(-1, engine.n_params),
-                            (at[:, None] * plan.lr[idx][None, :]).ravel(),
-                            np.repeat(at, len(active)), None)
-            for j in range(good):
-                for k in range(len(active)):
-                    row = rows[j * len(active) + k]
-                    row["loss"] = np.float64(losses[k, at[j] - m])
-                    rec.emit(active[k], row)
+        # batched calls for many (save point, run) pairs (rows ordered by save point, then
+        # run): singular values of all at once, in batches of about BATCH_ROWS rows so that the
+        # writer thread stores rows while the next ones are computed
+        taper = writer is not None and m + n == steps
+        for j0, j1 in _row_batches(good, max(1, BATCH_ROWS // len(active)), taper):
+            at = inner[j0:j1]
+            rec.record(active * at.size,
+                       snaps[:, j0:j0 + at.size].transpose(1, 0, 2).reshape(-1, engine.n_params),
+                       (at[:, None] * plan.lr[idx][None, :]).ravel(),
+                       np.repeat(at, len(active)), losses[:, at - m].T.ravel(), eager=taper)
         diverged = (status >= 0) | ~np.isfinite(losses).all(axis=1) \
             | _weights_bad(w, plan.divergence_threshold)
         if diverged.any():
@@ -696,6 +737,21 @@ def _drive_gd(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: np.
         for r in active:
             r.pos = m + n
         progress.update(sum(r.pos for r in runs))
+
+
+def _row_batches(n: int, size: int, taper: bool) -> list[tuple[int, int]]:
+    """Split ``range(n)`` into batches of ``size``; with ``taper`` the last few halve in size
+    (..., size/2, size/4, size/8), so that at the end of a run the rows still to be written
+    once the last batch is computed are few."""
+    edges = [n]
+    tail = max(1, size // 8)
+    while taper and edges[-1] > 0 and tail < size:
+        edges.append(max(0, edges[-1] - tail))
+        tail *= 2
+    while edges[-1] > 0:
+        edges.append(max(0, edges[-1] - size))
+    edges.reverse()
+    return list(zip(edges[:-1], edges[1:]))
 
 
 def _locate_gd_divergence(engine: GradientEngine, plan: _Plan, active: list[_RunState],
@@ -790,8 +846,8 @@ def _drive_flow(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: n
             r.loss = float(loss[k])
             times = plan.save_times[r.index]
             if r.next_save < len(times) and times[r.next_save] == r.t:
-                row = rec.rows(W[r.index][None], np.array([r.t]), np.array([r.pos]), loss[k:k + 1])
-                rec.emit(r, row[0])
+                rec.record([r], W[r.index][None], np.array([r.t]), np.array([r.pos]),
+                           loss[k:k + 1])
         fresh = [k for k, r in enumerate(live) if r.h <= 0.0]
         if fresh:
             sel = idx[fresh]
@@ -918,10 +974,8 @@ def _flow_outputs(engine: GradientEngine, plan: _Plan, rec: _Recorder, runs: lis
     if inner:
         with np.errstate(all="ignore"):
             loss[inner] = engine.loss(Ys[inner])
-    rows = rec.rows(Ys, np.array([t for _, t, _ in wanted]),
-                    np.array([runs[k].pos + 1 for k, _, _ in wanted]), loss)
-    for (k, _, _), row in zip(wanted, rows):
-        rec.emit(runs[k], row)
+    rec.record([runs[k] for k, _, _ in wanted], Ys, np.array([t for _, t, _ in wanted]),
+               np.array([runs[k].pos + 1 for k, _, _ in wanted]), loss)
 
 
 # ====================================================================== results

@@ -297,6 +297,64 @@ def test_file_equals_memory(tmp_path):
             same_trajectory(a, b)
 
 
+def test_streaming_in_short_engine_calls_changes_no_number(tmp_path, monkeypatch):
+    # with out=, engine calls hold few save points (the writer stores one call's rows during
+    # the next); a single row per call here: the numbers must not change
+    simulate_module = sys.modules[simulate.__module__]  # fastrace.simulate is the function
+    net, data, _ = case(13)
+    inits = [fr.init.gaussian(net, std=0.5, seed=s) for s in range(2)]
+    kw = dict(lr=[0.05, 0.02], steps=60, record_every=2, momentum=0.4, save_weights=True,
+              progress=False)
+    memory = simulate(net, data, inits, **kw)
+    monkeypatch.setattr(simulate_module, "STREAM_CALL_BYTES", 1)
+    monkeypatch.setattr(simulate_module, "BATCH_ROWS", 3)
+    monkeypatch.setattr(simulate_module, "SEND_BYTES", 1)  # every batch to the writer
+    calls = []
+    descend = simulate_module.GradientEngine.descend
+    monkeypatch.setattr(simulate_module.GradientEngine, "descend",
+                        lambda self, *a, **k: calls.append(1) or descend(self, *a, **k))
+    streamed = simulate(net, data, inits, out=tmp_path / "short.h5", **kw)
+    assert len(calls) == 15  # one save point inside each call (and one at its end)
+    for a, b, name in zip(memory, streamed, ("seed_00", "seed_01")):
+        same_trajectory(a, b)
+        same_trajectory(Trajectory.from_hdf5(tmp_path / "short.h5", name), a)
+
+
+def test_the_final_checkpoint_holds_every_row(tmp_path):
+    import h5py
+
+    net, data, W0 = case(17)
+    path = tmp_path / "final.h5"
+    full = simulate(net, data, W0, lr=0.05, steps=90, record_every=3, save_weights=True,
+                    checkpoint_every=30, out=path, progress=False)
+    with h5py.File(path, "r") as f:  # the checkpoint after the last rows, with all of them
+        ck = f["simulation/checkpoint"]
+        slot = ck[f"slot{int(ck['current'][()])}"]
+        assert int(slot["step"][()]) == 90 and int(slot["state/next_save"][()]) == 31
+        assert set(slot["rows"][()]) == {31}
+    with h5py.File(path, "r+") as f:  # as if killed between that checkpoint and the close
+        f["simulation/live/status"][()] = np.array(b"running", dtype="S256")
+    assert store.run_status(path, "simulation") == "running"
+    again = resume(path, net, data)
+    same_trajectory(again, full)
+    assert again.status == "complete" and again.n_saved == 31
+
+
+def test_row_batches_cover_every_save_point_and_end_small():
+    from fastrace.simulate import _row_batches
+
+    for n in (0, 1, 5, 63, 64, 65, 499, 1000):
+        for size in (1, 2, 8, 64):
+            for taper in (False, True):
+                batches = _row_batches(n, size, taper)
+                assert [i for a, b in batches for i in range(a, b)] == list(range(n))
+                assert all(0 < b - a <= size for a, b in batches)
+                if taper and n >= 2 * size:
+                    assert batches[-1][1] - batches[-1][0] == max(1, size // 8)
+                if not taper and n:
+                    assert all(b - a == size for a, b in batches[1:])
+
+
 def test_unwritable_path_fails_before_any_compute(tmp_path, monkeypatch):
     from fastrace.engine import GradientEngine
 

@@ -88,13 +88,14 @@ def _writer_main(path: str, mode: str, n_rows: str, pace: str) -> None:
     if mode == "resume":
         checkpoint = w.resume_state("sim")
         start = checkpoint.step if checkpoint else 0
+    w.flush()  # the layout is built by the writer thread: "ready" once the file is at path
     print(f"ready {start}", flush=True)
     for i in range(start, n_rows):
         w.append("sim", **{name: rows[0] for name, rows in make_rows(i, i + 1).items()})
         if (i + 1) % CKPT_EVERY == 0:
             w.checkpoint("sim", i + 1, make_state(i + 1))
         if i % 10 == 0:
-            print("flushed", json.dumps(w.flushed_rows("sim")), flush=True)
+            print(f"flushed {json.dumps(w.flushed_rows('sim'))}", flush=True)
         if pace:
             time.sleep(pace)
     w.close()
@@ -131,7 +132,13 @@ def _kill(proc: subprocess.Popen) -> list[str]:
 
 
 def _last_flushed(lines: list[str]) -> dict[str, int]:
-    reports = [json.loads(line.split(" ", 1)[1]) for line in lines if line.startswith("flushed")]
+    reports = []
+    for line in lines:
+        if line.startswith("flushed"):
+            try:
+                reports.append(json.loads(line.split(" ", 1)[1]))
+            except (IndexError, json.JSONDecodeError):  # the kill cut the last line short
+                pass
     return reports[-1] if reports else dict.fromkeys(SIM_SPEC.series, 0)
 
 
@@ -245,6 +252,107 @@ def test_without_swmr_the_file_is_the_same(tmp_path):
     assert (data.status, data.steps_done) == ("complete", 30)
 
 
+def test_append_blocks_keeps_the_order_and_leaves_the_callers_arrays_alone(tmp_path):
+    path = tmp_path / "blocks.h5"
+    with TrajectoryWriter(path, {"sim": SIM_SPEC}, buffer_rows=3) as w:
+        block = make_rows(0, 16)
+        block["weights/x->h"] = np.asfortranarray(block["weights/x->h"])  # float64, not C order
+        w.append_blocks("sim", block)
+        w.flush()  # the writer thread is done with the block before the appends below
+        for i in range(16, 36):  # single rows through buffers, which the writer recycles
+            w.append("sim", {k: v[0] for k, v in make_rows(i, i + 1).items()})
+        w.append_blocks("sim", make_rows(36, 40))  # after the two rows still buffered
+        w.checkpoint("sim", 40, make_state(40))
+        with pytest.raises(StoreError, match="shape"):
+            w.append_blocks("sim", {"svals/x->h": np.zeros((2, 4))})
+        with pytest.raises(StoreError, match="no series"):
+            w.append_blocks("sim", {"nope": np.zeros(2)})
+    data = read_run(path, "sim")
+    assert_rows_match(data.series, 40)
+    assert data["weights/x->h"].dtype == np.float32
+    for name, arr in block.items():  # never used as a buffer, never written to
+        np.testing.assert_array_equal(arr, make_rows(0, 16)[name])
+    assert run_info(path)["runs"]["sim"]["checkpoint_step"] == 40
+
+
+def test_rows_wait_while_too_many_bytes_are_queued(tmp_path, monkeypatch):
+    # room for three blocks of ten float64 rows; the writer thread is held on the first one
+    monkeypatch.setattr(store, "_QUEUE_BYTES", 3 * 10 * 8)
+    release = threading.Event()
+    write_block = TrajectoryWriter._write_block
+
+    def held(self, *args):
+        release.wait(60)
+        write_block(self, *args)
+
+    monkeypatch.setattr(TrajectoryWriter, "_write_block", held)
+    path = tmp_path / "queue.h5"
+    w = TrajectoryWriter(path, {"r": RunSpec({"x": ()})})
+    handed = []
+
+    def produce():
+        for i in range(6):
+            w.append_blocks("r", {"x": np.arange(10.0 * i, 10.0 * i + 10)})
+            handed.append(i)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    producer.join(0.3)
+    try:
+        assert producer.is_alive() and handed == [0, 1, 2]  # the fourth block waits for room
+    finally:
+        release.set()
+        producer.join(60)
+    w.close()
+    assert handed == list(range(6))
+    np.testing.assert_array_equal(read_run(path, "r")["x"], np.arange(60.0))
+
+
+def test_the_layout_is_built_by_the_writer_thread(tmp_path):
+    path = tmp_path / "bg.h5"
+    w = TrajectoryWriter(path, {"sim": SIM_SPEC})
+    deadline = time.monotonic() + 30
+    while not path.exists() and time.monotonic() < deadline:  # no operation needed
+        time.sleep(0.01)
+    assert path.exists() and not Path(f"{path}.partial").exists()
+    assert run_status(path, "sim") == "running"
+    w.append("sim", **make_rows(0, 3))
+    w.close()
+    assert_rows_match(read_run(path, "sim").series, 3)
+
+
+def test_a_failure_while_building_the_layout_reaches_the_caller(tmp_path, monkeypatch):
+    path = tmp_path / "nolayout.h5"
+
+    def failing_create_run(self, f, run, spec):
+        raise OSError("simulated failure while creating datasets")
+
+    monkeypatch.setattr(TrajectoryWriter, "_create_run", failing_create_run)
+    w = TrajectoryWriter(path, {"sim": SIM_SPEC})  # the file itself could be created
+    w.append("sim", **make_rows(0, 2))
+    with pytest.raises(StoreError, match="simulated failure"):
+        w.flush()
+    with pytest.raises(StoreError, match="simulated failure"):
+        w.close()
+    assert not path.exists() and not Path(f"{path}.partial").exists()
+    monkeypatch.undo()
+    with TrajectoryWriter(path, {"sim": SIM_SPEC}) as w:  # the lock was released
+        w.append("sim", **make_rows(0, 2))
+    assert_rows_match(read_run(path, "sim").series, 2)
+
+
+def test_each_series_caches_one_chunk(tmp_path):
+    # a chunk leaves the cache (compressed and written) as soon as rows move on to the next one
+    path = tmp_path / "cache.h5"
+    with TrajectoryWriter(path, {"sim": SIM_SPEC}) as w:
+        w.flush()
+        for name, (shape, dtype) in SIM_SPEC.series.items():
+            ds = w._datasets[("sim", name)]
+            _, nbytes, w0 = ds.id.get_access_plist().get_chunk_cache()
+            assert nbytes == math.prod(ds.chunks) * dtype.itemsize and w0 == 1.0
+            assert ds.chunks == store._chunk_shape(shape, dtype.itemsize)
+
+
 # ------------------------------------------------------------------ checkpoints and resume
 
 
@@ -281,8 +389,8 @@ def test_a_checkpoint_torn_by_a_failure_leaves_the_previous_one(tmp_path, monkey
     w.flush()
     fill_slot = store._fill_slot
 
-    def half_written(group, step, arrays, rows):
-        group["state"]["w"][...] = -1.0  # part of the slot is overwritten, then the write dies
+    def half_written(slot, step, arrays, rows):
+        slot["state/w"][...] = -1.0  # part of the slot is overwritten, then the write dies
         raise OSError("simulated crash inside a checkpoint")
 
     monkeypatch.setattr(store, "_fill_slot", half_written)
