@@ -171,22 +171,19 @@ def gemm_rate(threads=2, n=1024):
 
 def plan_flops(task):
     """Floating-point operations of one fastrace step: the products the plan actually does."""
-    plan = GradientEngine(task.network, task.data, "moments").plan
-    ops = plan.step_i
-    gemm = ops[:, 0] <= 2
-    return float(2 * np.sum(ops[gemm, 1] * ops[gemm, 2] * ops[gemm, 3]))
+    return GradientEngine(task.network, task.data, "moments").plan.flops
 
 
 def same_shape_gemm_time(task, threads=2, repeats=3):
     """Seconds BLAS alone needs (numpy, median of ``repeats``) for the very products one step
     of the plan does, with their shapes and transpositions: the floor for that work."""
-    ops = GradientEngine(task.network, task.data, "moments").plan.step_i
+    products = GradientEngine(task.network, task.data, "moments").plan.products()
     rng = np.random.default_rng(0)
     total = 0.0
     with threadpool_limits(threads):
-        for code, m, n, k in ops[ops[:, 0] <= 2][:, :4]:
-            a = rng.random((k, m)).T if code == 2 else rng.random((m, k))
-            b = rng.random((n, k)).T if code == 1 else rng.random((k, n))
+        for m, n, k, ta, tb in products:
+            a = rng.random((k, m)).T if ta else rng.random((m, k))
+            b = rng.random((n, k)).T if tb else rng.random((k, n))
             c = np.empty((m, n))
             np.dot(a, b, out=c)
             times = []

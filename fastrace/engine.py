@@ -9,7 +9,9 @@ edge order, each edge's matrix row-major; a batch of runs is an array (n_runs, n
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import NamedTuple
 
 import numpy as np
 
@@ -18,69 +20,187 @@ from .gradient import _loss_gradient_samples, check_weights, choose_engine
 from .network import Network
 from .stats import gated_moments
 
-_OP = {"nn": 0, "nt": 1, "tn": 2, "axpby": 3, "dot": 4}
 #: below this much work per call (runs × steps × flops per step) the runs go serially
 PARALLEL_MIN_FLOPS = 2e7
-_STATE, _CONST = 0, 1
+# operand sources of a plan (see _kernels/plan.py)
+_STATE, _CONST, _WEIGHTS = 0, 1, 2
+_AXPBY, _DOT, _OUTPUT = 4, 5, 6  # opcodes 0-3 are products: 2·(A transposed) + (B transposed)
+#: output blocks with at most this many input columns are done by one fused loop (OUTPUT)
+#: instead of a copy, a BLAS product and two dots, whose call overheads dominate when small
+_FUSED_OUTPUT_MAX = 8
+
+
+class _Mat(NamedTuple):
+    """A matrix operand: where it lives (source, offset, row-major leading dimension) and
+    whether that memory holds the matrix itself or its transpose (``t``)."""
+
+    src: int
+    off: int
+    ld: int
+    t: bool = False
+
+    def flip(self) -> _Mat:
+        """The same memory read as the transposed matrix."""
+        return self._replace(t=not self.t)
+
+
+def _product_blocks(row: list[int]) -> tuple[tuple, tuple, tuple]:
+    """The blocks a product row reads (A, B) and writes (C): (source, offset, ld, rows, cols),
+    as stored."""
+    code, m, n, k = row[0], row[1], row[2], row[3]
+    a = (row[4], row[5], row[6]) + ((k, m) if code >> 1 else (m, k))
+    b = (row[7], row[8], row[9]) + ((n, k) if code & 1 else (k, n))
+    return a, b, (row[10], row[11], row[12], m, n)
+
+
+def _copy_blocks(row: list[int]) -> tuple[list, list]:
+    """The blocks a (batched) AXPBY row reads (A) and writes (C): (source, offset, ld, rows,
+    cols) per block."""
+    m, n, t, count, a_step, c_step = row[1], row[2], row[3], row[14], row[15], row[16]
+    rows, cols = (n, m) if t else (m, n)
+    reads = [(row[4], row[5] + b * a_step, row[6], rows, cols) for b in range(count)]
+    writes = [(row[10], row[11] + b * c_step, row[12], m, n) for b in range(count)]
+    return reads, writes
+
+
+def _blocks_overlap(x: tuple, y: tuple) -> bool:
+    """Whether two (source, offset, ld, rows, cols) blocks share memory: exactly for blocks of
+    one leading dimension that stay within their rows, else by their address ranges."""
+    (sx, ox, lx, rx, cx), (sy, oy, ly, ry, cy) = x, y
+    if sx != sy:
+        return False
+    if lx == ly and ox % lx + cx <= lx and oy % ly + cy <= ly:
+        (ix, jx), (iy, jy) = divmod(ox, lx), divmod(oy, ly)
+        return ix < iy + ry and iy < ix + rx and jx < jy + cy and jy < jx + cx
+    return ox < oy + (ry - 1) * ly + cy and oy < ox + (rx - 1) * lx + cx
 
 
 class _Ops:
-    """Builds a plan: rows of (opcode, m, n, k, a_src, a_off, a_ld, b_src, b_off, b_ld, c_off,
-    c_ld, scale_by_lr) and (alpha, beta); consecutive products that continue each other are
-    merged."""
+    """Builds a plan: rows of (opcode, m, n, k, a_src, a_off, a_ld, b_src, b_off, b_ld, c_src,
+    c_off, c_ld, scale_by_lr, count, a_step, c_step) and (alpha, beta); consecutive products
+    that continue each other are merged into one, and consecutive copies of equal blocks at
+    equal spacing into one batched copy."""
 
     def __init__(self) -> None:
         self.rows: list[list[int]] = []
         self.coef: list[list[float]] = []
 
-    def gemm(self, kind, m, n, k, a, b, c, alpha, beta=1.0, scale_by_lr=0):
-        row = [_OP[kind], m, n, k, a[0], a[1], a[2], b[0], b[1], b[2], c[0], c[1], scale_by_lr]
-        if self.rows and self._merge(row, alpha, beta):
-            return
-        self.rows.append(row)
-        self.coef.append([alpha, beta])
+    def gemm(self, m: int, n: int, k: int, A: _Mat, B: _Mat, C: _Mat, alpha: float,
+             beta: float = 1.0, scale_by_lr: int = 0) -> None:
+        """C (m, n) = beta C + alpha A (m, k) B (k, n), for operands stored either way."""
+        if C.t:  # the memory of C holds Cᵀ = Bᵀ Aᵀ
+            m, n, A, B, C = n, m, B.flip(), A.flip(), C.flip()
+        row = [2 * A.t + B.t, m, n, k, A.src, A.off, A.ld, B.src, B.off, B.ld, C.src, C.off,
+               C.ld, scale_by_lr, 1, 0, 0]
+        if not (self.rows and self._merge(row, alpha, beta)):
+            self.rows.append(row)
+            self.coef.append([alpha, beta])
 
-    def _merge(self, row, alpha, beta) -> bool:
+    def _merge(self, row: list[int], alpha: float, beta: float) -> bool:
         last, (last_alpha, last_beta) = self.rows[-1], self.coef[-1]
-        if last[0] != row[0] or last_alpha != alpha:
+        if last[0] != row[0] or row[0] > 3 or last_alpha != alpha \
+                or any(last[i] != row[i] for i in (4, 6, 7, 9, 10, 12, 13)):
             return False
-        code = row[0]
-
-        def same(idx):
-            return all(last[i] == row[i] for i in idx)
-
-        if code in (0, 2) and beta == last_beta and same((1, 3, 4, 5, 6, 7, 9, 11, 12)) \
-                and row[8] == last[8] + last[2] and row[10] == last[10] + last[2]:
+        # merged, the two run as one product: neither may read what the other writes
+        (a0, b0, c0), (a1, b1, c1) = _product_blocks(last), _product_blocks(row)
+        if any(_blocks_overlap(c, x) for c, x in ((c0, a1), (c0, b1), (c1, a0), (c1, b0))):
+            return False
+        ta, tb = row[0] >> 1, row[0] & 1
+        m, n, k = last[1], last[2], last[3]
+        a_next = last[5] + (m if ta else m * last[6])    # A's rows after the last op's
+        a_deep = last[5] + (k * last[6] if ta else k)    # A's columns after the last op's
+        b_next = last[8] + (n * last[9] if tb else n)    # B's columns after the last op's
+        b_deep = last[8] + (k if tb else k * last[9])    # B's rows after the last op's
+        if beta == last_beta and row[1] == m and row[3] == k and row[5] == last[5] \
+                and row[8] == b_next and row[11] == last[11] + n:
             last[2] += row[2]  # more columns of B and C
             return True
-        if code == 1 and beta == 1.0 and same((1, 2, 4, 6, 7, 9, 10, 11, 12)) \
-                and row[5] == last[5] + last[3] and row[8] == last[8] + last[3]:
-            last[3] += row[3]  # the same C, summed over more columns of A and B
+        if beta == last_beta and row[2] == n and row[3] == k and row[8] == last[8] \
+                and row[5] == a_next and row[11] == last[11] + m * last[12]:
+            last[1] += row[1]  # more rows of A and C
+            return True
+        if beta == 1.0 and row[1] == m and row[2] == n and row[11] == last[11] \
+                and row[5] == a_deep and row[8] == b_deep:
+            last[3] += row[3]  # the same C, summed over more columns of A and rows of B
             return True
         return False
 
-    def axpby(self, m, n, a, c, alpha, beta, scale_by_lr=0):
-        self.rows.append([_OP["axpby"], m, n, 0, a[0], a[1], a[2], 0, 0, 0, c[0], c[1],
-                          scale_by_lr])
-        self.coef.append([alpha, beta])
+    def axpby(self, m: int, n: int, A: _Mat, C: _Mat, alpha: float, beta: float,
+              scale_by_lr: int = 0) -> None:
+        """C (m, n) = beta C + alpha A (m, n)."""
+        if C.t:
+            m, n, A, C = n, m, A.flip(), C.flip()
+        row = [_AXPBY, m, n, int(A.t), A.src, A.off, A.ld, 0, 0, 0, C.src, C.off, C.ld,
+               scale_by_lr, 1, 0, 0]
+        if not (self.rows and self._batch(row, alpha, beta)):
+            self.rows.append(row)
+            self.coef.append([alpha, beta])
 
-    def dot(self, m, n, a, b, alpha):
-        self.rows.append([_OP["dot"], m, n, 0, a[0], a[1], a[2], b[0], b[1], b[2], 0, 0, 0])
+    def _batch(self, row: list[int], alpha: float, beta: float) -> bool:
+        """Append the copy ``row`` to the last one as its next block, if it is one."""
+        last = self.rows[-1]
+        if last[0] != _AXPBY or self.coef[-1] != [alpha, beta] \
+                or any(last[i] != row[i] for i in (1, 2, 3, 4, 6, 10, 12, 13)):
+            return False
+        count = last[14]
+        a_step = last[15] if count > 1 else row[5] - last[5]
+        c_step = last[16] if count > 1 else row[11] - last[11]
+        if row[5] != last[5] + count * a_step or row[11] != last[11] + count * c_step:
+            return False
+        merged = last[:14] + [count + 1, a_step, c_step]
+        reads, writes = _copy_blocks(merged)
+        # the blocks run as one: no block may read what another writes, nor two blocks write
+        # the same memory (the blocks already batched were checked against each other)
+        if _blocks_overlap(writes[-1], reads[-1]) \
+                or any(_blocks_overlap(writes[-1], x) or _blocks_overlap(reads[-1], y)
+                       or _blocks_overlap(writes[-1], y) for x, y in zip(reads, writes[:-1])):
+            return False
+        self.rows[-1] = merged
+        return True
+
+    def dot(self, m: int, n: int, A: _Mat, B: _Mat, alpha: float) -> None:
+        """Adds alpha <A, B> (both (m, n)) to the loss."""
+        if A.t != B.t:
+            raise AssertionError("dot of operands stored in different orientations")
+        if A.t:
+            m, n = n, m
+        self.rows.append([_DOT, m, n, 0, A.src, A.off, A.ld, B.src, B.off, B.ld, 0, 0, 0, 0,
+                          1, 0, 0])
         self.coef.append([alpha, 0.0])
 
+    def output(self, m: int, n: int, T: _Mat, Y: _Mat, XX: _Mat, E: _Mat) -> None:
+        """E (m, n) = Y − T XX (XX (n, n)), and the loss gains −½ <T, Y + E>, in one loop;
+        Y and XX are constants with leading dimension n."""
+        if T.t or E.t or Y.ld != n or XX.ld != n or Y.src != _CONST or XX.src != _CONST:
+            raise AssertionError("output block operands must be row-major, constants with ld n")
+        self.rows.append([_OUTPUT, m, n, Y.off, T.src, T.off, T.ld, XX.src, XX.off, XX.ld,
+                          E.src, E.off, E.ld, 0, 1, 0, 0])
+        self.coef.append([-0.5, 0.0])
+
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        ints = np.array(self.rows, dtype=np.int64).reshape(-1, 13)
+        ints = np.array(self.rows, dtype=np.int64).reshape(-1, 17)
         return ints, np.array(self.coef, dtype=np.float64).reshape(-1, 2)
 
 
+def _flops(ops_i: np.ndarray) -> float:
+    gemm = ops_i[:, 0] <= 3
+    return float(2 * np.sum(ops_i[gemm, 1] * ops_i[gemm, 2] * ops_i[gemm, 3]))
+
+
 class MomentsPlan:
-    """The moments engine compiled into a flat operation table (see ``_kernels/plan.py``).
+    """The moments engine compiled into flat operation tables (see ``_kernels/plan.py``).
 
     Contexts are grouped per node by the gates upstream of that node: a node's transfer matrix
     from the inputs is the same for every context of a group, so it is computed once per group
     (the shared hidden layer of the routing network is propagated once per input domain, not
     once per trained pair). Only inputs that reach the node through open gates get columns, and
     a group that every gate switches off gets none: gated-off blocks cost nothing.
+
+    Per node v with width columns (groups × their inputs): T_v (dim v, width), the transfer
+    matrices from the inputs, and G_v (dim v, width), the loss gradient with respect to T_v.
+    G of a hidden node is stored transposed, (width, dim v), so that the backward product
+    G_s = W_eᵀ G_v reads W_e in the order BLAS runs fastest (it was the slowest of the three
+    products of a wide layer stored the other way).
     """
 
     def __init__(self, net: Network, data: Dataset, offsets: dict[str, int]) -> None:
@@ -89,6 +209,7 @@ class MomentsPlan:
         node_col = {v: i for i, v in enumerate(net.nodes)}
         edge_col = {e: i for i, e in enumerate(net.edges)}
         inputs = net.inputs
+        outputs = set(net.outputs)
         order = net.order
         ancestors: dict[str, set[str]] = {}
         for v in order:
@@ -125,8 +246,8 @@ class MomentsPlan:
                     cols[v][k] = tuple(u for u in inputs if u in live)
         self.n_params = sum(int(np.prod(net.weight_shape(e))) for e in net.edges)
         n_params = self.n_params
-        w_off, v_off, g_off = 0, n_params, 2 * n_params
-        cursor = 3 * n_params
+        g_off = 0  # the gradient (plans that do not fuse the update write it here)
+        cursor = n_params
         width, start, pos, T_off, G_off = {}, {}, {}, {}, {}
         for v in order:
             if v in inputs:
@@ -149,10 +270,25 @@ class MomentsPlan:
             cursor += net.dim(v) * col
             G_off[v] = cursor
             cursor += net.dim(v) * col
-        self.state_size = cursor
+        self.state_size = max(cursor, 1)
         # blocks are overwritten (beta = 0) by their first write in every evaluation, and blocks
         # no operation writes stay zero from the state's allocation: nothing is zeroed per step
-        self.layout = np.array([n_params, w_off, v_off, g_off, 0, 0], dtype=np.int64)
+        self.layout = np.array([n_params, g_off, 0], dtype=np.int64)
+        g_transposed = {v: v not in outputs for v in G_off}
+
+        def t_cols(v: str, col: int) -> _Mat:
+            """T_v from column ``col`` on."""
+            return _Mat(_STATE, T_off[v] + col, width[v])
+
+        def g_cols(v: str, col: int) -> _Mat:
+            """G_v from column ``col`` on."""
+            if g_transposed[v]:
+                return _Mat(_STATE, G_off[v] + col * net.dim(v), net.dim(v), True)
+            return _Mat(_STATE, G_off[v] + col, width[v])
+
+        def weight(e: str) -> _Mat:
+            return _Mat(_WEIGHTS, offsets[e], net.dim(net.edge(e).source))
+
         ops = _Ops()
         written: set = set()
 
@@ -166,11 +302,11 @@ class MomentsPlan:
         const: list[np.ndarray] = []
         const_len = 0
 
-        def constant(arr: np.ndarray) -> int:
+        def constant(arr: np.ndarray) -> _Mat:
             nonlocal const_len
             const.append(np.ascontiguousarray(arr, dtype=np.float64).ravel())
             const_len += arr.size
-            return const_len - arr.size
+            return _Mat(_CONST, const_len - arr.size, arr.shape[1])
 
         def gate(v, e, c):
             return float(ctx.edge_gates[c, edge_col[e]] * ctx.node_gates[c, node_col[v]])
@@ -194,16 +330,13 @@ class MomentsPlan:
             for e, s, k, ks, a, c in links(v):
                 if s in inputs:
                     gu = float(ctx.node_gates[c, node_col[s]])
-                    ops.axpby(dv, net.dim(s), (_STATE, offsets[e], net.dim(s)),
-                              (T_off[v] + start[v][k] + pos[v][k][s], width[v]), a * gu,
-                              first(("T", v, k, s)))
+                    ops.axpby(dv, net.dim(s), weight(e), t_cols(v, start[v][k] + pos[v][k][s]),
+                              a * gu, first(("T", v, k, s)))
                     continue
                 for u in cols[s][ks]:
-                    ops.gemm("nn", dv, net.dim(u), net.dim(s),
-                             (_STATE, offsets[e], net.dim(s)),
-                             (_STATE, T_off[s] + start[s][ks] + pos[s][ks][u], width[s]),
-                             (T_off[v] + start[v][k] + pos[v][k][u], width[v]), a,
-                             first(("T", v, k, u)))
+                    ops.gemm(dv, net.dim(u), net.dim(s), weight(e),
+                             t_cols(s, start[s][ks] + pos[s][ks][u]),
+                             t_cols(v, start[v][k] + pos[v][k][u]), a, first(("T", v, k, u)))
         # outputs: E = Σyx − T Σxx per group (moments summed over the group's contexts), loss
         loss_const = 0.5 * float(m.yy.sum())
         for w in net.outputs:
@@ -222,23 +355,29 @@ class MomentsPlan:
             if all(b[2].shape[0] == n0 and np.array_equal(b[2], xx0) for b in blocks):
                 # every group has the same input moments: the (dw, G·n) row-major block matrix
                 # read as (dw·G, n) holds one group row per row, so one product does them all
-                yx_at = constant(np.concatenate([b[1] for b in blocks], axis=1))
-                xx_at = constant(xx0)
-                pieces = [(dw * len(blocks), n0, T_off[w], G_off[w], n0, yx_at, xx_at)]
+                yx = constant(np.concatenate([b[1] for b in blocks], axis=1).reshape(-1, n0))
+                pieces = [(dw * len(blocks), n0, _Mat(_STATE, T_off[w], n0),
+                           _Mat(_STATE, G_off[w], n0), yx, constant(xx0))]
             else:
-                pieces = [(dw, b[2].shape[0], T_off[w] + start[w][b[0]],
-                           G_off[w] + start[w][b[0]], width[w], constant(b[1]), constant(b[2]))
+                pieces = [(dw, b[2].shape[0], t_cols(w, start[w][b[0]]),
+                           g_cols(w, start[w][b[0]]), constant(b[1]), constant(b[2]))
                           for b in blocks]
-            for rows_, n, blk, gblk, ld, yx_at, xx_at in pieces:
-                ops.axpby(rows_, n, (_CONST, yx_at, n), (gblk, ld), 1.0, 0.0)
-                ops.gemm("nn", rows_, n, n, (_STATE, blk, ld), (_CONST, xx_at, n), (gblk, ld), -1.0)
-                ops.dot(rows_, n, (_STATE, blk, ld), (_CONST, yx_at, n), -0.5)
-                ops.dot(rows_, n, (_STATE, blk, ld), (_STATE, gblk, ld), -0.5)
+            for rows_, n, T, E, yx, xx in pieces:
+                # loss terms: ½ tr Σyy − <T, Σyx> + ½ <T, T Σxx> = ½ tr Σyy − ½ <T, Σyx + E>
+                if n <= _FUSED_OUTPUT_MAX:
+                    ops.output(rows_, n, T, yx, xx, E)
+                    continue
+                ops.axpby(rows_, n, yx, E, 1.0, 0.0)
+                ops.gemm(rows_, n, n, T, xx, E, -1.0)
+                ops.dot(rows_, n, T, yx, -0.5)
+                ops.dot(rows_, n, T, E, -0.5)
+        front = (list(map(list, ops.rows)), list(map(list, ops.coef)), set(written))
+        #: the plan of the loss alone (forward and outputs)
+        self.loss_i, self.loss_f = ops.arrays()
         # backward, in reverse topological order: G_s += a W_eᵀ G_v, and the gradients. Two
         # versions: one writes ∂L/∂W into the gradient block; the other (plain gradient descent)
         # adds −lr ∂L/∂W straight into W, after W_e's last use, so that no gradient is stored
         # and no separate update pass runs (the flag scales alpha by the run's lr).
-        front = (list(map(list, ops.rows)), list(map(list, ops.coef)), set(written))
         tables = {}
         for fused in (False, True):
             ops.rows, ops.coef = [list(r) for r in front[0]], [list(c) for c in front[1]]
@@ -251,41 +390,84 @@ class MomentsPlan:
                 for e, s, k, ks, a, _ in links(v):
                     if s in inputs:
                         continue
-                    gcol = G_off[v] + start[v][k]
                     for u in cols[s][ks]:
-                        ops.gemm("tn", net.dim(s), net.dim(u), dv,
-                                 (_STATE, offsets[e], net.dim(s)),
-                                 (_STATE, gcol + pos[v][k][u], width[v]),
-                                 (G_off[s] + start[s][ks] + pos[s][ks][u], width[s]), a,
+                        ops.gemm(net.dim(s), net.dim(u), dv, weight(e).flip(),
+                                 g_cols(v, start[v][k] + pos[v][k][u]),
+                                 g_cols(s, start[s][ks] + pos[s][ks][u]), a,
                                  first(("G", s, ks, u)))
                 for e, s, k, ks, a, c in links(v):
-                    gcol = G_off[v] + start[v][k]
-                    target = (offsets[e] if fused else g_off + offsets[e], net.dim(s))
+                    target = weight(e) if fused else _Mat(_STATE, g_off + offsets[e], net.dim(s))
                     sign, flag = (1.0, 1) if fused else (-1.0, 0)
                     if s in inputs:
                         gu = float(ctx.node_gates[c, node_col[s]])
-                        ops.axpby(dv, net.dim(s), (_STATE, gcol + pos[v][k][s], width[v]),
-                                  target, sign * a * gu,
-                                  1.0 if fused else first(("grad", e)), flag)
+                        ops.axpby(dv, net.dim(s), g_cols(v, start[v][k] + pos[v][k][s]), target,
+                                  sign * a * gu, 1.0 if fused else first(("grad", e)), flag)
                         continue
                     for u in cols[s][ks]:
-                        ops.gemm("nt", dv, net.dim(s), net.dim(u),
-                                 (_STATE, gcol + pos[v][k][u], width[v]),
-                                 (_STATE, T_off[s] + start[s][ks] + pos[s][ks][u], width[s]),
-                                 target, sign * a, 1.0 if fused else first(("grad", e)), flag)
+                        ops.gemm(dv, net.dim(s), net.dim(u),
+                                 g_cols(v, start[v][k] + pos[v][k][u]),
+                                 t_cols(s, start[s][ks] + pos[s][ks][u]).flip(), target,
+                                 sign * a, 1.0 if fused else first(("grad", e)), flag)
             tables[fused] = ops.arrays()
         self.ops_i, self.ops_f = tables[False]
         #: the plan of one plain gradient-descent step (update fused into the gradient products)
         self.step_i, self.step_f = tables[True]
+        # a fused step bounds each weight's change by norms of the update products' operands
+        # instead of scanning the weights, when those operands are much smaller than the
+        # weights (wide layers); else the scan is the cheaper check
+        update = self.step_i[self.step_i[:, 13] != 0]
+        gemm = update[:, 0] <= 3
+        operands = np.sum(update[gemm, 1] * update[gemm, 3] + update[gemm, 3] * update[gemm, 2]) \
+            + np.sum(update[~gemm, 1] * update[~gemm, 2] * update[~gemm, 14])
+        self.layout[2] = int(4 * operands < n_params)
         self.const = np.concatenate(const) if const else np.zeros(1)
         self.loss_const = loss_const
         self.n_groups = {v: len(cols[v]) for v in order}
-        gemm = self.ops_i[:, 0] <= 2
         #: floating-point operations of one evaluation (the products the plan actually does)
-        self.flops = float(2 * np.sum(self.ops_i[gemm, 1] * self.ops_i[gemm, 2]
-                                      * self.ops_i[gemm, 3]))
+        self.flops = _flops(self.ops_i)
+
+    def products(self, fused: bool = True) -> np.ndarray:
+        """(n_products, 5): m, n, k, A transposed, B transposed of every matrix product of one
+        step (``fused``) or one evaluation, in row-major terms: C (m, n) += op(A) op(B)."""
+        ops = self.step_i if fused else self.ops_i
+        gemm = ops[ops[:, 0] <= 3]
+        return np.column_stack([gemm[:, 1:4], gemm[:, 0] >> 1, gemm[:, 0] & 1])
 
 
+def _kernel_ready(a: np.ndarray) -> bool:
+    """True when the kernels can work on ``a`` in place (C-contiguous, aligned float64)."""
+    return isinstance(a, np.ndarray) and a.dtype == np.float64 and a.flags.c_contiguous \
+        and a.flags.aligned and a.flags.writeable
+
+
+def _kernel_array(a: np.ndarray) -> np.ndarray:
+    """``a``, or a C-contiguous writable float64 copy of it when the kernels cannot take it."""
+    return a if _kernel_ready(a) else np.array(a, dtype=np.float64, order="C")
+
+
+def _lanes(n_runs: int) -> int:
+    """Lanes of a parallel call: one per numba thread, at most one per run."""
+    import numba
+
+    return max(1, min(numba.get_num_threads(), n_runs))
+
+
+_blas_controller = None
+
+
+@contextmanager
+def _blas_threads(n: int) -> Iterator[None]:
+    """Limit the BLAS that the kernels call (scipy's) to ``n`` threads for the block."""
+    global _blas_controller
+    if _blas_controller is None:
+        from threadpoolctl import ThreadpoolController
+
+        from ._kernels.plan import dgemm_pointer
+
+        dgemm_pointer()  # scipy's BLAS is loaded by now
+        _blas_controller = ThreadpoolController().select(user_api="blas")
+    with _blas_controller.limit(limits=n):
+        yield
 
 
 class GradientEngine:
@@ -341,22 +523,25 @@ class GradientEngine:
 
     # ------------------------------------------------------------------ evaluation
     def _run_plan(self, w, velocity, lr, n_steps, momentum, weight_decay, update, max_abs,
-                  snapshot_steps=None, snapshots=None, parallel=None):
+                  snapshot_steps=None, snapshots=None, parallel=None, loss_only=False):
+        """Run the plan on the weights ``w`` (n_runs, n_params), C-contiguous float64, in place
+        (only with ``update``). Returns the state (n_runs, state_size), losses and status."""
         from ._kernels import plan as kernels
 
         plan = self.plan
         n_runs = w.shape[0]
         # the state is kept between calls: blocks no operation writes stay zero, the others
-        # are overwritten in every evaluation, so only weights and velocity are copied in
+        # are overwritten in every evaluation, so nothing is copied in
         states = self._states.__dict__  # per thread: concurrent callers never share a state
         state = states.get(n_runs)
         if state is None:
             state = np.zeros((n_runs, plan.state_size))
             states.clear()
             states[n_runs] = state
-        state[:, :self.n_params] = w
-        state[:, self.n_params:2 * self.n_params] = 0.0 if velocity is None else velocity
-        losses = np.empty((n_runs, n_steps))
+        # the velocity is read and written only with momentum: else w stands in for it
+        heavy_ball = bool(update) and momentum != 0.0
+        v = velocity if heavy_ball else w
+        losses = np.full((n_runs, n_steps), np.nan)  # steps a stopped run did not reach stay NaN
         status = np.full(n_runs, -1, dtype=np.int64)
         if snapshot_steps is None:
             snapshot_steps = np.zeros(0, dtype=np.int64)
@@ -366,21 +551,26 @@ class GradientEngine:
             parallel = n_runs > 1 and n_runs * n_steps * plan.flops >= PARALLEL_MIN_FLOPS
         run = kernels.descend_parallel if parallel else kernels.descend_serial
         fused = bool(update) and momentum == 0.0 and weight_decay == 0.0
-        ops_i, ops_f = (plan.step_i, plan.step_f) if fused else (plan.ops_i, plan.ops_f)
-        run(kernels.dgemm_pointer(), ops_i, ops_f, fused, plan.const, state, plan.layout,
-            np.ascontiguousarray(lr, dtype=np.float64), float(momentum), float(weight_decay),
-            int(n_steps), plan.loss_const, float(max_abs), bool(update), losses, status,
-            snapshot_steps, snapshots)
+        if loss_only:
+            ops_i, ops_f = plan.loss_i, plan.loss_f
+        else:
+            ops_i, ops_f = (plan.step_i, plan.step_f) if fused else (plan.ops_i, plan.ops_f)
+        # runs on numba threads call BLAS single-threaded: more would oversubscribe the cores
+        with _blas_threads(1) if parallel else nullcontext():
+            run(kernels.dgemm_pointer(), ops_i, ops_f, fused, plan.const, state, w, v,
+                plan.layout, np.array(lr, dtype=np.float64), float(momentum),
+                float(weight_decay), int(n_steps), plan.loss_const, float(max_abs), bool(update),
+                losses, status, snapshot_steps, snapshots, _lanes(n_runs) if parallel else 1)
         return state, losses, status
 
     def loss_and_gradient(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Loss (n_runs,) and flat gradient (n_runs, n_params) of weights (n_runs, n_params)."""
-        w = np.atleast_2d(np.asarray(w, dtype=np.float64))
+        w = _kernel_array(np.atleast_2d(np.asarray(w, dtype=np.float64)))
         if self.plan is not None:
             state, losses, _ = self._run_plan(w, None, np.zeros(w.shape[0]), 1, 0.0, 0.0,
                                               False, np.inf)
-            n = self.n_params
-            return losses[:, 0], state[:, 2 * n:3 * n].copy()
+            g_off = int(self.plan.layout[1])
+            return losses[:, 0], state[:, g_off:g_off + self.n_params].copy()
         losses = np.empty(w.shape[0])
         grads = np.empty_like(w)
         for i in range(w.shape[0]):
@@ -391,9 +581,10 @@ class GradientEngine:
 
     def loss(self, w: np.ndarray) -> np.ndarray:
         """Loss (n_runs,) of weights (n_runs, n_params)."""
-        w = np.atleast_2d(np.asarray(w, dtype=np.float64))
+        w = _kernel_array(np.atleast_2d(np.asarray(w, dtype=np.float64)))
         if self.plan is not None:
-            return self.loss_and_gradient(w)[0]
+            return self._run_plan(w, None, np.zeros(w.shape[0]), 1, 0.0, 0.0, False, np.inf,
+                                  loss_only=True)[1][:, 0]
         return np.array([_loss_gradient_samples(self.net, self.data, self.unpack(w[i]), False)[0]
                          for i in range(w.shape[0])])
 
@@ -422,19 +613,22 @@ class GradientEngine:
                                         or snapshot_steps[0] < 1 or snapshot_steps[-1] > n_steps):
                 raise ValueError("snapshot_steps must increase within 1..n_steps")
             if snapshots is None or snapshots.shape != (w.shape[0], snapshot_steps.size,
-                                                        self.n_params):
-                raise ValueError("snapshots must be (n_runs, len(snapshot_steps), n_params)")
+                                                        self.n_params) \
+                    or not _kernel_ready(snapshots):
+                raise ValueError("snapshots must be a C-contiguous, writable float64 array "
+                                 "(n_runs, len(snapshot_steps), n_params)")
         if self.plan is not None:
-            state, losses, status = self._run_plan(w, velocity, lr, n_steps, momentum,
-                                                   weight_decay, True, max_abs,
-                                                   snapshot_steps, snapshots, parallel)
-            n = self.n_params
-            w[...] = state[:, :n]
-            velocity[...] = state[:, n:2 * n]
-            for r, k in enumerate(status):
-                if k >= 0:  # the state went bad after k steps: later losses were not computed
-                    losses[r, k + 1:] = np.nan
-            self.last_status = status
+            # the kernels work on C-contiguous float64 rows: other arrays go through a copy
+            ww = _kernel_array(w)
+            vv = velocity if momentum == 0.0 else _kernel_array(velocity)
+            _, losses, status = self._run_plan(ww, vv, lr, n_steps, momentum, weight_decay,
+                                               True, max_abs, snapshot_steps, snapshots,
+                                               parallel)
+            if ww is not w:
+                w[...] = ww
+            if vv is not velocity and momentum != 0.0:
+                velocity[...] = vv
+            self.last_status = status  # losses after a run's stop were not computed: NaN
             return losses
         losses = np.full((w.shape[0], n_steps), np.nan)
         status = np.full(w.shape[0], -1, dtype=np.int64)

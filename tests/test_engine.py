@@ -38,8 +38,8 @@ def test_gated_off_blocks_cost_nothing():
     plan = GradientEngine(task.network, task.data, "moments").plan
     assert plan.n_groups["h1"] == 7 and plan.n_groups["h2"] == 7
     assert all(plan.n_groups[f"out_{j}"] == 4 for j in range(7))
-    gemm = plan.ops_i[:, 0] <= 2
-    flops = 2 * np.sum(plan.ops_i[gemm, 1] * plan.ops_i[gemm, 2] * plan.ops_i[gemm, 3])
+    flops = 2 * np.prod(plan.products(fused=False)[:, :3], axis=1).sum()
+    assert flops == plan.flops
     # per pair without sharing: W_h alone costs 3 products of 64x64x4 per trained pair
     assert flops < 28 * 3 * 2 * 64 * 64 * 4 / 2
 
@@ -73,26 +73,30 @@ def test_descent_matches_reference_with_momentum_and_decay():
 def test_batch_equals_separate_runs_and_threads_do_not_matter():
     task = fr.tasks.routing()
     eng = GradientEngine(task.network, task.data, "moments")
+    # an odd number of runs, one of which diverges: the threads take the runs in turn
     starts = np.stack([eng.pack(fr.init.orthogonal(task.network, g, seed=i))
-                       for i, g in enumerate([0.1, 0.2, 0.3, 0.5])])
-    lr = np.array([0.02, 0.01, 0.02, 0.005])
+                       for i, g in enumerate([0.1, 0.2, 0.3, 0.5, 0.2])])
+    lr = np.array([0.02, 0.01, 0.02, 0.005, 60.0])
     results = []
     for threads in (1, 2):
         previous = numba.get_num_threads()
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         try:
             w = starts.copy()
-            losses = eng.descend(w, np.zeros_like(w), lr, 40)
+            with np.errstate(all="ignore"):
+                losses = eng.descend(w, np.zeros_like(w), lr, 40, max_abs=1e6, parallel=True)
         finally:
             numba.set_num_threads(previous)
         results.append((w, losses))
     assert np.array_equal(results[0][0], results[1][0])
-    assert np.array_equal(results[0][1], results[1][1])
-    for r in range(4):
+    assert np.array_equal(results[0][1], results[1][1], equal_nan=True)
+    assert eng.last_status[4] >= 0 and np.all(eng.last_status[:4] == -1)
+    for r in range(5):
         w = starts[r:r + 1].copy()
-        losses = eng.descend(w, np.zeros_like(w), lr[r:r + 1], 40)
+        with np.errstate(all="ignore"):
+            losses = eng.descend(w, np.zeros_like(w), lr[r:r + 1], 40, max_abs=1e6)
         assert np.array_equal(w[0], results[0][0][r])
-        assert np.array_equal(losses[0], results[0][1][r])
+        assert np.array_equal(losses[0], results[0][1][r], equal_nan=True)
 
 
 def test_divergence_is_reported_per_run():
@@ -103,3 +107,174 @@ def test_divergence_is_reported_per_run():
     assert eng.last_status[0] == -1 and eng.last_status[1] >= 0
     assert np.all(np.isfinite(losses[0]))
     assert np.isnan(losses[1, -1])
+
+
+def test_loss_alone_equals_loss_with_gradient():
+    net, data, W = case(11, "real", patterns=5)
+    eng = GradientEngine(net, data, "moments")
+    w = np.stack([eng.pack(W), 0.5 * eng.pack(W)])
+    np.testing.assert_array_equal(eng.loss(w), eng.loss_and_gradient(w)[0])
+
+
+def test_wide_output_blocks_equal_reference():
+    # output blocks of more than a few input columns take BLAS products, fewer the fused loop:
+    # both against the sample-by-sample reference
+    for dim in (2, 6):
+        net = fr.Network()
+        net.add_node("a", dim, role="input").add_node("b", dim, role="input")
+        net.add_node("h", 5).add_node("y", 3, role="output")
+        net.add_edge("a", "h").add_edge("b", "h").add_edge("h", "y").add_edge("a", "y")
+        rng = np.random.default_rng(dim)
+        data = random_data(rng, net, n_samples=30, gates="binary", n_patterns=3)
+        W = fr.init.gaussian(net, 0.5, seed=rng)
+        L, G = fr.loss_and_gradient(net, data, W, engine="samples")
+        eng = GradientEngine(net, data, "moments")
+        loss, grad = eng.loss_and_gradient(eng.pack(W))
+        assert abs(loss[0] - L) <= 1e-11 * max(1.0, abs(L))
+        ref = eng.pack(G)
+        assert np.abs(grad[0] - ref).max() <= 1e-11 * np.abs(ref).max()
+
+
+def run_ops(ops, state, weights, const, lr=1.0):
+    """Run an _Ops table with the numba executor; returns the loss terms and the bound on the
+    change of any weight entry."""
+    from fastrace._kernels import plan as kernels
+
+    ints, flts = ops.arrays()
+    scratch = kernels._scratch()
+    return kernels.execute(kernels.dgemm_pointer(), ints, flts, const, state, weights, lr,
+                           True, *scratch)
+
+
+def test_operations_for_every_storage_orientation():
+    """Products, copies and merged or batched operations against numpy, with operands and
+    results stored as themselves or transposed."""
+    from fastrace.engine import _CONST, _STATE, _WEIGHTS, _Mat, _Ops
+
+    rng = np.random.default_rng(0)
+    m, n, k = 5, 3, 4
+    A, B = rng.standard_normal((m, k)), rng.standard_normal((k, n))
+    for ta in (False, True):
+        for tb in (False, True):
+            for tc in (False, True):
+                const = np.concatenate([(A.T if ta else A).ravel(), (B.T if tb else B).ravel()])
+                state = rng.standard_normal(m * n)
+                C0 = state.reshape((n, m) if tc else (m, n)).copy()
+                ops = _Ops()
+                ops.gemm(m, n, k, _Mat(_CONST, 0, m if ta else k, ta),
+                         _Mat(_CONST, m * k, k if tb else n, tb),
+                         _Mat(_STATE, 0, m if tc else n, tc), 2.0, 0.5)
+                run_ops(ops, state, np.zeros(1), const)
+                want = 0.5 * (C0.T if tc else C0) + 2.0 * A @ B
+                got = state.reshape((n, m)).T if tc else state.reshape((m, n))
+                np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13)
+    # two products filling neighbouring columns of one C become one; overlapping ones do not
+    ops = _Ops()
+    const = np.concatenate([A.ravel(), B.ravel()])
+    ops.gemm(m, 2, k, _Mat(_CONST, 0, k), _Mat(_CONST, m * k, n), _Mat(_STATE, 0, n), 1.0, 0.0)
+    ops.gemm(m, 1, k, _Mat(_CONST, 0, k), _Mat(_CONST, m * k + 2, n), _Mat(_STATE, 2, n), 1.0,
+             0.0)
+    assert len(ops.rows) == 1
+    state = np.zeros(m * n + m * n)
+    run_ops(ops, state, np.zeros(1), const)
+    np.testing.assert_allclose(state[:m * n].reshape(m, n), A @ B, rtol=1e-13)
+    ops.gemm(m, n, n, _Mat(_STATE, 0, n), _Mat(_CONST, 0, n), _Mat(_STATE, m * n, n), 1.0, 0.0)
+    ops.gemm(m, n, n, _Mat(_STATE, m * n, n), _Mat(_CONST, 0, n), _Mat(_STATE, 0, n), 1.0, 1.0)
+    assert len(ops.rows) == 3  # the last reads what the one before writes
+    # copies of equally spaced blocks into neighbouring columns, A read transposed, batch up
+    W = rng.standard_normal((4, m, 2))  # four (m, 2) blocks stored one after the other
+    ops = _Ops()
+    for b in range(4):
+        ops.axpby(2, m, _Mat(_WEIGHTS, b * 2 * m, 2, True), _Mat(_STATE, 2 * (3 - b), 8, True),
+                  -1.5, 0.0)
+    assert len(ops.rows) == 1
+    state = np.zeros(m * 8)
+    run_ops(ops, state, W.ravel(), np.zeros(1))
+    want = np.concatenate([-1.5 * W[b] for b in range(3, -1, -1)], axis=1)  # (m, 8)
+    np.testing.assert_array_equal(state.reshape(m, 8), want)
+
+
+def test_update_growth_bound():
+    """Operations flagged as updates report sum |alpha lr| ‖A‖ ‖B‖ over them, which bounds the
+    change of every entry they write; the loss terms are untouched."""
+    from fastrace.engine import _CONST, _STATE, _WEIGHTS, _Mat, _Ops
+
+    rng = np.random.default_rng(1)
+    A, B, G = rng.standard_normal((6, 3)), rng.standard_normal((3, 4)), rng.standard_normal(
+        (2, 4, 6))
+    const = np.concatenate([A.T.ravel(), B.ravel()])
+    state = G.ravel().copy()
+    w = rng.standard_normal(6 * 4 + 2 * 6 * 4)
+    w0 = w.copy()
+    ops = _Ops()
+    ops.gemm(6, 4, 3, _Mat(_CONST, 0, 6, True), _Mat(_CONST, 18, 4), _Mat(_WEIGHTS, 0, 4), -2.0,
+             1.0, 1)
+    for b in range(2):  # two (6, 4) updates from G[b] stored transposed
+        ops.axpby(6, 4, _Mat(_STATE, 24 * b, 6, True), _Mat(_WEIGHTS, 24 + 24 * b, 4), 3.0, 1.0,
+                  1)
+    assert len(ops.rows) == 2
+    acc, growth = run_ops(ops, state, w, const, lr=0.1)
+    norm = np.linalg.norm
+    want = 0.2 * norm(A) * norm(B) + 0.3 * (norm(G[0]) + norm(G[1]))
+    assert acc == 0.0 and abs(growth - want) <= 1e-12 * want
+    np.testing.assert_allclose(w[:24].reshape(6, 4), w0[:24].reshape(6, 4) - 0.2 * A @ B,
+                               rtol=1e-13, atol=1e-14)
+    assert np.abs(w - w0).max() <= growth
+
+
+def test_weight_bound_gives_the_exact_divergence_verdict():
+    # wide plans bound the weights by norms instead of scanning them every step: forced on
+    # (the routing plan is too small to choose it), every run must stop at the same step with
+    # the same weights as when every step scans
+    task = fr.tasks.routing()
+    eng = GradientEngine(task.network, task.data, "moments")
+    w0 = np.stack([eng.pack(fr.init.orthogonal(task.network, 0.3, seed=i)) for i in range(6)])
+    lr = np.array([0.02, 0.5, 2.0, 5.0, 20.0, 80.0])
+    for max_abs in (1.0, 30.0, 1e6, np.inf):
+        results = []
+        for bound in (0, 1):
+            eng.plan.layout[2] = bound
+            w = w0.copy()
+            with np.errstate(all="ignore"):
+                losses = eng.descend(w, np.zeros_like(w), lr, 120, max_abs=max_abs)
+            results.append((w, losses, eng.last_status.copy()))
+        eng.plan.layout[2] = 0
+        np.testing.assert_array_equal(results[0][2], results[1][2])
+        np.testing.assert_array_equal(results[0][0], results[1][0])
+        np.testing.assert_array_equal(results[0][1], results[1][1])
+        assert np.all(results[0][2][:1] == -1)  # the slow run survives every threshold
+        assert np.any(results[0][2] >= 0)
+
+
+def test_descend_works_on_any_array_in_place():
+    task = fr.tasks.routing(M=3, K=2, hidden=8)
+    eng = GradientEngine(task.network, task.data, "moments")
+    w0 = np.stack([eng.pack(fr.init.orthogonal(task.network, 0.3, seed=i)) for i in range(3)])
+    lr = np.array([0.05, 0.02, 0.01])
+    w_ref, v_ref = w0.copy(), np.zeros_like(w0)
+    ref = eng.descend(w_ref, v_ref, lr, 30, momentum=0.8)
+    wide = np.zeros((3, 2 * eng.n_params))
+    w, v = wide[:, ::2], np.asfortranarray(np.zeros_like(w0))  # strided and column-major
+    w[...] = w0
+    losses = eng.descend(w, v, lr, 30, momentum=0.8)
+    np.testing.assert_array_equal(losses, ref)
+    np.testing.assert_array_equal(w, w_ref)
+    np.testing.assert_array_equal(v, v_ref)
+    assert not wide[:, 1::2].any()
+    frozen = w0.copy()
+    frozen.flags.writeable = False
+    np.testing.assert_array_equal(eng.loss(frozen), eng.loss(w0))
+    np.testing.assert_array_equal(eng.loss_and_gradient(frozen[:, ::-1][:, ::-1])[1],
+                                  eng.loss_and_gradient(w0)[1])
+
+
+def test_parallel_runs_restore_the_blas_threads():
+    from threadpoolctl import threadpool_info
+
+    task = fr.tasks.routing()
+    eng = GradientEngine(task.network, task.data, "moments")
+    w = np.stack([eng.pack(fr.init.orthogonal(task.network, 0.2, seed=i)) for i in range(2)])
+    before = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+    eng.descend(w, np.zeros_like(w), np.full(2, 0.02), 3, parallel=True)
+    after = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+    assert before == after

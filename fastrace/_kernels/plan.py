@@ -1,14 +1,23 @@
 """numba executor for compiled gradient plans (private).
 
-A plan is a table of small dense operations on one flat float64 state vector per run (weights,
-velocity, gradient and workspace) and one shared constant vector (gated moments). Every matrix
+A plan is a table of small dense operations on three flat float64 vectors per run: its weights,
+its state (gradient and workspace) and one shared constant vector (gated moments). Every matrix
 product goes to BLAS ``dgemm`` through scipy's Cython BLAS, called from numba with pointers at
 offsets into the flat vectors, so no operation allocates and a whole descent runs without
 returning to Python. Matrices are row-major with explicit leading dimensions.
 
-Columns of ``ops_i``: opcode, m, n, k, a_src, a_off, a_ld, b_src, b_off, b_ld, c_off, c_ld,
-scale_by_lr (src 0 = the run's state, 1 = the constants; C always lives in the state; with
-scale_by_lr alpha is multiplied by the run's learning rate). ``ops_f``: alpha, beta.
+Columns of ``ops_i``: opcode, m, n, k, a_src, a_off, a_ld, b_src, b_off, b_ld, c_src, c_off,
+c_ld, scale_by_lr, count, a_step, c_step (src 0 = the run's state, 1 = the constants, 2 = the
+run's weights; with scale_by_lr alpha is multiplied by the run's learning rate). ``ops_f``:
+alpha, beta. Opcodes:
+
+- 0-3: C (m, n) = beta C + alpha op(A) op(B), op(A) (m, k) stored transposed when opcode & 2,
+  op(B) (k, n) when opcode & 1 (one BLAS call).
+- 4: C (m, n) = beta C + alpha A, A stored transposed when k = 1; ``count`` such blocks, the
+  b-th at a_off + b a_step and c_off + b c_step.
+- 5: the loss accumulates alpha <A, B> over (m, n).
+- 6: an output block: C (m, n) = Y − A B with B (n, n) and Y (m, n) constants at offset k with
+  leading dimension n, and the loss accumulates alpha <A, Y + C>.
 """
 
 from __future__ import annotations
@@ -18,8 +27,8 @@ import ctypes
 import numba
 import numpy as np
 
-GEMM_NN, GEMM_NT, GEMM_TN, AXPBY, DOT = 0, 1, 2, 3, 4
-N_INT_COLUMNS = 13
+AXPBY, DOT, OUTPUT = 4, 5, 6
+N_INT_COLUMNS = 17
 
 _P = ctypes.c_void_p
 _DGEMM_TYPE = ctypes.CFUNCTYPE(None, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P)
@@ -37,7 +46,20 @@ def dgemm_pointer():
 
 
 @numba.njit(cache=True, nogil=True)
-def _gemm(fn, code, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, ints, flts, chars):
+def _scratch():
+    """Argument buffers for dgemm, one set per run: ints, floats, the characters 'N' 'T'.
+    They are rewritten on every call, so each is at least a cache line (64 bytes) long:
+    buffers of runs on different threads should not share a line."""
+    ints = np.empty(16, np.int32)
+    flts = np.empty(8)
+    chars = np.empty(64, np.uint8)
+    chars[0] = 78  # 'N'
+    chars[1] = 84  # 'T'
+    return ints, flts, chars
+
+
+@numba.njit(cache=True, nogil=True)
+def _gemm(fn, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, ints, flts, chars):
     # row-major C(m, n) = beta C + alpha op(A) op(B) is column-major Cᵀ = op(B)ᵀ op(A)ᵀ
     ints[0] = n
     ints[1] = m
@@ -47,61 +69,146 @@ def _gemm(fn, code, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, ints, flts, ch
     ints[5] = ldc
     flts[0] = alpha
     flts[1] = beta
-    ta = 0  # transposition flag passed for B (first operand of the column-major call)
-    tb = 0
-    if code == 1:  # A Bᵀ
-        ta = 1
-    elif code == 2:  # Aᵀ B
-        tb = 1
-    fn(chars[ta:].ctypes, chars[tb:].ctypes, ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes,
+    fn(chars[tb:].ctypes, chars[ta:].ctypes, ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes,
        flts[0:].ctypes, b.ctypes, ints[3:].ctypes, a.ctypes, ints[4:].ctypes, flts[1:].ctypes,
        c.ctypes, ints[5:].ctypes)
 
 
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _norm(x, off, ld, rows, cols):
+    """Frobenius norm of the (rows, cols) block of x at off with leading dimension ld."""
+    total = 0.0
+    for i in range(rows):
+        r = off + i * ld
+        for j in range(cols):
+            total += x[r + j] * x[r + j]
+    return np.sqrt(total)
+
+
+# the loops below index row views with their loop counters: numba then knows the indices are
+# non-negative and drops the wrap-around test it adds to every other index (which also keeps
+# the loops from vectorising)
+
+
 @numba.njit(cache=True, nogil=True)
-def execute(fn, ops_i, ops_f, const, st, lr, ints, flts, chars):
-    """Run every operation of a plan on one state vector; return the accumulated DOT terms."""
+def _scale_add(m, n, transposed, alpha, a, a_off, a_ld, beta, c, c_off, c_ld):
+    """C (m, n) = beta C + alpha A, A read down its columns when stored transposed; loops
+    with unit stride on the side that has it."""
+    if transposed:  # A stored (n, m): walk its rows, writing C's columns
+        for j in range(n):
+            ra = a[a_off + j * a_ld:a_off + j * a_ld + m]
+            cc = c[c_off + j:]
+            if beta == 0.0:
+                for i in range(m):
+                    cc[i * c_ld] = alpha * ra[i]
+            else:
+                for i in range(m):
+                    cc[i * c_ld] = beta * cc[i * c_ld] + alpha * ra[i]
+    else:
+        for i in range(m):
+            ra = a[a_off + i * a_ld:a_off + i * a_ld + n]
+            rc = c[c_off + i * c_ld:c_off + i * c_ld + n]
+            if beta == 0.0:
+                for j in range(n):
+                    rc[j] = alpha * ra[j]
+            else:
+                for j in range(n):
+                    rc[j] = beta * rc[j] + alpha * ra[j]
+
+
+@numba.njit(cache=True, nogil=True)
+def _dot(m, n, a, a_off, a_ld, b, b_off, b_ld):
+    """<A, B> of two (m, n) blocks."""
+    s = 0.0
+    for i in range(m):
+        ra = a[a_off + i * a_ld:a_off + i * a_ld + n]
+        rb = b[b_off + i * b_ld:b_off + i * b_ld + n]
+        for j in range(n):
+            s += ra[j] * rb[j]
+    return s
+
+
+@numba.njit(cache=True, nogil=True)
+def _output_block(m, n, t, t_off, t_ld, y, y_off, xx, xx_off, xx_ld, e, e_off, e_ld):
+    """E (m, n) = Y − T XX with XX (n, n) and Y (m, n) of leading dimension n; returns
+    <T, Y + E>."""
+    s = 0.0
+    for i in range(m):
+        rt = t[t_off + i * t_ld:t_off + i * t_ld + n]
+        ry = y[y_off + i * n:y_off + i * n + n]
+        re = e[e_off + i * e_ld:e_off + i * e_ld + n]
+        for j in range(n):
+            re[j] = ry[j]
+        for q in range(n):
+            tq = rt[q]
+            rx = xx[xx_off + q * xx_ld:xx_off + q * xx_ld + n]
+            for j in range(n):
+                re[j] -= tq * rx[j]
+        for j in range(n):
+            s += rt[j] * (ry[j] + re[j])
+    return s
+
+
+@numba.njit(cache=True, nogil=True)
+def execute(fn, ops_i, ops_f, const, st, w, lr, bound_updates, ints, flts, chars):
+    """Run every operation of a plan on one run (state ``st``, weights ``w``).
+
+    Returns the accumulated DOT terms (the loss less its constant) and, with
+    ``bound_updates``, a bound on how far any single entry moved under the operations flagged
+    to scale by lr: the sum of |alpha| ‖A‖ ‖B‖ (Frobenius norms) over them, as every entry of
+    a product is at most the product of the norms; inf when an update is not of that form.
+    """
     acc = 0.0
+    growth = 0.0
     for o in range(ops_i.shape[0]):
         code = ops_i[o, 0]
         m = ops_i[o, 1]
         n = ops_i[o, 2]
         k = ops_i[o, 3]
+        a_src = ops_i[o, 4]
         a_off = ops_i[o, 5]
         a_ld = ops_i[o, 6]
+        b_src = ops_i[o, 7]
         b_off = ops_i[o, 8]
         b_ld = ops_i[o, 9]
-        c_off = ops_i[o, 10]
-        c_ld = ops_i[o, 11]
+        c_off = ops_i[o, 11]
+        c_ld = ops_i[o, 12]
         alpha = ops_f[o, 0]
-        if ops_i[o, 12] != 0:
+        scaled = ops_i[o, 13] != 0
+        if scaled:
             alpha *= lr
         beta = ops_f[o, 1]
-        a = st if ops_i[o, 4] == 0 else const
-        b = st if ops_i[o, 7] == 0 else const
-        if code <= 2:
+        a = st if a_src == 0 else (const if a_src == 1 else w)
+        b = st if b_src == 0 else (const if b_src == 1 else w)
+        c = st if ops_i[o, 10] == 0 else w
+        if code <= 3:
             if m > 0 and n > 0 and k > 0:
-                _gemm(fn, code, m, n, k, alpha, a[a_off:], a_ld, b[b_off:], b_ld, beta,
-                      st[c_off:], c_ld, ints, flts, chars)
-        elif code == 3:  # C = beta C + alpha A
-            for i in range(m):
-                ra = a_off + i * a_ld
-                rc = c_off + i * c_ld
-                if beta == 0.0:
-                    for j in range(n):
-                        st[rc + j] = alpha * a[ra + j]
-                else:
-                    for j in range(n):
-                        st[rc + j] = beta * st[rc + j] + alpha * a[ra + j]
-        else:  # acc += alpha <A, B>
-            s = 0.0
-            for i in range(m):
-                ra = a_off + i * a_ld
-                rb = b_off + i * b_ld
-                for j in range(n):
-                    s += a[ra + j] * b[rb + j]
-            acc += alpha * s
-    return acc
+                _gemm(fn, code >> 1, code & 1, m, n, k, alpha, a[a_off:], a_ld, b[b_off:], b_ld,
+                      beta, c[c_off:], c_ld, ints, flts, chars)
+                if scaled and bound_updates:
+                    if beta != 1.0:
+                        growth = np.inf
+                    a_rows, a_cols = (k, m) if code >> 1 else (m, k)
+                    b_rows, b_cols = (n, k) if code & 1 else (k, n)
+                    growth += abs(alpha) * _norm(a, a_off, a_ld, a_rows, a_cols) \
+                        * _norm(b, b_off, b_ld, b_rows, b_cols)
+        elif code == AXPBY:
+            # C = beta C + alpha A, block by block; A stored transposed when k = 1
+            for blk in range(ops_i[o, 14]):
+                _scale_add(m, n, k != 0, alpha, a, a_off + blk * ops_i[o, 15], a_ld, beta, c,
+                           c_off + blk * ops_i[o, 16], c_ld)
+            if scaled and bound_updates:
+                if beta != 1.0:
+                    growth = np.inf
+                rows, cols = (n, m) if k else (m, n)
+                for blk in range(ops_i[o, 14]):
+                    growth += abs(alpha) * _norm(a, a_off + blk * ops_i[o, 15], a_ld, rows, cols)
+        elif code == DOT:  # acc += alpha <A, B>
+            acc += alpha * _dot(m, n, a, a_off, a_ld, b, b_off, b_ld)
+        else:  # OUTPUT: C = Y − A B, acc += alpha <A, Y + C>
+            acc += alpha * _output_block(m, n, a, a_off, a_ld, const, k, b, b_off, b_ld, c,
+                                         c_off, c_ld)
+    return acc, growth
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
@@ -113,81 +220,103 @@ def _sum_of_squares(w):
 
 
 @numba.njit(cache=True, nogil=True)
-def _within(w, max_abs):
-    """True when every |w_i| <= max_abs; False for NaN. The norm bounds every entry, so one
-    vectorised pass decides nearly always; the exact scan runs only when the norm is large."""
-    total = _sum_of_squares(w)
-    if total == total and np.sqrt(total) <= max_abs:
-        return True
+def _checked_norm(w, max_abs):
+    """The norm of w when every w_i is finite and |w_i| <= max_abs, else -1. The norm bounds
+    every entry, so one vectorised pass decides nearly always; the exact scan runs only when
+    the norm is large (or not finite)."""
+    norm = np.sqrt(_sum_of_squares(w))
+    if norm <= max_abs and norm < np.inf:
+        return norm
     for i in range(w.shape[0]):
-        if not (abs(w[i]) <= max_abs):
-            return False
-    return True
+        if not (abs(w[i]) <= max_abs and abs(w[i]) < np.inf):
+            return -1.0
+    return norm
+
+
+#: relative slack added to the bound on the weights per step: it covers the rounding of the
+#: products, the additions and the norms many times over
+_SLACK = 1e-6
 
 
 @numba.njit(cache=True, nogil=True)
-def descend_one(fn, ops_i, ops_f, fused, const, st, layout, lr, momentum, weight_decay, n_steps,
-                loss_const, max_abs, update, losses, snap_steps, snaps):
+def descend_one(fn, ops_i, ops_f, fused, const, st, w, v, layout, lr, momentum, weight_decay,
+                n_steps, loss_const, max_abs, update, losses, snap_steps, snaps):
     """``n_steps`` evaluations (and, with ``update``, descent steps) of one run, in place.
 
-    layout = (n_params, w_off, v_off, g_off, zero_start, zero_end). losses[s] receives the loss
-    before step s; snaps[j] the weights after snap_steps[j] steps (increasing, 1..n_steps).
-    ``fused``: the plan itself applies the plain gradient-descent update (no update pass).
-    Returns -1, or the number k of steps after which the state went bad and the run stopped:
-    the loss of the weights after k steps is not finite, or (with ``update``) a weight after k
-    steps is not finite or exceeds ``max_abs`` in magnitude. Snapshots after k are not taken.
+    w, v: the run's weights and velocity (v is read and written only with momentum).
+    layout = (n_params, g_off, bound_updates): the gradient is st[g_off:g_off + n_params].
+    losses[s] receives the loss before step s; snaps[j] the weights after snap_steps[j] steps
+    (increasing, 1..n_steps). ``fused``: the plan itself applies the plain gradient-descent
+    update. Returns -1, or the number k of steps after which the state went bad and the run
+    stopped: the loss of the weights after k steps is not finite, or (with ``update``) a
+    weight after k steps is not finite or exceeds ``max_abs`` in magnitude. Snapshots after
+    k are not taken.
+
+    With ``bound_updates`` (plans whose update operands are much smaller than the weights) a
+    fused descent does not scan the weights every step: it keeps an upper bound on every
+    |w_i| (the norm of w at the start, plus each step's growth bound from ``execute``) and
+    scans only when that bound is not below ``max_abs``, so the verdict is the same.
     """
-    n_params, w_off, v_off, g_off, z0, z1 = (layout[0], layout[1], layout[2], layout[3],
-                                             layout[4], layout[5])
-    ints = np.empty(8, np.int32)
-    flts = np.empty(2)
-    chars = np.empty(2, np.uint8)
-    chars[0] = 78  # 'N'
-    chars[1] = 84  # 'T'
-    w = st[w_off:w_off + n_params]
-    v = st[v_off:v_off + n_params]
+    n_params, g_off, bound_updates = layout[0], layout[1], layout[2] != 0
+    ints, flts, chars = _scratch()
     g = st[g_off:g_off + n_params]
+    track = fused and update and bound_updates
+    bound = np.sqrt(_sum_of_squares(w)) if track else np.nan
     snap = 0
     for s in range(n_steps):
-        for i in range(z0, z1):
-            st[i] = 0.0
         # a fused plan applies this step's update itself (ops flagged to scale by lr)
-        loss = loss_const + execute(fn, ops_i, ops_f, const, st, lr, ints, flts, chars)
+        acc, growth = execute(fn, ops_i, ops_f, const, st, w, lr, track, ints, flts, chars)
+        loss = loss_const + acc
         losses[s] = loss
         if not np.isfinite(loss):
             return s
-        # branch-free loops, one per rule, so that they vectorise (plain descent is fused)
-        if fused or not update:
-            pass
-        elif momentum == 0.0:
-            for i in range(n_params):
-                w[i] -= lr * (g[i] + weight_decay * w[i])
-        else:
-            for i in range(n_params):
-                step = (g[i] + weight_decay * w[i]) + momentum * v[i]
-                v[i] = step
-                w[i] -= lr * step
-        if update and not _within(w, max_abs):
-            return s + 1
+        if update:
+            if fused:
+                bound = (bound + growth) * (1.0 + _SLACK) if track else np.nan
+            # branch-free loops, one per rule, so that they vectorise (plain descent is fused)
+            elif momentum == 0.0:
+                for i in range(n_params):
+                    w[i] -= lr * (g[i] + weight_decay * w[i])
+            else:
+                for i in range(n_params):
+                    step = (g[i] + weight_decay * w[i]) + momentum * v[i]
+                    v[i] = step
+                    w[i] -= lr * step
+            # a finite bound within max_abs settles it; else (NaN included) check the weights
+            if not (fused and bound <= max_abs and bound < np.inf):
+                bound = _checked_norm(w, max_abs)
+                if bound < 0.0:
+                    return s + 1
         if snap < snap_steps.shape[0] and snap_steps[snap] == s + 1:
-            snaps[snap, :] = w
+            row = snaps[snap]
+            for i in range(n_params):  # a loop: slice assignment costs seconds of compiling
+                row[i] = w[i]
             snap += 1
     return -1
 
 
 @numba.njit(cache=True, nogil=True)
-def descend_serial(fn, ops_i, ops_f, fused, const, state, layout, lr, momentum, weight_decay,
-                   n_steps, loss_const, max_abs, update, losses, status, snap_steps, snaps):
+def descend_serial(fn, ops_i, ops_f, fused, const, state, W, V, layout, lr, momentum,
+                   weight_decay, n_steps, loss_const, max_abs, update, losses, status,
+                   snap_steps, snaps, n_lanes):
+    # n_lanes is unused: the signature is descend_parallel's
     for r in range(state.shape[0]):
-        status[r] = descend_one(fn, ops_i, ops_f, fused, const, state[r], layout, lr[r], momentum,
-                                weight_decay, n_steps, loss_const, max_abs, update, losses[r],
-                                snap_steps, snaps[r])
+        status[r] = descend_one(fn, ops_i, ops_f, fused, const, state[r], W[r], V[r], layout,
+                                lr[r], momentum, weight_decay, n_steps, loss_const, max_abs,
+                                update, losses[r], snap_steps, snaps[r])
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def descend_parallel(fn, ops_i, ops_f, fused, const, state, layout, lr, momentum, weight_decay,
-                     n_steps, loss_const, max_abs, update, losses, status, snap_steps, snaps):
-    for r in numba.prange(state.shape[0]):
-        status[r] = descend_one(fn, ops_i, ops_f, fused, const, state[r], layout, lr[r], momentum,
-                                weight_decay, n_steps, loss_const, max_abs, update, losses[r],
-                                snap_steps, snaps[r])
+def descend_parallel(fn, ops_i, ops_f, fused, const, state, W, V, layout, lr, momentum,
+                     weight_decay, n_steps, loss_const, max_abs, update, losses, status,
+                     snap_steps, snaps, n_lanes):
+    # the runs are dealt out in turn to ``n_lanes`` lanes, one per thread (lane t takes runs
+    # t, t + n_lanes, ...), not in contiguous blocks: batches are often ordered by learning
+    # rate or scale, and runs that stop early (diverged) would otherwise all fall to one
+    # thread, leaving it idle
+    n_runs = state.shape[0]
+    for lane in numba.prange(n_lanes):
+        for r in range(lane, n_runs, n_lanes):
+            status[r] = descend_one(fn, ops_i, ops_f, fused, const, state[r], W[r], V[r],
+                                    layout, lr[r], momentum, weight_decay, n_steps, loss_const,
+                                    max_abs, update, losses[r], snap_steps, snaps[r])
