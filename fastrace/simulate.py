@@ -367,12 +367,13 @@ def _thread_limits(threads: int, n_runs: int) -> Iterator[None]:
     thread budget this way keeps numba × BLAS threads within ``threads`` (no oversubscription).
     """
     import numba
-    from threadpoolctl import threadpool_limits
+
+    from .engine import _blas_threads  # one cached threadpoolctl controller (no rescans)
 
     previous = numba.get_num_threads()
     numba.set_num_threads(threads)
     try:
-        with threadpool_limits(limits=max(1, threads // max(n_runs, 1)), user_api="blas"):
+        with _blas_threads(max(1, threads // max(n_runs, 1))):
             yield
     finally:
         numba.set_num_threads(previous)
@@ -701,7 +702,8 @@ def _drive_gd(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: np.
 
         w = W if whole else W[idx]
         v = V if whole else V[idx]
-        w_start, v_start = w.copy(), v.copy()
+        # (the engine touches the velocity only with momentum)
+        w_start, v_start = w.copy(), (v.copy() if plan.momentum else v)
         with np.errstate(all="ignore"):
             losses = engine.descend(w, v, plan.lr[idx], n, plan.momentum, plan.weight_decay,
                                     max_abs=plan.divergence_threshold,
@@ -727,8 +729,8 @@ def _drive_gd(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: np.
                        snaps[:, j0:j0 + at.size].transpose(1, 0, 2).reshape(-1, engine.n_params),
                        (at[:, None] * plan.lr[idx][None, :]).ravel(),
                        np.repeat(at, len(active)), losses[:, at - m].T.ravel(), eager=taper)
-        diverged = (status >= 0) | ~np.isfinite(losses).all(axis=1) \
-            | _weights_bad(w, plan.divergence_threshold)
+        # the engine checks every weight after every step (status), and the losses here
+        diverged = (status >= 0) | ~np.isfinite(losses).all(axis=1)
         if diverged.any():
             raise _locate_gd_divergence(engine, plan, active, idx, w_start, v_start, n, m)
         if not whole:
@@ -1204,7 +1206,7 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
     # ---- engine and weights (validated before anything is written)
     eng = GradientEngine.for_data(net, data, engine)
     W = eng.pack_many(runs_w)
-    V = np.zeros_like(W)
+    V = np.zeros(W.shape)  # calloc: pages untouched unless momentum uses them
     quantities, q_shapes = _check_quantities(quantities, eng, W[0])
     plan = _Plan(method=method, names=names, lr=lrs, steps=int(steps), t_end=t_ends,
                  record=record, record_every=record_every, n_records=n_records,
@@ -1364,7 +1366,7 @@ def _resume_runs(path: Any, net: Network, data: Dataset, names: list[str],
     rec.writer = writer
     runs = [_RunState(name, i) for i, name in enumerate(names)]
     W = np.zeros((len(names), engine.n_params))
-    V = np.zeros_like(W)
+    V = np.zeros(W.shape)  # calloc: pages untouched unless momentum uses them
     try:
         for r in runs:
             ck = writer.resume_state(r.name)
