@@ -6,7 +6,7 @@ t from 0 to 2000, rtol 1e-8, atol 1e-10, 1000 output times. Accuracy is measured
 exact θ-form solution of ``fastrace.exact`` (MATH.md §4) on a sample of systems.
 
 fastrace's main entry is ``method="auto"`` (the default: DOPRI5 until stiff, then RODAS3) on
-its default backend, the C core (2 threads here, 8 systems at a time per thread in interleaved
+its default backend, the C core (2 threads here, 16 systems at a time per thread in interleaved
 lanes); the numba backend (prange, one system at a time per thread) is a second row.
 ``dopri5`` and ``rosenbrock`` alone are extra rows on 1000 systems (DOPRI5 alone is
 stability-capped after convergence: thousands of steps per system).

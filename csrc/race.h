@@ -128,8 +128,8 @@ int race_gd_map(const race_system *sys, const double *s, const double *d, const 
  *
  * Error norm: sqrt(mean_i (err_i / (atol + rtol * max(|y_i|, |ynew_i|)))^2), a step is
  * accepted when it is <= 1.  Step control: Hairer's DOPRI5 PI ("Lund-stabilised")
- * controller, h_new = h / clamp(err^0.17 / err_old^0.04 / 0.9, 1/10, 5), no increase right
- * after a rejection; a rejected step shrinks by clamp(err^0.17 / 0.9, <= 5); a non-finite
+ * controller, h_new = h / clamp(err^0.17 / err_old^0.04 / 0.9, 1/10, 5) (err_old >= 1e-4, the
+ * powers taken as exp(0.17 ln err - 0.04 ln err_old)), no increase right after a rejection; a rejected step shrinks by clamp(err^0.17 / 0.9, <= 5); a non-finite
  * error estimate rejects the step with h *= 0.1.  The last step is shortened to land on
  * t_end exactly.  A run ends with RACE_MAX_STEPS after opt->max_steps attempted steps, and
  * with RACE_STEP_TOO_SMALL when 0.1 h <= |t| DBL_EPSILON (RACE_NONFINITE instead when the
@@ -170,10 +170,10 @@ int race_rodas3(const race_system *sys, const double *s, const double *d, const 
 
 /*
  * Automatic stiffness switching: race_dopri5 until Hairer's stiffness test fires (the
- * estimate h |lambda| = h |k7 - k6| / |ynew - y6| from the last two stages exceeds 3.25 on
- * 2 accepted steps, with no run of 6 non-stiff steps in between; Hairer's code, which can switch
- * back, waits for 15, but here a false alarm only costs RODAS3 steps (error-controlled all the
- * same) while every late step is a stability-capped DOPRI5 step), then race_rodas3 from that
+ * estimate h |lambda| = h |k7 - k6| / |ynew - y6| from the last two stages exceeds 3.25 on an
+ * accepted step; Hairer's code, which can switch back, waits for 15 such steps, but here a false
+ * alarm only costs RODAS3 steps (error-controlled all the same) while every late step is a
+ * stability-capped DOPRI5 step), then race_rodas3 from that
  * point to t_end (first step: the step DOPRI5 proposed; the step limit counts both phases).
  * Race systems turn stiff once a mode has been learnt, so long runs cost far fewer steps.
  * Same arguments, outputs and events as race_dopri5; iwork holds n_edges int64_t.
@@ -191,7 +191,7 @@ int race_auto(const race_system *sys, const double *s, const double *d, const do
  * integrates systems first .. last-1 with `method` and writes, for each of them, exactly what
  * race_dopri5 / race_rodas3 / race_auto would (bit for bit): out + i * n_out * n_edges,
  * event_times + i * n_paths (event_times may be NULL), status[i] and stats[i].  DOPRI5 and
- * auto (both of its phases) run several systems at once in interleaved lanes, which hides the
+ * auto (both of its phases) run 16 systems at once in interleaved lanes, which hides the
  * latency of each system's chain of dependent stages: about twice the throughput of a loop
  * over race_auto; fewer than 4 systems, and RODAS3 alone, run one at a time.  Threads: call it
  * on disjoint ranges with separate work buffers.

@@ -466,7 +466,8 @@ D1, D3 = -12715105075.0 / 11282082432.0, 87487479700.0 / 32700410799.0
 D4, D5 = -10690763975.0 / 1880347072.0, 701980252875.0 / 199316789632.0
 D6, D7 = -1453857185.0 / 822651844.0, 69997945.0 / 29380423.0
 DP_SAFE, DP_BETA, DP_EXPO1, DP_FACC1, DP_FACC2 = 0.9, 0.04, 0.17, 5.0, 0.1
-STIFF_CONFIRMATIONS = 2  # stiffness test firings that switch auto to RODAS3 (race.c)
+DP_LOG_FACMIN = -9.210340371976182  # log(1e-4), race.c
+STIFF_CONFIRMATIONS = 1  # stiffness test firings that switch auto to RODAS3 (race.c)
 
 
 @njit(**_OPTS)
@@ -555,7 +556,7 @@ def _dopri5_core(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax_opt, max_st
         else:
             h = _initial_step(st, par, y, k1, hmax, rtol, atol, 5.0, ytmp, k2, rwork)
             stats[2] += 1
-        facold = 1e-4
+        lfacold = DP_LOG_FACMIN
         reject = False
         last = False
         nonfinite = False
@@ -609,12 +610,12 @@ def _dopri5_core(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax_opt, max_st
                 nonfinite = True
                 stats[1] += 1
                 continue
-            fac11 = err ** DP_EXPO1
-            fac = fac11 / facold ** DP_BETA
+            lerr = math.log(err)
+            fac = math.exp(DP_EXPO1 * lerr - DP_BETA * lfacold)
             fac = max(DP_FACC2, min(DP_FACC1, fac / DP_SAFE))
             hnew = h / fac
             if err <= 1.0:
-                facold = max(err, 1e-4)
+                lfacold = max(lerr, DP_LOG_FACMIN)
                 stats[0] += 1
                 tnew = t_end if last else t + h
                 if events:
@@ -676,7 +677,7 @@ def _dopri5_core(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax_opt, max_st
                     h = hnew
                     break
             else:
-                hnew = h / min(DP_FACC1, fac11 / DP_SAFE)
+                hnew = h / min(DP_FACC1, math.exp(DP_EXPO1 * lerr) / DP_SAFE)
                 reject = True
                 last = False
                 stats[1] += 1
