@@ -471,7 +471,8 @@ typedef struct ode_job {
     int *status;
     race_stats *stats;
     size_t wsize;
-    int64_t next, chunk;
+    int64_t next, chunk; /* next system to hand out; largest share */
+    int threads;
     int failed; /* a thread could not allocate its scratch */
     pthread_mutex_t lock;
 } ode_job;
@@ -482,19 +483,22 @@ static void *ode_worker(void *arg)
     double *work = (double *)malloc(job->wsize * sizeof(double));
     int64_t *iwork = (int64_t *)malloc(race_batch_iwork_size(job->batch.sys) * sizeof(int64_t));
     for (;;) {
-        int64_t first;
+        int64_t first, last, size;
         pthread_mutex_lock(&job->lock);
         if (work == NULL || iwork == NULL)
             job->failed = 1;
         first = job->failed ? job->n_sys : job->next;
-        job->next = first + job->chunk < job->n_sys ? first + job->chunk : job->n_sys;
+        /* guided: a share of what is left, so the threads finish together */
+        size = (job->n_sys - first) / (4 * job->threads);
+        size = size > job->chunk ? job->chunk : size < CHUNK ? CHUNK : size;
+        last = first + size < job->n_sys ? first + size : job->n_sys;
+        job->next = last;
         pthread_mutex_unlock(&job->lock);
         if (first >= job->n_sys)
             break;
-        race_ode_batch(&job->batch, job->method, first,
-                       first + job->chunk < job->n_sys ? first + job->chunk : job->n_sys, job->t0,
-                       job->t_end, job->n_out, job->t_out, &job->opt, job->thresholds,
-                       job->out, job->event_times, job->status, job->stats, work, iwork);
+        race_ode_batch(&job->batch, job->method, first, last, job->t0, job->t_end, job->n_out,
+                       job->t_out, &job->opt, job->thresholds, job->out, job->event_times,
+                       job->status, job->stats, work, iwork);
     }
     free(work);
     free(iwork);
@@ -614,10 +618,12 @@ static PyObject *run_ode(PyObject *args, PyObject *kw, int method)
     } else {
         if ((npy_intp)threads > (bt.n_sys + CHUNK - 1) / CHUNK)
             threads = (int)((bt.n_sys + CHUNK - 1) / CHUNK);
-        /* about 16 chunks per thread: balanced, and few lane drains at chunk ends */
+        /* shares of at most 1/16 of a thread's part, shrinking towards the end: few lane
+         * drains at chunk ends, and the threads end together */
         job.chunk = bt.n_sys / (16 * threads);
         if (job.chunk < CHUNK)
             job.chunk = CHUNK;
+        job.threads = threads;
         Py_BEGIN_ALLOW_THREADS
         rc = run_job(&job, threads);
         Py_END_ALLOW_THREADS
