@@ -1144,6 +1144,9 @@ int race_auto(const race_system *sys, const double *s, const double *d, const do
 /* fewer systems than this run one at a time: a lane step costs about as much as this many
  * single-system steps */
 #define RACE_MIN_LANES 4
+/* systems with more edges run one at a time: their own arithmetic already keeps the CPU busy,
+ * and the lanes' Jacobian blocks would take 32 n_edges^2 doubles */
+#define RACE_MAX_LANE_EDGES 32
 
 
 static int64_t nnz_targets(const race_system *sys)
@@ -1158,6 +1161,8 @@ static int64_t nnz_targets(const race_system *sys)
 size_t race_batch_work_size(const race_system *sys)
 {
     const int64_t n = sys->n_edges, np = sys->n_paths, nnz_t = nnz_targets(sys);
+    if (n > RACE_MAX_LANE_EDGES) /* one system at a time */
+        return race_auto_work_size(sys);
     const int64_t dp = 13 * n + 3 * np + sys->path_ptr[np] + nnz_t + 1 + np;
     const int64_t ro = 14 * n + np + nnz_t + 2 + 2 * n * n + np;
     return (size_t)(RACE_LANES * (dp + ro) + 6 * n + np) + race_auto_work_size(sys);
@@ -2014,7 +2019,10 @@ int race_ode_batch(const race_batch *bt, int method, int64_t first, int64_t last
     if (method != RACE_METHOD_DOPRI5 && method != RACE_METHOD_RODAS3 &&
         method != RACE_METHOD_AUTO)
         return RACE_BAD_INPUT;
-    if (method == RACE_METHOD_RODAS3 || last - first < RACE_MIN_LANES) {
+    if (bt->s_rows < 1 || bt->d_rows < 1 || (bt->rate != NULL && bt->rate_rows < 1))
+        return RACE_BAD_INPUT;
+    if (method == RACE_METHOD_RODAS3 || last - first < RACE_MIN_LANES ||
+        n > RACE_MAX_LANE_EDGES) {
         /* one system at a time: RODAS3, and batches too small to fill the lanes */
         for (int64_t i = first; i < last; ++i) {
             race_system si;
@@ -2104,8 +2112,9 @@ int race_ode_batch(const race_batch *bt, int method, int64_t first, int64_t last
 #undef TAKE
     br.iwork = iwork;
     br.rpiv = iwork + n;
-    /* idle lanes compute on these: keep them finite */
-    for (double *p = work; p < br.ys; ++p)
+    /* idle lanes compute on the lane vectors: keep them finite (the Jacobian and LU blocks and
+     * pi_old of the RODAS3 lanes are written before they are read) */
+    for (double *p = work; p < br.rjac; ++p)
         *p = 0.0;
     batch_lanes(&br);
     return RACE_OK;

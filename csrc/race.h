@@ -193,10 +193,11 @@ int race_auto(const race_system *sys, const double *s, const double *d, const do
  * event_times + i * n_paths (event_times may be NULL), status[i] and stats[i].  DOPRI5 and
  * auto (both of its phases) run 16 systems at once in interleaved lanes, which hides the
  * latency of each system's chain of dependent stages: about twice the throughput of a loop
- * over race_auto; fewer than 4 systems, and RODAS3 alone, run one at a time.  Threads: call it
- * on disjoint ranges with separate work buffers.
+ * over race_auto; fewer than 4 systems, systems of more than 32 edges, and RODAS3 alone run one
+ * at a time.  Threads: call it on disjoint ranges with separate work buffers.
  * work: race_batch_work_size(sys) doubles; iwork: race_batch_iwork_size(sys) int64_t.  Returns
- * RACE_BAD_INPUT for an unknown method, RACE_OK otherwise (per-system outcomes are in status).
+ * RACE_BAD_INPUT for an unknown method or a row count below 1, RACE_OK otherwise (per-system
+ * outcomes are in status).
  */
 enum race_method { RACE_METHOD_DOPRI5 = 0, RACE_METHOD_RODAS3 = 1, RACE_METHOD_AUTO = 2 };
 
@@ -206,7 +207,7 @@ typedef struct race_batch {
     const double *s;          /* (s_rows, n_paths) */
     const double *d;          /* (d_rows, nnz_t) */
     const double *rate;       /* (rate_rows, n_edges) or NULL */
-    int64_t s_rows, d_rows, rate_rows;
+    int64_t s_rows, d_rows, rate_rows; /* >= 1 (rate_rows: when rate is given) */
 } race_batch;
 
 size_t race_batch_work_size(const race_system *sys);

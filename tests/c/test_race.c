@@ -325,6 +325,10 @@ static void test_batch_equals_one_by_one(void)
     check_true("batch: unknown method", race_ode_batch(&bt, 7, 0, N_SYS, 0.0, T_END, N_OUT, t_out,
                                                        &opt, thr, out2, ev2, status2, st2, work,
                                                        iwork) == RACE_BAD_INPUT);
+    bt.s_rows = 0;
+    check_true("batch: no s rows", race_ode_batch(&bt, RACE_METHOD_AUTO, 0, N_SYS, 0.0, T_END,
+                                                  N_OUT, t_out, &opt, thr, out2, ev2, status2,
+                                                  st2, work, iwork) == RACE_BAD_INPUT);
     free(out1);
     free(out2);
     free(work);
