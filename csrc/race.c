@@ -1154,7 +1154,7 @@ static int64_t nnz_targets(const race_system *sys)
     return sys->target_ptr[sys->n_paths];
 }
 
-/* DOPRI5 lanes: 10 state vectors, rate, step sizes, squared errors (n_edges each), pi, r, s
+/* DOPRI5 lanes: 10 state vectors, rate, step sizes, errors, squared errors (n_edges each), pi, r, s
  * (n_paths each), pre (nnz), d (nnz_t), one error per lane, pi_old (n_paths); RODAS3 lanes:
  * 14 vectors (n_edges each), s, d, two errors, Jacobian and LU blocks (n_edges^2), pi_old;
  * one system's scratch: y, ynew, rc2..rc5, pi_new, then the race_auto work of one system */
@@ -1163,7 +1163,7 @@ size_t race_batch_work_size(const race_system *sys)
     const int64_t n = sys->n_edges, np = sys->n_paths, nnz_t = nnz_targets(sys);
     if (n > RACE_MAX_LANE_EDGES) /* one system at a time */
         return race_auto_work_size(sys);
-    const int64_t dp = 13 * n + 3 * np + sys->path_ptr[np] + nnz_t + 1 + np;
+    const int64_t dp = 14 * n + 3 * np + sys->path_ptr[np] + nnz_t + 1 + np;
     const int64_t ro = 14 * n + np + nnz_t + 2 + 2 * n * n + np;
     return (size_t)(RACE_LANES * (dp + ro) + 6 * n + np) + race_auto_work_size(sys);
 }
@@ -1281,7 +1281,7 @@ typedef struct batch_run {
     int64_t next, last_sys;
     /* lane-interleaved vectors of the DOPRI5 lanes */
     double *y, *k1, *k2, *k3, *k4, *k5, *k6, *k7, *ytmp, *ynew, *sv, *dv, *ratev;
-    double *pi, *r, *pre, *hv, *q2, *err, *pi_old;
+    double *pi, *r, *pre, *hv, *ev, *q2, *err, *pi_old;
     /* the RODAS3 lanes (auto): vectors, per-lane Jacobian and LU blocks (n x n), pivots */
     double *ry, *rf0, *rf1, *ryt, *rft, *rk1, *rk2, *rk3, *rk4, *ryn, *rsv, *rdv, *rrate;
     double *rh, *rhi, *rdense, *rerr, *rerrd, *rjac, *rg, *rpi_old;
@@ -1306,9 +1306,8 @@ static void lane_put(const double *src, int64_t n, int l, double *v)
 
 /* A lane's system is done: unreached outputs, status; the lane is free.  A system that
  * turned stiff (auto) instead waits in its lane for a RODAS3 lane. */
-static void lane_finish(batch_run *br, lane_state *ln, int l, int status, int stiff)
+static void lane_finish(batch_run *br, lane_state *ln, int status, int stiff)
 {
-    (void)l;
     if (status == RACE_OK && stiff) {
         ln->stiff_wait = 1;
         return;
@@ -1342,14 +1341,14 @@ static int lane_load(batch_run *br, lane_state *ln, int l)
         ln->h = 0.0;
         run_begin(sys, br->t0, ln->event_times, ln->stats);
         if (!options_ok(br->t0, br->t_end, opt)) {
-            lane_finish(br, ln, l, RACE_BAD_INPUT, 0);
+            lane_finish(br, ln, RACE_BAD_INPUT, 0);
             continue;
         }
         copy(n, br->bt->b0 + i * n, br->ys);
         race_rhs(sys, ln->s, ln->d, br->ys, f, br->work);
         ln->stats->n_rhs += 1;
         if (!all_finite(n, br->ys) || !all_finite(n, f)) {
-            lane_finish(br, ln, l, RACE_NONFINITE, 0);
+            lane_finish(br, ln, RACE_NONFINITE, 0);
             continue;
         }
         if (br->thresholds != NULL && ln->event_times != NULL)
@@ -1383,14 +1382,14 @@ static int lane_load(batch_run *br, lane_state *ln, int l)
 }
 
 /* The checks at the top of dopri5_core's loop; 0 when the lane's system ended. */
-static int lane_prepare(batch_run *br, lane_state *ln, int l)
+static int lane_prepare(batch_run *br, lane_state *ln)
 {
     if (ln->nstep >= ln->max_steps) {
-        lane_finish(br, ln, l, RACE_MAX_STEPS, 0);
+        lane_finish(br, ln, RACE_MAX_STEPS, 0);
         return 0;
     }
     if (0.1 * fabs(ln->h) <= fabs(ln->t) * UROUND || !(ln->h > 0.0)) {
-        lane_finish(br, ln, l, ln->nonfinite ? RACE_NONFINITE : RACE_STEP_TOO_SMALL, 0);
+        lane_finish(br, ln, ln->nonfinite ? RACE_NONFINITE : RACE_STEP_TOO_SMALL, 0);
         return 0;
     }
     if (ln->t + 1.01 * ln->h - br->t_end > 0.0) {
@@ -1470,7 +1469,7 @@ static int lane_accept(batch_run *br, lane_state *ln, int l, double lerr, double
     ln->t = tnew;
     ln->stats->t_reached = tnew;
     if (ln->last) {
-        lane_finish(br, ln, l, RACE_OK, 0);
+        lane_finish(br, ln, RACE_OK, 0);
         return 0;
     }
     if (fabs(hnew) > ln->hmax)
@@ -1481,7 +1480,7 @@ static int lane_accept(batch_run *br, lane_state *ln, int l, double lerr, double
     ln->nonfinite = 0;
     ln->h = hnew;
     if (ln->iasti >= STIFF_CONFIRMATIONS) {
-        lane_finish(br, ln, l, RACE_OK, 1);
+        lane_finish(br, ln, RACE_OK, 1);
         return 0;
     }
     return 1;
@@ -1568,23 +1567,17 @@ static void dp_stages(batch_run *br, int64_t n, int has_rate)
 #undef RHS_LANES
 }
 
-/* The error norm of every lane: error_norm of the DP5 estimate, same operations (fmax written
- * out with its NaN rule so that it vectorises). */
+/* error_norm of e for every lane (fmax written out with its NaN rule) */
 LANE_LOOPS
-static void dp_errors(int64_t n, const double *restrict H, const double *restrict y,
-                      const double *restrict ynew, const double *restrict k1,
-                      const double *restrict k3, const double *restrict k4,
-                      const double *restrict k5, const double *restrict k6,
-                      const double *restrict k7, double rtol, double atol,
-                      double *restrict q2, double *restrict err)
+static void lanes_norm(int64_t n, const double *restrict e, const double *restrict y,
+                       const double *restrict ynew, double rtol, double atol,
+                       double *restrict q2, double *restrict err)
 {
     const int64_t m = n * RACE_LANES;
     for (int64_t j = 0; j < m; ++j) {
-        double e = H[j] * (E1 * k1[j] + E3 * k3[j] + E4 * k4[j] + E5 * k5[j] + E6 * k6[j] +
-                           E7 * k7[j]);
         double a = fabs(y[j]), b = fabs(ynew[j]);
         double sk = atol + rtol * ((a > b || b != b) ? a : b);
-        double q = e / sk;
+        double q = e[j] / sk;
         q2[j] = q * q;
     }
     for (int l = 0; l < RACE_LANES; ++l)
@@ -1596,6 +1589,18 @@ static void dp_errors(int64_t n, const double *restrict H, const double *restric
         err[l] = sqrt(err[l] / (double)n);
 }
 
+/* The DP5 error estimate of every lane (the errv of dopri5_core). */
+LANE_LOOPS
+static void dp_error_estimate(int64_t m, const double *restrict H, const double *restrict k1,
+                              const double *restrict k3, const double *restrict k4,
+                              const double *restrict k5, const double *restrict k6,
+                              const double *restrict k7, double *restrict e)
+{
+    for (int64_t j = 0; j < m; ++j)
+        e[j] = H[j] * (E1 * k1[j] + E3 * k3[j] + E4 * k4[j] + E5 * k5[j] + E6 * k6[j] +
+                       E7 * k7[j]);
+}
+
 /* One DOPRI5 step of every running DOPRI5 lane (lanes whose system ended take the next one). */
 static void dp_step(batch_run *br)
 {
@@ -1604,15 +1609,16 @@ static void dp_step(batch_run *br)
 
     for (int l = 0; l < RACE_LANES; ++l) {
         lane_state *ln = &br->dp[l];
-        while (ln->i >= 0 && !ln->stiff_wait && !lane_prepare(br, ln, l))
+        while (ln->i >= 0 && !ln->stiff_wait && !lane_prepare(br, ln))
             if (ln->i < 0)
                 lane_load(br, ln, l);
         for (int64_t i = 0; i < n; ++i)
             br->hv[i * RACE_LANES + l] = ln->i >= 0 && !ln->stiff_wait ? ln->h : 0.0;
     }
     dp_stages(br, n, has_rate);
-    dp_errors(n, br->hv, br->y, br->ynew, br->k1, br->k3, br->k4, br->k5, br->k6, br->k7,
-              br->opt->rtol, br->opt->atol, br->q2, br->err);
+    dp_error_estimate(n * RACE_LANES, br->hv, br->k1, br->k3, br->k4, br->k5, br->k6, br->k7,
+                      br->ev);
+    lanes_norm(n, br->ev, br->y, br->ynew, br->opt->rtol, br->opt->atol, br->q2, br->err);
     for (int l = 0; l < RACE_LANES; ++l) {
         lane_state *ln = &br->dp[l];
         double err = br->err[l], lerr, fac, hnew;
@@ -1645,13 +1651,6 @@ static void dp_step(batch_run *br)
 
 /* ---- RODAS3 lanes: the operations of rodas3_core, lane by lane ---- */
 
-static void ro_finish(batch_run *br, lane_state *ln, int status)
-{
-    run_finish(&ln->sys, ln->k_out, br->n_out, ln->out);
-    br->status[ln->i] = status;
-    ln->i = -1;
-}
-
 /* Move the stiff system waiting in DOPRI5 lane l to the free RODAS3 lane m: the start of
  * rodas3_core as rodas3_after_stiff calls it (from the DOPRI5 lane's t, y and proposed h). */
 static void ro_start(batch_run *br, int l, int m)
@@ -1669,14 +1668,14 @@ static void ro_start(batch_run *br, int l, int m)
     ln->pi_old = br->rpi_old + m * np;
     remaining = opt->max_steps - (ln->stats->n_accepted + ln->stats->n_rejected);
     if (remaining < 1) {
-        ro_finish(br, ln, RACE_MAX_STEPS);
+        lane_finish(br, ln, RACE_MAX_STEPS, 0);
         return;
     }
     lane_get(br->y, n, l, br->ys);
     race_rhs(&ln->sys, ln->s, ln->d, br->ys, f, br->work);
     ln->stats->n_rhs += 1;
     if (!all_finite(n, br->ys) || !all_finite(n, f)) {
-        ro_finish(br, ln, RACE_NONFINITE);
+        lane_finish(br, ln, RACE_NONFINITE, 0);
         return;
     }
     if (br->thresholds != NULL && ln->event_times != NULL)
@@ -1702,28 +1701,6 @@ static void ro_start(batch_run *br, int l, int m)
     ln->nstep = 0;
     ln->max_steps = remaining;
     ln->reject = ln->last = ln->nonfinite = ln->jac_current = 0;
-}
-
-/* error_norm of e for every lane (fmax written out with its NaN rule) */
-LANE_LOOPS
-static void lanes_norm(int64_t n, const double *restrict e, const double *restrict y,
-                       const double *restrict ynew, double rtol, double atol,
-                       double *restrict q2, double *restrict err)
-{
-    const int64_t m = n * RACE_LANES;
-    for (int64_t j = 0; j < m; ++j) {
-        double a = fabs(y[j]), b = fabs(ynew[j]);
-        double sk = atol + rtol * ((a > b || b != b) ? a : b);
-        double q = e[j] / sk;
-        q2[j] = q * q;
-    }
-    for (int l = 0; l < RACE_LANES; ++l)
-        err[l] = 0.0;
-    for (int64_t i = 0; i < n; ++i)
-        for (int l = 0; l < RACE_LANES; ++l)
-            err[l] = err[l] + q2[i * RACE_LANES + l];
-    for (int l = 0; l < RACE_LANES; ++l)
-        err[l] = sqrt(err[l] / (double)n);
 }
 
 LANE_LOOPS
@@ -1838,7 +1815,7 @@ static int ro_accept(batch_run *br, int m, double hnew)
     ln->t = tnew;
     ln->stats->t_reached = tnew;
     if (ln->last) {
-        ro_finish(br, ln, RACE_OK);
+        lane_finish(br, ln, RACE_OK, 0);
         return 0;
     }
     if (hnew > ln->hmax)
@@ -1866,9 +1843,9 @@ static void ro_step(batch_run *br)
         if (ln->i >= 0) {
             /* the checks at the top of rodas3_core's loop */
             if (ln->nstep >= ln->max_steps) {
-                ro_finish(br, ln, RACE_MAX_STEPS);
+                lane_finish(br, ln, RACE_MAX_STEPS, 0);
             } else if (0.1 * fabs(ln->h) <= fabs(ln->t) * UROUND || !(ln->h > 0.0)) {
-                ro_finish(br, ln, ln->nonfinite ? RACE_NONFINITE : RACE_STEP_TOO_SMALL);
+                lane_finish(br, ln, ln->nonfinite ? RACE_NONFINITE : RACE_STEP_TOO_SMALL, 0);
             } else {
                 if (ln->t + 1.01 * ln->h - br->t_end > 0.0) {
                     ln->h = br->t_end - ln->t;
@@ -2077,6 +2054,7 @@ int race_ode_batch(const race_batch *bt, int method, int64_t first, int64_t last
     TAKE(pre, sys->path_ptr[np] * lanes);
     TAKE(dv, nnz_targets(sys) * lanes);
     TAKE(hv, n * lanes);
+    TAKE(ev, n * lanes);
     TAKE(q2, n * lanes);
     TAKE(err, lanes);
     TAKE(pi_old, np * lanes);
