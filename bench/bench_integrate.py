@@ -165,12 +165,14 @@ def test_fastrace_auto(benchmark, system, n, backend):
 
 
 @pytest.mark.parametrize("n", [1_000])
+@pytest.mark.parametrize("method", ["dopri5", "rosenbrock"])
 @pytest.mark.benchmark(group=GROUP)
-def test_fastrace_dopri5(benchmark, system, n):
+def test_fastrace_one_method(benchmark, system, n, method):
+    """DOPRI5 or RODAS3 alone, without the switch (extra rows)."""
     benchmark.group = f"{GROUP}, N={n}"
     s = workload(n)
-    benchmark.extra_info["n"] = n
-    out = benchmark.pedantic(run_fastrace, args=(system, s), kwargs={"method": "dopri5"},
+    benchmark.extra_info.update(n=n, method=method)
+    out = benchmark.pedantic(run_fastrace, args=(system, s), kwargs={"method": method},
                              rounds=3, warmup_rounds=0)
     benchmark.extra_info["max abs error"] = max_error(out, s, SAMPLE[SAMPLE < n])
 
@@ -182,17 +184,6 @@ def test_numbalsoda_lsoda(benchmark, lsoda_run, n):
     s = workload(n)
     benchmark.extra_info["n"] = n
     out = benchmark.pedantic(lsoda_run, args=(s,), rounds=3, warmup_rounds=0)
-    benchmark.extra_info["max abs error"] = max_error(out, s, SAMPLE[SAMPLE < n])
-
-
-@pytest.mark.parametrize("n", [1_000])
-@pytest.mark.benchmark(group=GROUP)
-def test_fastrace_rosenbrock(benchmark, system, n):
-    benchmark.group = f"{GROUP}, N={n}"
-    s = workload(n)
-    benchmark.extra_info["n"] = n
-    out = benchmark.pedantic(run_fastrace, args=(system, s), kwargs={"method": "rosenbrock"},
-                             rounds=3, warmup_rounds=0)
     benchmark.extra_info["max abs error"] = max_error(out, s, SAMPLE[SAMPLE < n])
 
 
