@@ -26,7 +26,15 @@
 #define LANE_LOOPS
 #endif
 
+#if defined(__GNUC__)
+#define ALWAYS_INLINE __attribute__((always_inline))
+#else
+#define ALWAYS_INLINE
+#endif
+
 #define UROUND DBL_EPSILON
+/* paths up to this length take race_rhs's one-path branch */
+#define RACE_CHAIN_MAX 6
 
 /* ---------------------------------------------------------------------------------------- */
 /* structure                                                                                 */
@@ -141,8 +149,41 @@ static int64_t prefix_suffix(const race_system *sys, int64_t p, const double *b,
     return L;
 }
 
-void race_rhs(const race_system *sys, const double *s, const double *d, const double *b,
-              double *db, double *work)
+/* A system of one path through all its L edges: the operations of race_rhs below, in the same order (so the same
+ * bits), with the intermediates in registers instead of the work arrays.  L is a constant at
+ * each call, so the loops unroll.  Single paths are the modes of plain deep linear networks
+ * and of symmetry-reduced systems such as the routing mode. */
+static inline void rhs_one_path(int64_t L, const int64_t *restrict edges,
+                                const double *restrict rate, double s0, double d0,
+                                const double *restrict b, double *restrict db)
+{
+    double pre[RACE_CHAIN_MAX], x = b[edges[0]], rp, suf, w;
+    pre[0] = 1.0;
+    for (int64_t k = 1; k < L; ++k) {
+        pre[k] = x;
+        x *= b[edges[k]];
+    }
+    /* "0.0 +" as in the sums of the general code (it differs from x itself when x = -0.0);
+     * the edges of a path are distinct, so each db[e] is written once */
+    rp = s0 - (0.0 + d0 * x);
+    suf = b[edges[L - 1]];
+    w = pre[L - 1];
+    if (rate != NULL)
+        w *= rate[edges[L - 1]];
+    db[edges[L - 1]] = 0.0 + w * rp;
+    for (int64_t k = L - 2; k >= 0; --k) {
+        const int64_t e = edges[k];
+        w = pre[k] * suf;
+        if (rate != NULL)
+            w *= rate[e];
+        db[e] = 0.0 + w * rp;
+        suf = b[e] * suf;
+    }
+}
+
+/* race_rhs; static, so that the integrators below may have it inlined */
+static void rhs_eval(const race_system *sys, const double *s, const double *d, const double *b,
+                     double *db, double *work)
 {
     const int64_t n = sys->n_edges, np = sys->n_paths;
     const int64_t *path_ptr = sys->path_ptr, *path_edges = sys->path_edges;
@@ -152,6 +193,18 @@ void race_rhs(const race_system *sys, const double *s, const double *d, const do
      * position k, so one forward pass gives pi and the prefixes, one backward pass the
      * suffixes */
     double *pi = work, *r = work + np, *pre = work + 2 * np;
+
+    if (np == 1 && path_ptr[1] - path_ptr[0] == n) { /* one path through every edge */
+        switch (n) {
+        case 1: rhs_one_path(1, path_edges, rate, s[0], d[0], b, db); return;
+        case 2: rhs_one_path(2, path_edges, rate, s[0], d[0], b, db); return;
+        case 3: rhs_one_path(3, path_edges, rate, s[0], d[0], b, db); return;
+        case 4: rhs_one_path(4, path_edges, rate, s[0], d[0], b, db); return;
+        case 5: rhs_one_path(5, path_edges, rate, s[0], d[0], b, db); return;
+        case 6: rhs_one_path(6, path_edges, rate, s[0], d[0], b, db); return;
+        default: break;
+        }
+    }
 
     /* Products start from the first factor, not from 1.0 * it (the same bits, one multiply
      * less on the dependency chain from one stage to the next); paths are non-empty. */
@@ -190,6 +243,12 @@ void race_rhs(const race_system *sys, const double *s, const double *d, const do
             suf = b[e] * suf;
         }
     }
+}
+
+void race_rhs(const race_system *sys, const double *s, const double *d, const double *b,
+              double *db, double *work)
+{
+    rhs_eval(sys, s, d, b, db, work);
 }
 
 void race_jacobian(const race_system *sys, const double *s, const double *d, const double *b,
@@ -324,7 +383,7 @@ static double initial_step(const race_system *sys, const double *s, const double
     h = fmin(h, hmax);
     for (int64_t i = 0; i < n; ++i)
         ytmp[i] = y0[i] + h * f0[i];
-    race_rhs(sys, s, d, ytmp, f1, work);
+    rhs_eval(sys, s, d, ytmp, f1, work);
     der2 = 0.0;
     for (int64_t i = 0; i < n; ++i) {
         double sk = atol + rtol * fabs(y0[i]);
@@ -386,7 +445,7 @@ int race_gd_map(const race_system *sys, const double *s, const double *d, const 
         }
         if (step >= last)
             break;
-        race_rhs(sys, s, d, b, db, rwork);
+        rhs_eval(sys, s, d, b, db, rwork);
         for (int64_t e = 0; e < n; ++e)
             b[e] = b[e] + lr * db[e];
         ++step;
@@ -512,15 +571,26 @@ LANE_LOOPS
 static void thetas(int64_t count, const double *restrict tk, double t, double h,
                    double *restrict theta)
 {
+    const double hinv = 1.0 / h;
     for (int64_t k = 0; k < count; ++k)
-        theta[k] = (tk[k] - t) / h;
+        theta[k] = (tk[k] - t) * hinv;
 }
 
-LANE_LOOPS
-static void dp_rows(int64_t n, int64_t count, const double *tk, double t, double h,
-                    const double *restrict y, const double *restrict rc2,
-                    const double *restrict rc3, const double *restrict rc4,
-                    const double *restrict rc5, double *restrict out)
+/* The row loops below with n a constant for the usual small systems (their inner loop then
+ * unrolls) and a variable otherwise; ROWS_BY_SIZE(body, n, args) calls body(n, args). */
+#define ROWS_BY_SIZE(body, n, ...)                                                              \
+    switch (n) {                                                                                \
+    case 1: body(1, __VA_ARGS__); break;                                                        \
+    case 2: body(2, __VA_ARGS__); break;                                                        \
+    case 3: body(3, __VA_ARGS__); break;                                                        \
+    case 4: body(4, __VA_ARGS__); break;                                                        \
+    default: body(n, __VA_ARGS__); break;                                                       \
+    }
+
+static inline ALWAYS_INLINE void dp_rows_n(int64_t n, int64_t count, const double *tk, double t, double h,
+                             const double *restrict y, const double *restrict rc2,
+                             const double *restrict rc3, const double *restrict rc4,
+                             const double *restrict rc5, double *restrict out)
 {
     double th[ROW_BLOCK];
     for (int64_t k0 = 0; k0 < count; k0 += ROW_BLOCK) {
@@ -537,10 +607,17 @@ static void dp_rows(int64_t n, int64_t count, const double *tk, double t, double
 }
 
 LANE_LOOPS
-static void hermite_rows(int64_t n, int64_t count, const double *tk, double t, double h,
-                         const double *restrict y, const double *restrict c1,
-                         const double *restrict c2, const double *restrict c3,
-                         double *restrict out)
+static void dp_rows(int64_t n, int64_t count, const double *tk, double t, double h,
+                    const double *y, const double *rc2, const double *rc3, const double *rc4,
+                    const double *rc5, double *out)
+{
+    ROWS_BY_SIZE(dp_rows_n, n, count, tk, t, h, y, rc2, rc3, rc4, rc5, out)
+}
+
+static inline ALWAYS_INLINE void hermite_rows_n(int64_t n, int64_t count, const double *tk, double t,
+                                  double h, const double *restrict y, const double *restrict c1,
+                                  const double *restrict c2, const double *restrict c3,
+                                  double *restrict out)
 {
     double th[ROW_BLOCK];
     for (int64_t k0 = 0; k0 < count; k0 += ROW_BLOCK) {
@@ -553,6 +630,14 @@ static void hermite_rows(int64_t n, int64_t count, const double *tk, double t, d
                 o[i] = y[i] + theta * (c1[i] + theta * (c2[i] + theta * c3[i]));
         }
     }
+}
+
+LANE_LOOPS
+static void hermite_rows(int64_t n, int64_t count, const double *tk, double t, double h,
+                         const double *y, const double *c1, const double *c2, const double *c3,
+                         double *out)
+{
+    ROWS_BY_SIZE(hermite_rows_n, n, count, tk, t, h, y, c1, c2, c3, out)
 }
 
 /* kind 0: DOPRI5 (c = rc2..rc5), 1: cubic Hermite (c = c1..c3) */
@@ -606,7 +691,7 @@ static int dopri5_core(const race_system *sys, const double *s, const double *d,
 
     end->stiff = 0;
     copy(n, b0, y);
-    race_rhs(sys, s, d, y, k1, rwork);
+    rhs_eval(sys, s, d, y, k1, rwork);
     stats->n_rhs += 1;
     if (!all_finite(n, y) || !all_finite(n, k1)) {
         status = RACE_NONFINITE;
@@ -646,24 +731,24 @@ static int dopri5_core(const race_system *sys, const double *s, const double *d,
          * one multiply and one add lie between a right-hand side and the next. */
         for (int64_t i = 0; i < n; ++i)
             ytmp[i] = y[i] + (h * A21) * k1[i];
-        race_rhs(sys, s, d, ytmp, k2, rwork);
+        rhs_eval(sys, s, d, ytmp, k2, rwork);
         for (int64_t i = 0; i < n; ++i)
             ytmp[i] = (y[i] + h * (A31 * k1[i])) + (h * A32) * k2[i];
-        race_rhs(sys, s, d, ytmp, k3, rwork);
+        rhs_eval(sys, s, d, ytmp, k3, rwork);
         for (int64_t i = 0; i < n; ++i)
             ytmp[i] = (y[i] + h * (A41 * k1[i] + A42 * k2[i])) + (h * A43) * k3[i];
-        race_rhs(sys, s, d, ytmp, k4, rwork);
+        rhs_eval(sys, s, d, ytmp, k4, rwork);
         for (int64_t i = 0; i < n; ++i)
             ytmp[i] = (y[i] + h * (A51 * k1[i] + A52 * k2[i] + A53 * k3[i])) + (h * A54) * k4[i];
-        race_rhs(sys, s, d, ytmp, k5, rwork);
+        rhs_eval(sys, s, d, ytmp, k5, rwork);
         for (int64_t i = 0; i < n; ++i)
             ytmp[i] = (y[i] + h * (A61 * k1[i] + A62 * k2[i] + A63 * k3[i] + A64 * k4[i])) +
                       (h * A65) * k5[i];
-        race_rhs(sys, s, d, ytmp, k6, rwork);
+        rhs_eval(sys, s, d, ytmp, k6, rwork);
         for (int64_t i = 0; i < n; ++i)
             ynew[i] = (y[i] + h * (A71 * k1[i] + A73 * k3[i] + A74 * k4[i] + A75 * k5[i])) +
                       (h * A76) * k6[i];
-        race_rhs(sys, s, d, ynew, k7, rwork);
+        rhs_eval(sys, s, d, ynew, k7, rwork);
         stats->n_rhs += 6;
         for (int64_t i = 0; i < n; ++i)
             errv[i] = h * (E1 * k1[i] + E3 * k3[i] + E4 * k4[i] + E5 * k5[i] + E6 * k6[i] +
@@ -908,7 +993,7 @@ static int rodas3_core(const race_system *sys, const double *s, const double *d,
 
     end->stiff = 0;
     copy(n, b0, y);
-    race_rhs(sys, s, d, y, f0, rwork);
+    rhs_eval(sys, s, d, y, f0, rwork);
     stats->n_rhs += 1;
     if (!all_finite(n, y) || !all_finite(n, f0)) {
         status = RACE_NONFINITE;
@@ -969,20 +1054,20 @@ static int rodas3_core(const race_system *sys, const double *s, const double *d,
         lu_solve(n, g, piv, k2);
         for (int64_t i = 0; i < n; ++i)
             ytmp[i] = y[i] + 2.0 * k1[i];
-        race_rhs(sys, s, d, ytmp, ftmp, rwork);
+        rhs_eval(sys, s, d, ytmp, ftmp, rwork);
         for (int64_t i = 0; i < n; ++i)
             k3[i] = ftmp[i] + (RO_C31 * hinv) * k1[i] + (RO_C32 * hinv) * k2[i];
         lu_solve(n, g, piv, k3);
         for (int64_t i = 0; i < n; ++i)
             ytmp[i] = y[i] + 2.0 * k1[i] + k3[i];
-        race_rhs(sys, s, d, ytmp, ftmp, rwork);
+        rhs_eval(sys, s, d, ytmp, ftmp, rwork);
         for (int64_t i = 0; i < n; ++i)
             k4[i] = ftmp[i] + (RO_C41 * hinv) * k1[i] + (RO_C42 * hinv) * k2[i] +
                     (RO_C43 * hinv) * k3[i];
         lu_solve(n, g, piv, k4);
         for (int64_t i = 0; i < n; ++i)
             ynew[i] = y[i] + 2.0 * k1[i] + k3[i] + k4[i];
-        race_rhs(sys, s, d, ynew, f1, rwork);
+        rhs_eval(sys, s, d, ynew, f1, rwork);
         stats->n_rhs += 3;
         err = error_norm(n, k4, y, ynew, rtol, atol);
         if (!all_finite(n, f1)) {
@@ -1345,7 +1430,7 @@ static int lane_load(batch_run *br, lane_state *ln, int l)
             continue;
         }
         copy(n, br->bt->b0 + i * n, br->ys);
-        race_rhs(sys, ln->s, ln->d, br->ys, f, br->work);
+        rhs_eval(sys, ln->s, ln->d, br->ys, f, br->work);
         ln->stats->n_rhs += 1;
         if (!all_finite(n, br->ys) || !all_finite(n, f)) {
             lane_finish(br, ln, RACE_NONFINITE, 0);

@@ -636,7 +636,7 @@ def _dopri5_core(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax_opt, max_st
                         for i in range(n):
                             out[k_out, i] = ynew[i]
                     else:
-                        theta = (t_out[k_out] - t) / h
+                        theta = (t_out[k_out] - t) * (1.0 / h)  # as race.c's thetas
                         for i in range(n):
                             out[k_out, i] = _dp_dense_edge(y, rc2, rc3, rc4, rc5, i, theta)
                     k_out += 1
@@ -917,7 +917,7 @@ def _rodas3_core(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax_opt, max_st
                         for i in range(n):
                             out[k_out, i] = ynew[i]
                     else:
-                        theta = (t_out[k_out] - t) / h
+                        theta = (t_out[k_out] - t) * (1.0 / h)  # as race.c's thetas
                         for i in range(n):
                             out[k_out, i] = y[i] + theta * (k1[i] + theta * (k2[i]
                                                                              + theta * k3[i]))

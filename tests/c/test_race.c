@@ -336,6 +336,98 @@ static void test_batch_equals_one_by_one(void)
     free(iwork);
 }
 
+/* race_rhs takes a register-only branch for one path through every edge; the same path with
+ * one extra edge outside it takes the general loop: the slopes must agree bit for bit (signed
+ * zeros included), with and without rate factors, for path lengths 1 to 7. */
+static void test_one_path_branch_equals_general(void)
+{
+    const int64_t edges[] = {2, 0, 5, 1, 6, 3, 4}, target_ptr[] = {0, 1}, target_paths[] = {0};
+    const double rate[] = {0.5, 3.0, -1.25, 0.75, 2.0, 1.5, 0.2, 9.0};
+    const double values[] = {0.3, -0.7, 1.1, -0.0, 0.0, 2.5, -1.9, 0.05};
+    int same = 1;
+    for (int64_t L = 1; L <= 7; ++L) {
+        for (int use_rate = 0; use_rate < 2; ++use_rate) {
+            for (int shift = 0; shift < 8; ++shift) {
+                int64_t path_ptr[] = {0, L}, path_edges[7];
+                double b[8], db_one[8], db_gen[8], s = 1.5 - 0.5 * shift, d = 0.75 + 0.1 * shift;
+                double work[64];
+                race_system one, gen;
+                /* a path over edges 0..L-1 in a scrambled order */
+                int64_t m = 0;
+                for (int k = 0; k < 7 && m < L; ++k)
+                    if (edges[k] < L)
+                        path_edges[m++] = edges[k];
+                for (int e = 0; e < 8; ++e)
+                    b[e] = values[(e + shift) % 8];
+                one = (race_system){L, 1, path_ptr, path_edges, target_ptr, target_paths,
+                                    use_rate ? rate : NULL};
+                gen = one;
+                gen.n_edges = L + 1; /* edge L lies on no path: the general loop */
+                race_rhs(&one, &s, &d, b, db_one, work);
+                race_rhs(&gen, &s, &d, b, db_gen, work);
+                same = same && same_bits(db_one, db_gen, L) && db_gen[L] == 0.0;
+            }
+        }
+    }
+    check_true("one-path branch of race_rhs equals the general loop bit for bit", same);
+}
+
+/* The routing mode system (one path of three edges, rate factors): one call per system (the
+ * one-path branch) against the batch's lanes (their own general slope code), bit for bit. */
+static void test_batch_one_path_system(void)
+{
+    const int64_t path_ptr[] = {0, 3}, path_edges[] = {0, 1, 2}, target_ptr[] = {0, 1};
+    const int64_t target_paths[] = {0};
+    const double rate[] = {4.0 / 49.0, 4.0 / 7.0, 4.0 / 49.0}, d[] = {1.0};
+    enum { N_SYS = 21, N_OUT = 50, N = 3 };
+    race_system sys = {N, 1, path_ptr, path_edges, target_ptr, target_paths, NULL};
+    race_ode_options opt = {1e-8, 1e-10, 0.0, 0.0, 100000};
+    double b0[N_SYS * N], s[N_SYS], t_out[N_OUT], thr[] = {0.5};
+    double *out1 = work_for(N_SYS * N_OUT * N), *out2 = work_for(N_SYS * N_OUT * N);
+    double ev1[N_SYS], ev2[N_SYS];
+    double *work = work_for(race_batch_work_size(&sys));
+    double *work1 = work_for(race_auto_work_size(&sys));
+    int64_t *iwork = (int64_t *)malloc(race_batch_iwork_size(&sys) * sizeof(int64_t));
+    int status2[N_SYS], same = 1;
+    race_stats st1, st2[N_SYS];
+    race_batch bt = {&sys, b0, s, d, rate, N_SYS, 1, 1};
+    for (int k = 0; k < N_OUT; ++k)
+        t_out[k] = 2000.0 / (N_OUT - 1) * k;
+    for (int i = 0; i < N_SYS; ++i) {
+        for (int e = 0; e < N; ++e)
+            b0[i * N + e] = 0.2;
+        s[i] = 1.0 + 9.0 * i / (N_SYS - 1);
+    }
+    for (int method = 0; method < 3; ++method) {
+        check_true("one-path batch returns RACE_OK",
+                   race_ode_batch(&bt, method, 0, N_SYS, 0.0, 2000.0, N_OUT, t_out, &opt, thr,
+                                  out2, ev2, status2, st2, work, iwork) == RACE_OK);
+        for (int i = 0; i < N_SYS; ++i) {
+            race_system si = sys;
+            int status;
+            si.rate = rate;
+            if (method == RACE_METHOD_DOPRI5)
+                status = race_dopri5(&si, s + i, d, b0 + i * N, 0.0, 2000.0, N_OUT, t_out, &opt,
+                                     thr, out1 + i * N_OUT * N, ev1 + i, &st1, work1);
+            else if (method == RACE_METHOD_RODAS3)
+                status = race_rodas3(&si, s + i, d, b0 + i * N, 0.0, 2000.0, N_OUT, t_out, &opt,
+                                     thr, out1 + i * N_OUT * N, ev1 + i, &st1, work1, iwork);
+            else
+                status = race_auto(&si, s + i, d, b0 + i * N, 0.0, 2000.0, N_OUT, t_out, &opt,
+                                   thr, out1 + i * N_OUT * N, ev1 + i, &st1, work1, iwork);
+            same = same && status == RACE_OK && status == status2[i] &&
+                   st1.n_accepted == st2[i].n_accepted && st1.n_rhs == st2[i].n_rhs;
+        }
+        same = same && same_bits(out1, out2, N_SYS * N_OUT * N) && same_bits(ev1, ev2, N_SYS);
+    }
+    check_true("one-path systems: batch lanes equal one call per system bit for bit", same);
+    free(out1);
+    free(out2);
+    free(work);
+    free(work1);
+    free(iwork);
+}
+
 int main(void)
 {
     test_rhs_by_hand();
@@ -346,6 +438,8 @@ int main(void)
     test_blow_up();
     test_auto_switches();
     test_batch_equals_one_by_one();
+    test_one_path_branch_equals_general();
+    test_batch_one_path_system();
     if (failures) {
         printf("%d check(s) failed\n", failures);
         return 1;
