@@ -45,7 +45,7 @@ STATUS_MESSAGES = {
 }
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, init=False)
 class RaceSolution:
     """Result of :func:`integrate_system`.
 
@@ -70,6 +70,26 @@ class RaceSolution:
     n_rejected: np.ndarray
     method: str
     backend: str
+
+    def __init__(self, system: RaceSystem, t: np.ndarray, b: np.ndarray, s: np.ndarray,
+                 events: np.ndarray | None, thresholds: np.ndarray | None, status: np.ndarray,
+                 n_steps: np.ndarray, n_rejected: np.ndarray, method: str,
+                 backend: str) -> None:
+        # what the generated __init__ of a frozen dataclass does, without its one
+        # object.__setattr__ call per field (~1 µs per call, next to ~18 µs in the C core for
+        # one system of the benchmark)
+        fields = self.__dict__
+        fields["system"] = system
+        fields["t"] = t
+        fields["b"] = b
+        fields["s"] = s
+        fields["events"] = events
+        fields["thresholds"] = thresholds
+        fields["status"] = status
+        fields["n_steps"] = n_steps
+        fields["n_rejected"] = n_rejected
+        fields["method"] = method
+        fields["backend"] = backend
 
     @property
     def batched(self) -> bool:
@@ -160,12 +180,16 @@ def integrate_system(system: RaceSystem, b0: ArrayLike, *, method: str = "auto",
                                 or threads < 1):
         raise ConfigError(f"threads must be a positive int or None, got {threads!r}")
 
-    b0_flat, s_flat, rate_flat, s_used, lead = _flatten_batch(system, b0, s, rate)
+    # b0 may be handed to the kernels as it is (they only read it) unless the trajectories go
+    # into the caller's array, which b0 could overlap
+    b0_flat, s_flat, rate_flat, s_used, lead = _flatten_batch(system, b0, s, rate,
+                                                              copy_b0=out is not None)
     if backend == "auto":
         backend = "c" if _race is not None else "numba"
     if backend == "c" and _race is None:  # pragma: no cover
         raise ConfigError("backend='c' needs the compiled module fastrace._race; "
                           "reinstall fastrace or use backend='numba'")
+    n_edges, n_paths = system.n_edges, system.path_ptr.size - 1
     structure = (system.path_ptr, system.path_edges, system.target_ptr, system.target_paths)
 
     if method == "gd":
@@ -173,7 +197,7 @@ def integrate_system(system: RaceSystem, b0: ArrayLike, *, method: str = "auto",
             raise ConfigError("events are computed by the ODE methods only (dopri5, rosenbrock, "
                           "auto)")
         lr_value, record, t = _gd_schedule(lr, steps, t_end, save_at)
-        buffer = _out_buffer(out, lead, t.size, system.n_edges)
+        buffer = _out_buffer(out, lead, t.size, n_edges)
         args = structure + (b0_flat, s_flat, system.d, rate_flat, lr_value, record)
         out, status, stats = _run(backend, "gd", args, threads, buffer)
         event_times, thresholds = None, None
@@ -187,29 +211,32 @@ def integrate_system(system: RaceSystem, b0: ArrayLike, *, method: str = "auto",
             raise ConfigError(f"max_steps must be a positive int, got {max_steps!r}")
         h0_value = 0.0 if h0 is None else _positive(h0, "h0")
         hmax_value = 0.0 if hmax is None else _positive(hmax, "hmax")
-        thresholds = _thresholds(events, system.n_paths)
-        kernel = _KERNELS[method]
+        thresholds = None if events is None else _thresholds(events, n_paths)
         if thresholds is None and backend == "numba":  # one compiled signature: NaN = no event
-            thresholds_arg = np.full(system.n_paths, np.nan)
+            thresholds_arg = np.full(n_paths, np.nan)
         else:
             thresholds_arg = thresholds
-        buffer = _out_buffer(out, lead, t.size, system.n_edges)
+        buffer = None if out is None else _out_buffer(out, lead, t.size, n_edges)
         args = structure + (b0_flat, s_flat, system.d, rate_flat, 0.0, t_end_value, t, rtol, atol,
                             h0_value, hmax_value, int(max_steps), thresholds_arg)
-        out, event_times, status, stats = _run(backend, kernel, args, threads, buffer)
+        out, event_times, status, stats = _run(backend, _KERNELS[method], args, threads, buffer)
         if thresholds is None:
             event_times = None
 
-    # the kernels write system-major (n_sys, n_out, n_edges); b is its time-first view
-    nd = len(lead)
-    b = out.reshape(lead + (t.size, system.n_edges)).transpose((nd,) + tuple(range(nd))
-                                                                + (nd + 1,))
-    solution = RaceSolution(
-        system=system, t=t, b=b, s=s_used,
-        events=None if event_times is None else event_times.reshape(lead + (system.n_paths,)),
-        thresholds=thresholds, status=status.reshape(lead), n_steps=stats[:, 0].reshape(lead),
-        n_rejected=stats[:, 1].reshape(lead), method=method, backend=backend)
-    if check and (status[0] != 0 if status.size == 1 else status.any()):
+    # the kernels write system-major (n_sys, n_saved, n_edges); b is its time-first view, and
+    # n_steps, n_rejected are columns of stats (n_sys, 3)
+    counts = stats.T
+    if len(lead) == 1:  # n_sys = n_modes: only the axes move
+        b = out.transpose(1, 0, 2)
+    else:
+        b = out.reshape(lead + (t.size, n_edges)).transpose(2, 0, 1, 3)
+        if event_times is not None:
+            event_times = event_times.reshape(lead + (n_paths,))
+        status = status.reshape(lead)
+        counts = counts.reshape((-1,) + lead)
+    solution = RaceSolution(system, t, b, s_used, event_times, thresholds, status, counts[0],
+                            counts[1], method, backend)
+    if check and (status.item(0) != 0 if status.size == 1 else status.any()):
         _raise_failure(solution)
     return solution
 
@@ -253,72 +280,106 @@ def _value_check(arr: np.ndarray, increasing: bool = False) -> int:
     return code
 
 
-def _finite_float(value, name: str) -> np.ndarray:
+def _finite_input(value, name: str) -> tuple[np.ndarray, bool]:
+    """value as a float64 array of finite numbers, and whether the C core can read it as it
+    is (C-contiguous and aligned; never when the core is absent)."""
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
         raise DataError(f"{name} must be an array of numbers") from None
-    if _value_check(arr):
+    code = _race.check_values(arr, False) if _race is not None else -1
+    if code == -1:  # not a C-contiguous aligned float64 array: check it with numpy
+        code = int(not np.isfinite(arr).all())
+        usable = False
+    else:
+        usable = True
+    if code:
         raise DataError(f"{name} holds NaN or inf values")
-    return arr
+    return arr, usable
 
 
-def _flatten_batch(system: RaceSystem, b0, s, rate):
+def _finite_float(value, name: str) -> np.ndarray:
+    return _finite_input(value, name)[0]
+
+
+def _flatten_batch(system: RaceSystem, b0, s, rate, copy_b0: bool = True):
     """b0, s, rate -> b0 (n_sys, n_edges), s (rows, n_paths), rate (rows, n_edges), the s used
     (*lead, n_paths) and the lead shape, (n_modes,) or (n_sets, n_modes).
 
-    System i = set * n_modes + mode; s and rate rows follow the kernels' ``i % rows`` rule."""
-    n_modes, n_edges, n_paths = system.n_modes, system.n_edges, system.n_paths
-    b0_arr = _finite_float(b0, "b0")
-    if s is None and rate is None and b0_arr.shape in ((n_edges,), (n_modes, n_edges)):
+    System i = set * n_modes + mode; s and rate rows follow the kernels' ``i % rows`` rule.
+    The flat b0 is a fresh array when ``copy_b0``, else possibly a view of the caller's b0; the
+    flat s and rate may be views of the caller's arrays either way (the kernels only read them).
+    """
+    n_modes, n_edges, n_paths = system.s.shape[0], system.n_edges, system.path_ptr.size - 1
+    b0_arr, b0_usable = _finite_input(b0, "b0")
+    b0_shape = b0_arr.shape
+    if s is None and rate is None and (b0_shape == (n_modes, n_edges) or b0_shape == (n_edges,)):
         # the common call: one parameter set, the system's own s and rate
-        b0_flat = np.empty((n_modes, n_edges))
-        b0_flat[...] = b0_arr
+        if b0_usable and not copy_b0 and b0_arr.size == n_modes * n_edges:
+            b0_flat = b0_arr.reshape(n_modes, n_edges)
+        else:
+            b0_flat = np.empty((n_modes, n_edges))
+            b0_flat[...] = b0_arr
         return b0_flat, system.s, system.rate.reshape(1, n_edges), system.s, (n_modes,)
-    set_sizes = {}
-    if b0_arr.ndim not in (1, 2, 3) or b0_arr.shape[-1] != n_edges or (
-            b0_arr.ndim >= 2 and b0_arr.shape[-2] != n_modes):
+    b0_ndim = len(b0_shape)
+    if b0_ndim not in (1, 2, 3) or b0_shape[-1] != n_edges or (
+            b0_ndim >= 2 and b0_shape[-2] != n_modes):
         raise DataError(f"b0 must have shape ({n_edges},), ({n_modes}, {n_edges}) or "
-                        f"(n_sets, {n_modes}, {n_edges}), got {b0_arr.shape}")
-    if b0_arr.ndim == 3:
-        set_sizes["b0"] = b0_arr.shape[0]
-    s_arr = None
+                        f"(n_sets, {n_modes}, {n_edges}), got {b0_shape}")
+    # the number of parameter sets b0, s and rate each give (None: no set axis)
+    b0_sets = b0_shape[0] if b0_ndim == 3 else None
+    s_sets = rate_sets = None
     if s is not None:
-        s_arr = _finite_float(s, "s")
-        if s_arr.ndim not in (2, 3) or s_arr.shape[-2:] != (n_modes, n_paths):
+        s_arr, s_usable = _finite_input(s, "s")
+        s_shape = s_arr.shape
+        if len(s_shape) not in (2, 3) or s_shape[-2:] != (n_modes, n_paths):
             raise DataError(f"s must have shape ({n_modes}, {n_paths}) or (n_sets, {n_modes}, "
-                            f"{n_paths}), got {s_arr.shape}")
-        if s_arr.ndim == 3:
-            set_sizes["s"] = s_arr.shape[0]
-    rate_arr = None
+                            f"{n_paths}), got {s_shape}")
+        if len(s_shape) == 3:
+            s_sets = s_shape[0]
     if rate is not None:
-        rate_arr = _finite_float(rate, "rate")
+        rate_arr, rate_usable = _finite_input(rate, "rate")
         if rate_arr.ndim not in (1, 2) or rate_arr.shape[-1] != n_edges:
             raise DataError(f"rate must have shape ({n_edges},) or (n_sets, {n_edges}), got "
                             f"{rate_arr.shape}")
         if rate_arr.ndim == 2:
-            set_sizes["rate"] = rate_arr.shape[0]
-    if len(set(set_sizes.values())) > 1:
-        raise DataError(f"b0, s and rate disagree on the number of parameter sets: {set_sizes}")
-    n_sets = next(iter(set_sizes.values()), 1)
-    if n_sets < 1:
-        raise DataError("the number of parameter sets must be at least 1")
-    lead = (n_sets, n_modes) if set_sizes else (n_modes,)
+            rate_sets = rate_arr.shape[0]
+    n_sets = b0_sets if b0_sets is not None else s_sets if s_sets is not None else rate_sets
+    if n_sets is None:
+        n_sets, lead = 1, (n_modes,)
+    else:
+        if (s_sets is not None and s_sets != n_sets) or (rate_sets is not None
+                                                         and rate_sets != n_sets):
+            given = {name: n for name, n in (("b0", b0_sets), ("s", s_sets), ("rate", rate_sets))
+                     if n is not None}
+            raise DataError(f"b0, s and rate disagree on the number of parameter sets: {given}")
+        if n_sets < 1:
+            raise DataError("the number of parameter sets must be at least 1")
+        lead = (n_sets, n_modes)
+    n_sys = n_sets * n_modes
 
-    b0_flat = np.empty((n_sets * n_modes, n_edges))
-    b0_flat.reshape(n_sets, n_modes, n_edges)[...] = b0_arr
-    if s_arr is None:
+    if b0_usable and not copy_b0 and b0_arr.size == n_sys * n_edges:
+        b0_flat = b0_arr.reshape(n_sys, n_edges)  # b0 already holds every system's row
+    else:
+        b0_flat = np.empty((n_sys, n_edges))
+        b0_flat.reshape(n_sets, n_modes, n_edges)[...] = b0_arr
+    if s is None:
         s_flat = system.s
+    elif s_usable:
+        s_flat = s_arr.reshape(-1, n_paths)
     else:
         s_flat = np.ascontiguousarray(s_arr.reshape(-1, n_paths))
-    s_used = s_flat.reshape(-1, n_paths)
-    if s_used.shape[0] != n_sets * n_modes:
-        s_used = np.broadcast_to(s_used.reshape(-1, n_modes, n_paths), (n_sets, n_modes, n_paths))
-    s_used = s_used.reshape(lead + (n_paths,))
-    if rate_arr is None:
-        rate_flat = system.rate[None, :]
+    if s_sets is not None and s_usable:
+        s_used = s_arr  # already (n_sets, n_modes, n_paths), and what the kernels read
+    elif s_flat.shape[0] == n_sys:
+        s_used = s_flat.reshape(lead + (n_paths,))
+    else:
+        s_used = np.broadcast_to(s_flat.reshape(-1, n_modes, n_paths), (n_sets, n_modes, n_paths))
+    if rate is None:
+        rate_flat = system.rate.reshape(1, n_edges)
     elif rate_arr.ndim == 1:
-        rate_flat = np.ascontiguousarray(rate_arr[None, :])
+        rate_flat = (rate_arr if rate_usable else np.ascontiguousarray(rate_arr)).reshape(
+            1, n_edges)
     else:
         rate_flat = np.ascontiguousarray(np.repeat(rate_arr, n_modes, axis=0))
     return b0_flat, s_flat, rate_flat, s_used, lead
@@ -336,12 +397,12 @@ def _ode_schedule(t_end, save_at) -> tuple[float, np.ndarray]:
         raise DataError("save_at must be an array of numbers") from None
     if t.ndim != 1 or t.size < 1:
         raise ConfigError(f"save_at must be a non-empty 1-d array of times, got shape {t.shape}")
-    code = _value_check(t, increasing=True)
+    code = _value_check(t, True)
     if code == 1:
         raise DataError("save_at holds NaN or inf values")
     if code == 2:
         raise ConfigError("save_at must be strictly increasing")
-    t0_value, last = float(t[0]), float(t[-1])
+    t0_value, last = t.item(0), t.item(-1)
     if t0_value < 0.0:
         raise ConfigError(f"save_at must start at t >= 0, got {t0_value}")
     t_end_value = last if t_end is None else _positive(t_end, "t_end")
@@ -434,7 +495,7 @@ def _run(backend: str, kernel: str, args: tuple, threads: int | None, out: np.nd
         if threads is not None and threads > C_MAX_THREADS:
             raise ConfigError(f"threads={threads}: the C core starts at most {C_MAX_THREADS}")
         n_threads = _default_c_threads() if threads is None else threads
-        return getattr(_race, kernel)(*args, threads=n_threads, out=out)
+        return getattr(_race, kernel)(*args, n_threads, out)  # threads, out
 
     import numba
 

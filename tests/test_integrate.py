@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -9,7 +12,7 @@ from scipy.integrate import quad, solve_ivp
 from test_race_system import race_systems
 
 from fastrace.errors import ConfigError, DataError, DivergenceError, IntegrationError
-from fastrace.integrate import RaceSolution, integrate_system
+from fastrace.integrate import RaceSolution, _flatten_batch, integrate_system
 from fastrace.system import RaceSystem
 
 K, M = 4, 7
@@ -319,6 +322,211 @@ def test_max_steps_failure_raises_or_returns_status():
     assert info.value.solution.status[0] == 1
     sol = integrate_system(system, [0.1, 0.1], t_end=10.0, max_steps=3, check=False)
     assert not sol.ok and np.isnan(sol.b[-1]).all() and sol.failures()
+
+
+# ------------------------------------------------------------------------------------------
+# the front end: arrays the C core can read as they are skip copies; nothing else changes
+
+
+def array_forms(values: np.ndarray) -> dict:
+    """The same numbers as a C-contiguous float64 array (read as it is) and in forms that
+    must be converted first."""
+    values = np.asarray(values, dtype=np.float64)
+    wide = np.zeros(values.shape[:-1] + (2 * values.shape[-1],))
+    wide[..., ::2] = values
+    read_only = values.copy()
+    read_only.flags.writeable = False
+    return {"c": values.copy(), "list": values.tolist(), "strided": wide[..., ::2],
+            "fortran": np.asfortranarray(values), "read_only": read_only,
+            "float32": values.astype(np.float32)}
+
+
+def naive_batch(system, b0, s, rate):
+    """Every system's (b0, s, rate) row, (n_sets, n_modes, ...), and the lead shape, by
+    broadcasting the documented shapes; n_sets = 1 without a set axis."""
+    b0 = np.asarray(b0, dtype=np.float64)
+    s = system.s if s is None else np.asarray(s, dtype=np.float64)
+    rate = system.rate if rate is None else np.asarray(rate, dtype=np.float64)
+    sets = [x.shape[0] for x, ndim in ((b0, 3), (s, 3), (rate, 2)) if x.ndim == ndim]
+    n_sets = sets[0] if sets else 1
+    shape = (n_sets, system.n_modes)
+    rows = (np.broadcast_to(b0, shape + (system.n_edges,)),
+            np.broadcast_to(s, shape + (system.n_paths,)),
+            np.broadcast_to(rate[:, None, :] if rate.ndim == 2 else rate,
+                            shape + (system.n_edges,)))
+    return rows, shape if sets else shape[1:]
+
+
+@pytest.mark.parametrize("b0_shape, s_shape, rate_shape", [
+    ((1, 1, 3), (1, 1, 1), None),  # the one-system benchmark call
+    ((3,), None, None), ((1, 3), None, None), ((1, 3), (1, 1), (3,)), ((4, 1, 3), None, (3,)),
+    ((3,), (4, 1, 1), None), ((3,), None, (4, 3)), ((4, 1, 3), (4, 1, 1), (4, 3)),
+])
+@pytest.mark.parametrize("copy_b0", [False, True])
+def test_flatten_batch_matches_naive_broadcasting(b0_shape, s_shape, rate_shape, copy_b0):
+    """Whatever form b0, s and rate come in, and whether or not the flat b0 may share memory
+    with the caller's, system i = set * n_modes + mode gets the same rows."""
+    rng = np.random.default_rng(3)
+    system = routing_system([3.0])
+    given_values = [None if shape is None else rng.uniform(0.1, 2.0, shape)
+                    for shape in (b0_shape, s_shape, rate_shape)]
+    for form in array_forms(given_values[0]):
+        forms = [None if x is None else array_forms(x)[form] for x in given_values]
+        (b0_rows, s_rows, rate_rows), lead = naive_batch(system, *forms)
+        n_sys = b0_rows.shape[0] * b0_rows.shape[1]
+        b0_flat, s_flat, rate_flat, s_used, lead_got = _flatten_batch(system, *forms,
+                                                                      copy_b0=copy_b0)
+        assert lead_got == lead
+        np.testing.assert_array_equal(b0_flat, b0_rows.reshape(n_sys, -1))
+        i = np.arange(n_sys)
+        np.testing.assert_array_equal(s_flat[i % s_flat.shape[0]], s_rows.reshape(n_sys, -1))
+        np.testing.assert_array_equal(rate_flat[i % rate_flat.shape[0]],
+                                      rate_rows.reshape(n_sys, -1))
+        np.testing.assert_array_equal(s_used, s_rows.reshape(lead + (-1,)))
+        for flat in (b0_flat, s_flat, rate_flat):  # what the C core accepts
+            assert flat.dtype == np.float64 and flat.ndim == 2 and flat.flags.c_contiguous
+            assert flat.flags.aligned
+        # b0 is read in place only when that is allowed and it is already the flat layout
+        b0_given = forms[0]
+        in_place = (not copy_b0 and isinstance(b0_given, np.ndarray)
+                    and b0_given.dtype == np.float64 and b0_given.flags.c_contiguous
+                    and b0_given.size == b0_flat.size)
+        assert np.shares_memory(b0_flat, b0_given) == in_place
+        if form == "c" and not copy_b0:
+            assert in_place == (b0_given.ndim == 3 or b0_flat.shape[0] == 1)
+
+
+def assert_same_solution(got: RaceSolution, want: RaceSolution) -> None:
+    for field in ("t", "b", "s", "status", "n_steps", "n_rejected", "events", "thresholds"):
+        a, b = getattr(got, field), getattr(want, field)
+        assert (a is None) == (b is None), field
+        if a is not None:
+            assert a.shape == b.shape and a.dtype == b.dtype, field
+            np.testing.assert_array_equal(a, b, err_msg=field)
+    assert (got.method, got.backend, got.system) == (want.method, want.backend, want.system)
+
+
+@pytest.mark.parametrize("n_sets", [1, 5])
+@pytest.mark.parametrize("backend, method", [("c", "auto"), ("c", "gd"), ("numba", "auto")])
+def test_arrays_read_in_place_give_the_converted_arrays_results(n_sets, backend, method):
+    """Inputs the kernels read as they are, converted copies, and an out buffer (b0 then always
+    copied) give the same bits; so does each set run alone."""
+    rng = np.random.default_rng(11)
+    system = routing_system([3.0, 1.0])
+    b0 = rng.uniform(0.1, 0.3, (n_sets, 2, 3))
+    s = rng.uniform(1.0, 5.0, (n_sets, 2, 1))
+    rate = system.rate * rng.uniform(0.5, 2.0, (n_sets, 1))
+    if method == "gd":
+        kwargs = dict(method="gd", lr=0.05, steps=60, save_at=np.arange(0, 61, 6))
+    else:
+        kwargs = dict(save_at=np.linspace(0.0, 40.0, 9), rtol=1e-8, atol=1e-10, events=0.5)
+    kwargs.update(backend=backend)
+    direct = integrate_system(system, b0, s=s, rate=rate, **kwargs)
+    for form in ("list", "strided", "fortran", "read_only"):
+        converted = integrate_system(system, array_forms(b0)[form], s=array_forms(s)[form],
+                                     rate=array_forms(rate)[form], **kwargs)
+        assert_same_solution(direct, converted)
+    buffer = np.full(direct.b.shape[1:-1] + (direct.b.shape[0], 3), np.nan)
+    buffered = integrate_system(system, b0, s=s, rate=rate, out=buffer, **kwargs)
+    assert np.shares_memory(buffered.b, buffer)
+    assert_same_solution(buffered, direct)
+    for k in range(n_sets):
+        alone = integrate_system(system.with_modes(s[k], [[1.0], [1.0]]), b0[k].tolist(),
+                                 rate=rate[k].tolist(), **kwargs)
+        np.testing.assert_array_equal(alone.b, direct.b[:, k])
+        np.testing.assert_array_equal(alone.n_steps, direct.n_steps[k])
+
+
+@pytest.mark.parametrize("lead", [(2,), (1, 2), (3, 2)])  # (n_modes,), (n_sets, n_modes)
+def test_solution_fields_are_the_cores_outputs_rearranged(lead):
+    """Against fastrace._race called directly on hand-flattened arguments: b[k, *idx] is
+    out[i, k], n_steps / n_rejected are stats columns 0 / 1, for system i = set * 2 + mode."""
+    from fastrace import _race
+
+    rng = np.random.default_rng(4)
+    system = routing_system([3.0, 1.0])
+    n_sets = lead[0] if len(lead) == 2 else 1
+    b0 = rng.uniform(0.1, 0.3, (3, 2, 3))[:n_sets].reshape(lead + (3,))
+    s = rng.uniform(1.0, 5.0, (3, 2, 1))[:n_sets].reshape(lead + (1,))
+    t = np.linspace(0.0, 30.0, 7)
+    sol = integrate_system(system, b0, s=s, save_at=t, events=0.4, max_steps=75, check=False)
+    out, events, status, stats = _race.auto(
+        system.path_ptr, system.path_edges, system.target_ptr, system.target_paths,
+        b0.reshape(-1, 3).copy(), s.reshape(-1, 1).copy(), system.d, system.rate[None, :].copy(),
+        0.0, 30.0, t, 1e-8, 1e-10, 0.0, 0.0, 75, np.full(1, 0.4))
+    assert (status != 0).any() and (status == 0).any()  # max_steps=75 stops some systems
+    for i, idx in enumerate(np.ndindex(lead)):
+        np.testing.assert_array_equal(sol.b[(slice(None),) + idx], out[i])
+        np.testing.assert_array_equal(sol.events[idx], events[i])
+        assert (sol.status[idx], sol.n_steps[idx], sol.n_rejected[idx]) == (
+            status[i], stats[i, 0], stats[i, 1])
+        np.testing.assert_array_equal(sol.s[idx], s[idx])
+    assert sol.b.shape == (7,) + lead + (3,) and sol.status.shape == lead
+
+
+@pytest.mark.parametrize("backend", ["c", "numba"])
+def test_b0_overlapping_out_is_read_before_it_is_overwritten(backend):
+    """b0 may lie in the memory of out (here: the first half of it, where the first systems'
+    trajectories go): b0 is copied before the kernels write."""
+    system = routing_system([3.0, 1.0])
+    b0 = np.random.default_rng(2).uniform(0.1, 0.3, (70, 2, 3))  # several lanes and chunks
+    kwargs = dict(save_at=[2.0, 5.0], threads=2, backend=backend)
+    want = integrate_system(system, b0, **kwargs)
+    buffer = np.empty((70, 2, 2, 3))
+    inside = buffer.reshape(-1)[:b0.size].reshape(b0.shape)
+    inside[...] = b0
+    got = integrate_system(system, inside, out=buffer, **kwargs)
+    np.testing.assert_array_equal(got.b, want.b)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(b0=np.full((2, 2, 3), 0.2), s=np.full((3, 2, 1), 2.0)), DataError,
+     "b0, s and rate disagree on the number of parameter sets: {'b0': 2, 's': 3}"),
+    (dict(b0=np.full((1, 2, 3), 0.2), s=np.full((2, 2, 1), 2.0), rate=np.ones((3, 3))),
+     DataError, "b0, s and rate disagree on the number of parameter sets: "
+     "{'b0': 1, 's': 2, 'rate': 3}"),
+    (dict(b0=np.full((3,), 0.2), rate=np.ones((4, 3)), s=np.full((2, 2, 1), 2.0)), DataError,
+     "b0, s and rate disagree on the number of parameter sets: {'s': 2, 'rate': 4}"),
+    (dict(b0=np.full((0, 2, 3), 0.2)), DataError,
+     "the number of parameter sets must be at least 1"),
+    (dict(b0=np.full((2, 2, 4), 0.2)), DataError,
+     "b0 must have shape (3,), (2, 3) or (n_sets, 2, 3), got (2, 2, 4)"),
+    (dict(b0=np.full((2, 3), np.inf)), DataError, "b0 holds NaN or inf values"),
+    (dict(b0=np.full((2, 2, 3), 0.2), s=np.full((2, 2, 1), np.nan)), DataError,
+     "s holds NaN or inf values"),
+    (dict(b0=np.full((2, 2, 3), 0.2), s=np.full((2, 1, 1), 1.0)), DataError,
+     "s must have shape (2, 1) or (n_sets, 2, 1), got (2, 1, 1)"),
+    (dict(b0=np.full((2, 2, 3), 0.2), rate=np.full(3, np.nan)), DataError,
+     "rate holds NaN or inf values"),
+    (dict(b0=np.full((2, 2, 3), 0.2), rate=np.ones((2, 2, 3))), DataError,
+     "rate must have shape (3,) or (n_sets, 3), got (2, 2, 3)"),
+    (dict(b0=np.full((1, 2, 3), 0.2), save_at=np.array([0.0, 1.0, 1.0])), ConfigError,
+     "save_at must be strictly increasing"),
+    (dict(b0=np.full((1, 2, 3), 0.2), save_at=np.array([0.0, np.inf])), DataError,
+     "save_at holds NaN or inf values"),
+])
+@pytest.mark.parametrize("form", ["c", "strided", "list"])
+def test_bad_batches_raise_the_same_error_in_every_form(kwargs, error, message, form):
+    args = {name: array_forms(value)[form] if value.size else value
+            for name, value in kwargs.items()}
+    args.setdefault("save_at", np.linspace(0.0, 2.0, 3))
+    with pytest.raises(error) as info:
+        integrate_system(routing_system([3.0, 1.0]), **args)
+    assert str(info.value) == message
+
+
+def test_solution_init_is_the_dataclass_one():
+    """RaceSolution's hand-written __init__ (cheaper than the generated one) takes and sets
+    exactly the fields, and the solution stays frozen."""
+    names = [field.name for field in dataclasses.fields(RaceSolution)]
+    assert list(inspect.signature(RaceSolution).parameters) == names
+    values = {name: object() for name in names}
+    by_name, by_position = RaceSolution(**values), RaceSolution(*values.values())
+    for sol in (by_name, by_position):
+        assert vars(sol) == values
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            sol.b = None
+    assert dataclasses.replace(by_name, method="gd").method == "gd"
 
 
 # ------------------------------------------------------------------------------------------
