@@ -21,4 +21,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             if base and b is not base[0]:
                 ratio = f"  ratio {b.stats.median / base[0].stats.median:7.2f}x"
             extra = {k: v for k, v in b.extra_info.items() if k != "baseline"}
-            write(f"  {b.name:<48s} median {b.stats.median * 1e3:10.3f} ms{ratio}  {extra or ''}")
+            write(f"  {b.name:<48s} median {_duration(b.stats.median)}{ratio}  {extra or ''}")
+
+
+def _duration(seconds: float) -> str:
+    """A median in ms, or in µs below 1 ms (one-system calls take tens of µs)."""
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:10.2f} µs"
+    return f"{seconds * 1e3:10.3f} ms"

@@ -84,6 +84,11 @@ class _Ops:
     def __init__(self) -> None:
         self.rows: list[list[int]] = []
         self.coef: list[list[float]] = []
+        self.sealed = 0  # rows before this one take no further operation by merging
+
+    def _open(self) -> bool:
+        """Whether the last row may absorb the next operation."""
+        return len(self.rows) > self.sealed
 
     def gemm(self, m: int, n: int, k: int, A: _Mat, B: _Mat, C: _Mat, alpha: float,
              beta: float = 1.0, scale_by_lr: int = 0) -> None:
@@ -92,7 +97,7 @@ class _Ops:
             m, n, A, B, C = n, m, B.flip(), A.flip(), C.flip()
         row = [2 * A.t + B.t, m, n, k, A.src, A.off, A.ld, B.src, B.off, B.ld, C.src, C.off,
                C.ld, scale_by_lr, 1, 0, 0]
-        if not (self.rows and self._merge(row, alpha, beta)):
+        if not (self._open() and self._merge(row, alpha, beta)):
             self.rows.append(row)
             self.coef.append([alpha, beta])
 
@@ -132,7 +137,7 @@ class _Ops:
             m, n, A, C = n, m, A.flip(), C.flip()
         row = [_AXPBY, m, n, int(A.t), A.src, A.off, A.ld, 0, 0, 0, C.src, C.off, C.ld,
                scale_by_lr, 1, 0, 0]
-        if not (self.rows and self._batch(row, alpha, beta)):
+        if not (self._open() and self._batch(row, alpha, beta)):
             self.rows.append(row)
             self.coef.append([alpha, beta])
 
@@ -273,7 +278,7 @@ class MomentsPlan:
         self.state_size = max(cursor, 1)
         # blocks are overwritten (beta = 0) by their first write in every evaluation, and blocks
         # no operation writes stay zero from the state's allocation: nothing is zeroed per step
-        self.layout = np.array([n_params, g_off, 0], dtype=np.int64)
+        self.layout = np.array([n_params, g_off, 0, 0], dtype=np.int64)
         g_transposed = {v: v not in outputs for v in G_off}
 
         def t_cols(v: str, col: int) -> _Mat:
@@ -381,6 +386,7 @@ class MomentsPlan:
         tables = {}
         for fused in (False, True):
             ops.rows, ops.coef = [list(r) for r in front[0]], [list(c) for c in front[1]]
+            ops.sealed = len(ops.rows)  # the loss rows stay as they are: see layout[3]
             written.clear()
             written.update(front[2])
             for v in reversed(order):
@@ -410,6 +416,9 @@ class MomentsPlan:
                                  sign * a, 1.0 if fused else first(("grad", e)), flag)
             tables[fused] = ops.arrays()
         self.ops_i, self.ops_f = tables[False]
+        # the kernels run the loss rows first and stop a run whose loss is not finite before
+        # any row updates its weights
+        self.layout[3] = len(front[0])
         #: the plan of one plain gradient-descent step (update fused into the gradient products)
         self.step_i, self.step_f = tables[True]
         # a fused step bounds each weight's change by norms of the update products' operands
@@ -505,12 +514,20 @@ class GradientEngine:
     # ------------------------------------------------------------------ packing
     def pack(self, weights: Mapping[str, object]) -> np.ndarray:
         """{edge: array} -> flat (n_params,) vector (validated)."""
-        W = check_weights(self.net, weights)
-        return np.concatenate([W[e].ravel() for e in self.edges])
+        return self.pack_many([weights])[0]
 
     def pack_many(self, runs: Sequence[Mapping[str, object]]) -> np.ndarray:
-        """A list of weight dicts -> (n_runs, n_params)."""
-        return np.stack([self.pack(w) for w in runs])
+        """A list of weight dicts -> (n_runs, n_params) (validated).
+
+        Each weight is copied once, straight into its place: wide layers make these copies
+        (and the page faults of fresh memory) a visible part of a short simulation."""
+        flat = np.empty((len(runs), self.n_params))
+        for row, weights in zip(flat, runs):
+            W = check_weights(self.net, weights)
+            for e in self.edges:
+                o, shape = self.offsets[e], self.shapes[e]
+                row[o:o + shape[0] * shape[1]].reshape(shape)[...] = W[e]
+        return flat
 
     def unpack(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         """Flat (n_params,) or (..., n_params) -> {edge: view of shape (..., out, in)}."""
@@ -600,7 +617,8 @@ class GradientEngine:
         Returns the loss of each run before each step, (n_runs, n_steps). A run whose loss or
         weights stop being finite, or whose weights exceed ``max_abs`` after any step, stops
         there: its later losses are NaN (``last_status``: per run, the number of steps after
-        which its state went bad, or -1).
+        which its state went bad, or -1), and its ``w`` (and velocity) are left as they were
+        at that point: the weights whose loss is not finite, or the weights that are bad.
         ``snapshot_steps`` (increasing step counts in 1..n_steps) and ``snapshots``
         (n_runs, len(snapshot_steps), n_params): the weights after those many steps are written
         there, so that many save points cost one call. ``parallel``: spread the runs over numba
@@ -637,16 +655,20 @@ class GradientEngine:
         for k in range(n_steps):
             L, G = self.loss_and_gradient(w)
             losses[active, k] = L[active]
+            # as in the kernels, a run whose loss is not finite stops before this step: its
+            # weights (and velocity) stay those the loss was evaluated at
+            bad_loss = active & ~np.isfinite(L)
+            move = active & ~bad_loss
             if weight_decay:
                 G += weight_decay * w
             if momentum:
-                velocity[active] = momentum * velocity[active] + G[active]
+                velocity[move] = momentum * velocity[move] + G[move]
                 step = velocity
             else:
                 step = G
-            w[active] -= lr[active, None] * step[active]
-            bad_loss = active & ~np.isfinite(L)
-            bad_w = active & ~bad_loss & ~(np.abs(w) <= max_abs).all(axis=1)
+            w[move] -= lr[move, None] * step[move]
+            with np.errstate(invalid="ignore"):  # the kernels' test: finite and within max_abs
+                bad_w = move & ~(np.isfinite(w) & (np.abs(w) <= max_abs)).all(axis=1)
             status[bad_loss] = k
             status[bad_w] = k + 1
             active &= ~(bad_loss | bad_w)

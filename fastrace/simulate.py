@@ -447,6 +447,8 @@ class _Recorder:
         self.writer = writer
         self.keep = keep
         self.snap_dtype = np.dtype(plan.weights_dtype)
+        #: whether a row needs the weights (else ``record`` takes W=None)
+        self.reads_weights = plan.svals or plan.save_weights or bool(quantities)
         self.spec = self._series_spec()
         self.row_bytes = sum(math.prod(shape) * dtype.itemsize
                              for shape, dtype in self.spec.values())
@@ -470,10 +472,11 @@ class _Recorder:
             spec[f"quantities/{name}"] = (tuple(shape), f8)
         return spec
 
-    def record(self, runs: Sequence[_RunState], W: np.ndarray, t: np.ndarray,
+    def record(self, runs: Sequence[_RunState], W: np.ndarray | None, t: np.ndarray,
                step: np.ndarray, loss: np.ndarray, eager: bool = False) -> None:
         """Record one row per weight vector: row ``i`` holds ``W[i]`` (n, n_params), ``t[i]``,
         ``step[i]`` and ``loss[i]`` and belongs to ``runs[i]``; each run's rows in order.
+        ``W`` may be None when no series needs the weights (``reads_weights`` is False).
 
         The values of all rows are computed in batched calls and copied into the runs'
         columns block by block: no Python work per row or per value. ``eager``: hand rows to
@@ -487,11 +490,15 @@ class _Recorder:
             at = _as_index(rows)
             self._store(r, {key: v[at] for key, v in values.items()}, len(rows), eager)
 
-    def _values(self, W: np.ndarray, t: np.ndarray, step: np.ndarray,
+    def _values(self, W: np.ndarray | None, t: np.ndarray, step: np.ndarray,
                 loss: np.ndarray) -> dict[str, np.ndarray]:
         """{series: (n, *row shape)} for the weight vectors ``W`` (n, n_params)."""
-        n = W.shape[0]
         values: dict[str, np.ndarray] = {"t": t, "step": step, "loss": loss}
+        if W is None:
+            if self.reads_weights:
+                raise AssertionError("the recorded series need the weights")
+            return values
+        n = W.shape[0]
         for e, M in self.engine.unpack(W).items():
             if self.plan.svals:
                 with np.errstate(all="ignore"):
@@ -672,8 +679,9 @@ def _drive_gd(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: np.
         if m == steps:
             if saving:
                 sel = idx[saving]
-                rec.record([active[k] for k in saving], W[sel], plan.lr[sel] * m,
-                           np.full(len(sel), m), engine.loss(W[sel]))
+                final = W[_as_index(sel.tolist())]  # a view when evenly spaced (no copy)
+                rec.record([active[k] for k in saving], final, plan.lr[sel] * m,
+                           np.full(len(sel), m), engine.loss(final))
             # The final checkpoint holds every row: the file is then written in the order it
             # is read, and no chunk flushed by the checkpoint is written again at close.
             for k, r in enumerate(active):
@@ -702,8 +710,9 @@ def _drive_gd(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: np.
 
         w = W if whole else W[idx]
         v = V if whole else V[idx]
-        # (the engine touches the velocity only with momentum)
-        w_start, v_start = w.copy(), (v.copy() if plan.momentum else v)
+        # the weights at m, for a row at m that needs them (the engine overwrites w); its loss
+        # is the first the engine computes
+        before = w[saving] if saving and rec.reads_weights else None  # (a copy)
         with np.errstate(all="ignore"):
             losses = engine.descend(w, v, plan.lr[idx], n, plan.momentum, plan.weight_decay,
                                     max_abs=plan.divergence_threshold,
@@ -712,7 +721,7 @@ def _drive_gd(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: np.
         status = engine.last_status
         last_good = np.where(status >= 0, status - 1, n).min() if len(status) else n
         if saving:  # the save point at m: weights before the chunk, loss of its first step
-            rec.record([active[k] for k in saving], w_start[saving], plan.lr[idx[saving]] * m,
+            rec.record([active[k] for k in saving], before, plan.lr[idx[saving]] * m,
                        np.full(len(saving), m), losses[saving, 0])
         good = 0  # save points before any divergence in this chunk: their rows are kept
         while good < inner.size and inner[good] - m <= last_good \
@@ -732,7 +741,7 @@ def _drive_gd(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: np.
         # the engine checks every weight after every step (status), and the losses here
         diverged = (status >= 0) | ~np.isfinite(losses).all(axis=1)
         if diverged.any():
-            raise _locate_gd_divergence(engine, plan, active, idx, w_start, v_start, n, m)
+            raise _gd_divergence(engine, plan, active, idx, w, losses, status, m)
         if not whole:
             W[idx] = w
             V[idx] = v
@@ -756,27 +765,36 @@ def _row_batches(n: int, size: int, taper: bool) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def _locate_gd_divergence(engine: GradientEngine, plan: _Plan, active: list[_RunState],
-                          idx: np.ndarray, w: np.ndarray, v: np.ndarray, n: int,
-                          m: int) -> DivergenceError:
-    """Replay a chunk step by step (the engine is deterministic) to find the first bad step."""
-    lr = plan.lr[idx]
-    for j in range(n):
-        before = w.copy()
-        with np.errstate(all="ignore"):
-            losses = engine.descend(w, v, lr, 1, plan.momentum, plan.weight_decay)[:, 0]
-        bad_loss = ~np.isfinite(losses)
-        if bad_loss.any():
-            k = int(np.argmax(bad_loss))
-            return _divergence(engine, plan, active[k], m + j, float(lr[k] * (m + j)), "loss",
-                               before[k], float(losses[k]))
-        bad_w = _weights_bad(w, plan.divergence_threshold)
-        if bad_w.any():
-            k = int(np.argmax(bad_w))
-            return _divergence(engine, plan, active[k], m + j + 1, float(lr[k] * (m + j + 1)),
-                               "weights", w[k])
-    # not reproduced on replay: cannot happen with a deterministic engine; report the chunk end
-    return DivergenceError(f"a run diverged between steps {m} and {m + n}", step=m + n)
+def _gd_divergence(engine: GradientEngine, plan: _Plan, active: list[_RunState],
+                   idx: np.ndarray, w: np.ndarray, losses: np.ndarray, status: np.ndarray,
+                   m: int) -> DivergenceError:
+    """The first divergence in a chunk of steps from ``m``, read off where the engine stopped.
+
+    The engine stops a run at its first bad state and leaves it there (``descend``). Status
+    k means either that the weights w after k ≥ 1 steps are bad (not finite or above the
+    threshold: the engine's test), or that the loss of the weights after k steps is not
+    finite; those weights are then w, and they passed the test (or are the chunk's start,
+    k = 0). Events are taken in the order a step-by-step descent meets them: after j steps
+    the weights are checked, then their loss; at equal events the first run.
+    """
+    n = losses.shape[1]
+    events = []
+    for k, stop in enumerate(status.tolist()):
+        if stop < 0:
+            continue
+        if stop > 0 and _weights_bad(w[k:k + 1], plan.divergence_threshold)[0]:
+            events.append((stop - 1, 1, k))
+        else:
+            events.append((stop, 0, k))
+    if not events:  # cannot happen: a non-finite loss stops a run
+        return DivergenceError(f"a run diverged between steps {m} and {m + n}", step=m + n)
+    j, weights_bad, k = min(events)
+    lr = plan.lr[idx[k]]
+    if weights_bad:
+        return _divergence(engine, plan, active[k], m + j + 1, float(lr * (m + j + 1)),
+                           "weights", w[k])
+    return _divergence(engine, plan, active[k], m + j, float(lr * (m + j)), "loss", w[k],
+                       float(losses[k, j]))
 
 
 # ====================================================================== gradient flow
@@ -982,14 +1000,15 @@ def _flow_outputs(engine: GradientEngine, plan: _Plan, rec: _Recorder, runs: lis
 
 # ====================================================================== results
 def _trajectory(plan: _Plan, rec: _Recorder, run: _RunState, final: np.ndarray,
-                status: str) -> Trajectory:
+                status: str, copy: bool = True) -> Trajectory:
+    """The run's Trajectory; its final weights are views of ``final`` unless ``copy``."""
     engine = rec.engine
 
     def group(prefix: str) -> dict[str, np.ndarray]:
         return {key[len(prefix):]: rec.column(run, key) for key in rec.series_spec()
                 if key.startswith(prefix)}
 
-    final_w = {e: a.copy() for e, a in engine.unpack(final).items()}
+    final_w = {e: a.copy() if copy else a for e, a in engine.unpack(final).items()}
     return Trajectory(run.name, rec.column(run, "t"), rec.column(run, "step"),
                       rec.column(run, "loss"), group("svals/"), group("quantities/"), final_w,
                       status, plan.trajectory_attrs(run.index),
@@ -1226,7 +1245,9 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
         rec.writer = writer
     runs = [_RunState(name, i) for i, name in enumerate(names)]
     _execute(eng, plan, runs, W, V, rec, writer, n_threads, progress)
-    result = [_trajectory(plan, rec, r, W[r.index], "complete") for r in runs]
+    # one run owns all of W: its final weights are views of it, not copies (a batch copies
+    # each run's, so that a trajectory kept alone does not hold the whole batch in memory)
+    result = [_trajectory(plan, rec, r, W[r.index], "complete", copy=n_runs > 1) for r in runs]
     return result if batch else result[0]
 
 

@@ -109,6 +109,62 @@ def test_divergence_is_reported_per_run():
     assert np.isnan(losses[1, -1])
 
 
+def test_a_stopped_run_is_left_where_it_went_bad():
+    # status k: the loss of the weights after k steps is not finite (w and the velocity are
+    # left at those), or the weights after k steps are bad (w holds them); either way w is
+    # what k steps from the start give, in both engines and every update rule (the fused plan
+    # knows the loss before it updates anything)
+    net, data, W = case(4, "binary", patterns=4)
+    stops = {}
+    for engine in ("moments", "samples"):
+        eng = GradientEngine(net, data, engine)
+        for momentum, max_abs in [(0.0, np.inf), (0.5, np.inf), (0.0, 1e4), (0.5, 1e4)]:
+            w, v = eng.pack(W)[None].copy(), np.zeros((1, eng.n_params))
+            with np.errstate(all="ignore"):
+                losses = eng.descend(w, v, np.array([5.0]), 50, momentum, max_abs=max_abs)
+            k = int(eng.last_status[0])
+            assert k > 0
+            if max_abs == np.inf:
+                assert not np.isfinite(losses[0, k]) and np.isfinite(w).all()
+            else:
+                assert np.abs(w).max() > max_abs and np.isfinite(losses[0, :k]).all()
+            w_k, v_k = eng.pack(W)[None].copy(), np.zeros((1, eng.n_params))
+            with np.errstate(all="ignore"):
+                eng.descend(w_k, v_k, np.array([5.0]), k, momentum)
+            np.testing.assert_array_equal(w, w_k)
+            np.testing.assert_array_equal(v, v_k)
+            stops[engine, momentum, max_abs] = k
+    assert all(stops["moments", m, a] == stops["samples", m, a] for _, m, a in stops)
+    # a weight that overflows to inf is bad weights at once, not a bad loss one step later
+    net = fr.Network()
+    net.add_node("x", 1).add_node("y", 1).add_edge("x", "y")
+    data = fr.Dataset({"x": np.ones((1, 1))}, {"y": np.ones((1, 1))})
+    for engine in ("moments", "samples"):
+        eng = GradientEngine(net, data, engine)
+        w = np.full((1, 1), 10.0)
+        with np.errstate(all="ignore"):
+            losses = eng.descend(w, np.zeros_like(w), np.array([1e308]), 5)
+        assert eng.last_status[0] == 1 and w[0, 0] == -np.inf
+        assert np.isfinite(losses[0, 0]) and np.isnan(losses[0, 1:]).all()
+
+
+def test_loss_rows_come_first():
+    # the kernels run a plan's first layout[3] rows, check the loss, then the rest: those rows
+    # must be the loss plan itself in every table, and no later row may add to the loss
+    from fastrace.engine import _DOT, _OUTPUT, _WEIGHTS
+
+    for net, data in [case(s)[:2] for s in (1, 2, 4)] + [(lambda t: (t.network, t.data))(
+            fr.tasks.routing())]:
+        plan = GradientEngine(net, data, "moments").plan
+        n = int(plan.layout[3])
+        assert n == len(plan.loss_i) > 0
+        assert not np.any(plan.loss_i[:, 10] == _WEIGHTS)
+        for ops_i, ops_f in ((plan.ops_i, plan.ops_f), (plan.step_i, plan.step_f)):
+            np.testing.assert_array_equal(ops_i[:n], plan.loss_i)
+            np.testing.assert_array_equal(ops_f[:n], plan.loss_f)
+            assert not np.isin(ops_i[n:, 0], [_DOT, _OUTPUT]).any()
+
+
 def test_loss_alone_equals_loss_with_gradient():
     net, data, W = case(11, "real", patterns=5)
     eng = GradientEngine(net, data, "moments")

@@ -162,6 +162,24 @@ def test_results_do_not_depend_on_threads():
             same_trajectory(a, b)
 
 
+def test_rows_without_weight_series_and_the_final_weights_of_one_run():
+    # rows of t and loss alone are recorded without touching the weights; a run's final
+    # weights are its own arrays, apart from the caller's and from another run's
+    net, data, W0 = case(5)
+    kw = dict(lr=0.05, steps=30, record_every=7, progress=False)
+    full = simulate(net, data, W0, **kw)
+    bare = simulate(net, data, W0, svals=False, **kw)
+    again = simulate(net, data, W0, svals=False, **kw)
+    assert bare.svals == {} and full.svals.keys() == set(net.edges)
+    for key in ("t", "step", "loss"):
+        np.testing.assert_array_equal(getattr(bare, key), getattr(full, key))
+    for e in net.edges:
+        np.testing.assert_array_equal(bare.final_weights[e], full.final_weights[e])
+        assert not np.shares_memory(bare.final_weights[e], W0[e])
+        assert not np.shares_memory(bare.final_weights[e], again.final_weights[e])
+        assert bare.final_weights[e].flags.writeable
+
+
 def test_record_schedules():
     net, data, W0 = case(2)
     run = simulate(net, data, W0, lr=0.01, steps=50, record_every=8, progress=False)
@@ -397,6 +415,32 @@ def test_divergence_names_step_edge_and_value(tmp_path):
     assert store.run_status(path, "seed_01").startswith("failed: stopped")
     with pytest.raises(fr.StoreError, match="diverged"):
         resume(path, net, data, run="seed_00")
+
+
+@pytest.mark.parametrize("lrs, winner", [([1.0, 5.0, 10.0, 3.0], 2), ([1.0, 30.0, 100.0, 100.0], 2)])
+def test_a_batch_reports_its_first_divergence(lrs, winner):
+    # runs of one engine call that diverge at different steps, by their loss or their
+    # weights: the batch reports what the earliest run reports alone, the weights after step
+    # k coming before the loss at them, and of equal runs the first
+    net, data, W0 = case(14)
+    kw = dict(steps=300, record_every=300, divergence_threshold=1e100, progress=False)
+    alone = []
+    for lr in lrs:
+        try:
+            simulate(net, data, W0, lr=lr, **kw)
+            alone.append(None)
+        except fr.DivergenceError as exc:
+            alone.append(exc)
+    first = min((e.step, e.quantity == "loss", i) for i, e in enumerate(alone) if e)[2]
+    assert first == winner  # the cases mix both kinds: see the parameters
+    assert {e.quantity == "loss" for e in alone if e} == {True, False}
+    with pytest.raises(fr.DivergenceError) as info:
+        simulate(net, data, [W0] * len(lrs), lr=lrs, **kw)
+    err, ref = info.value, alone[first]
+    assert err.run == f"seed_{first:02d}"
+    assert (err.step, err.quantity, err.value, err.edge) == (ref.step, ref.quantity, ref.value,
+                                                             ref.edge)
+    assert str(err) == str(ref).replace("'simulation'", repr(err.run))
 
 
 def test_overflow_without_threshold_is_reported():

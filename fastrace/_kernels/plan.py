@@ -158,9 +158,17 @@ def execute(fn, ops_i, ops_f, const, st, w, lr, bound_updates, ints, flts, chars
     to scale by lr: the sum of |alpha| ‖A‖ ‖B‖ (Frobenius norms) over them, as every entry of
     a product is at most the product of the norms; inf when an update is not of that form.
     """
+    return _execute_rows(fn, ops_i, ops_f, 0, ops_i.shape[0], const, st, w, lr, bound_updates,
+                         ints, flts, chars)
+
+
+@numba.njit(cache=True, nogil=True)
+def _execute_rows(fn, ops_i, ops_f, first, stop, const, st, w, lr, bound_updates, ints, flts,
+                  chars):
+    """``execute`` for the operations ``first`` .. ``stop`` - 1 of the plan."""
     acc = 0.0
     growth = 0.0
-    for o in range(ops_i.shape[0]):
+    for o in range(first, stop):
         code = ops_i[o, 0]
         m = ops_i[o, 1]
         n = ops_i[o, 2]
@@ -244,13 +252,16 @@ def descend_one(fn, ops_i, ops_f, fused, const, st, w, v, layout, lr, momentum, 
     """``n_steps`` evaluations (and, with ``update``, descent steps) of one run, in place.
 
     w, v: the run's weights and velocity (v is read and written only with momentum).
-    layout = (n_params, g_off, bound_updates): the gradient is st[g_off:g_off + n_params].
-    losses[s] receives the loss before step s; snaps[j] the weights after snap_steps[j] steps
-    (increasing, 1..n_steps). ``fused``: the plan itself applies the plain gradient-descent
-    update. Returns -1, or the number k of steps after which the state went bad and the run
-    stopped: the loss of the weights after k steps is not finite, or (with ``update``) a
-    weight after k steps is not finite or exceeds ``max_abs`` in magnitude. Snapshots after
-    k are not taken.
+    layout = (n_params, g_off, bound_updates, n_loss): the gradient is
+    st[g_off:g_off + n_params], and the first n_loss operations of the plan compute the loss
+    (they write no weights). losses[s] receives the loss before step s; snaps[j] the weights
+    after snap_steps[j] steps (increasing, 1..n_steps). ``fused``: the plan itself applies
+    the plain gradient-descent update. Returns -1, or the number k of steps after which the
+    state went bad and the run stopped: the loss of the weights after k steps is not finite
+    (w and v are then left as they were after k steps: the loss is known before any
+    operation updates them), or (with ``update``) a weight after k steps is not finite or
+    exceeds ``max_abs`` in magnitude (w holds those weights). Snapshots after k are not
+    taken.
 
     With ``bound_updates`` (plans whose update operands are much smaller than the weights) a
     fused descent does not scan the weights every step: it keeps an upper bound on every
@@ -258,18 +269,24 @@ def descend_one(fn, ops_i, ops_f, fused, const, st, w, v, layout, lr, momentum, 
     scans only when that bound is not below ``max_abs``, so the verdict is the same.
     """
     n_params, g_off, bound_updates = layout[0], layout[1], layout[2] != 0
+    n_ops = ops_i.shape[0]
+    n_loss = min(layout[3], n_ops)
     ints, flts, chars = _scratch()
     g = st[g_off:g_off + n_params]
     track = fused and update and bound_updates
     bound = np.sqrt(_sum_of_squares(w)) if track else np.nan
     snap = 0
     for s in range(n_steps):
-        # a fused plan applies this step's update itself (ops flagged to scale by lr)
-        acc, growth = execute(fn, ops_i, ops_f, const, st, w, lr, track, ints, flts, chars)
+        acc, growth = _execute_rows(fn, ops_i, ops_f, 0, n_loss, const, st, w, lr, track, ints,
+                                    flts, chars)
         loss = loss_const + acc
         losses[s] = loss
         if not np.isfinite(loss):
             return s
+        # the gradient; a fused plan applies this step's update itself (ops flagged to scale
+        # by lr)
+        acc, growth = _execute_rows(fn, ops_i, ops_f, n_loss, n_ops, const, st, w, lr, track,
+                                    ints, flts, chars)
         if update:
             if fused:
                 bound = (bound + growth) * (1.0 + _SLACK) if track else np.nan
