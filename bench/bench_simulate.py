@@ -9,6 +9,7 @@ and ratios to fastrace within each group.
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import numpy as np
@@ -412,3 +413,47 @@ def test_hdf5_overhead(benchmark, routing, tmp_path, stream):
                     save_weights=True, out=out)
 
     benchmark.pedantic(run, rounds=5, warmup_rounds=1)
+
+
+def _plain_h5py_write(path, trajectory) -> None:
+    """The same rows (weights, singular values, t, loss) written into a new file with plain
+    h5py, one write per series, no chunking or threads: what putting these bytes into a fresh
+    file costs on this machine by itself."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        for name, rows in {"t": trajectory.t, "loss": trajectory.loss,
+                           **{f"svals/{e}": s for e, s in trajectory.svals.items()},
+                           **{f"weights/{e}": w for e, w in trajectory.snapshots.items()}}.items():
+            f.create_dataset(name, data=rows)
+
+
+@pytest.mark.benchmark(group="HDF5 interleaved: routing 500 steps, weights every step")
+def test_hdf5_overhead_interleaved(benchmark, routing, tmp_path):
+    """In-memory and streamed runs alternating round by round (both see the same load and the
+    same leftover threads of earlier benchmarks), and the plain-h5py cost of the same bytes."""
+    task, weights = routing
+
+    def run(out=None):
+        start = time.perf_counter()
+        traj = fr.simulate(task.network, task.data, weights, lr=LR, steps=STEPS,
+                           record_every=1, save_weights=True, out=out)
+        return time.perf_counter() - start, traj
+
+    run()
+    run(tmp_path / "warm.h5")
+    memory, streamed, plain = [], [], []
+    for k in range(7):
+        elapsed, traj = run()
+        memory.append(elapsed)
+        streamed.append(run(tmp_path / f"streamed{k}.h5")[0])
+        start = time.perf_counter()
+        _plain_h5py_write(tmp_path / f"plain{k}.h5", traj)
+        plain.append(time.perf_counter() - start)
+    mem, st, pl = (float(np.median(x)) for x in (memory, streamed, plain))
+    benchmark.extra_info["in memory (ms)"] = round(mem * 1e3, 1)
+    benchmark.extra_info["streamed (ms)"] = round(st * 1e3, 1)
+    benchmark.extra_info["overhead %"] = round(100 * (st / mem - 1), 1)
+    benchmark.extra_info["plain h5py write of the same rows (ms)"] = round(pl * 1e3, 1)
+    benchmark.extra_info["load average"] = round(os.getloadavg()[0], 2)
+    benchmark.pedantic(time.sleep, args=(0,), rounds=1)
