@@ -35,6 +35,10 @@ _KERNELS = {"dopri5": "dopri5", "rosenbrock": "rodas3", "auto": "auto"}
 BACKENDS = ("auto", "numba", "c")
 #: most threads one call of the C core starts
 C_MAX_THREADS = 64
+# Fresh outputs at least this large are filled with NaN before the numba kernels write them,
+# as the C core does (csrc/_race.c, PREFILL_BYTES): one sequential first touch of gigabytes of
+# new memory costs far less, and varies far less, than the kernel threads faulting it in.
+_PREFILL_BYTES = 1 << 24
 #: status codes of the integrators (csrc/race.h ``enum race_status``)
 STATUS_MESSAGES = {
     0: "ok",
@@ -513,7 +517,11 @@ def _run(backend: str, kernel: str, args: tuple, threads: int | None, out: np.nd
         # outputs allocated by numpy (huge pages for large arrays), written by the kernel
         n_sys, n_edges = args[4].shape
         n_out = args[9].size if kernel == "gd" else args[10].size
-        results = (np.empty((n_sys, n_out, n_edges)) if out is None else out,)
+        if out is None:
+            out = np.empty((n_sys, n_out, n_edges))
+            if out.nbytes >= _PREFILL_BYTES:
+                out.fill(np.nan)  # first touch in one pass: see _PREFILL_BYTES
+        results = (out,)
         if kernel != "gd":
             results += (np.empty((n_sys, st[0])),)
         results += (np.empty(n_sys, dtype=np.int64), np.zeros((n_sys, 3), dtype=np.int64))

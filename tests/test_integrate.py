@@ -275,6 +275,26 @@ def test_out_buffer_receives_the_trajectories(backend, method):
     np.testing.assert_array_equal(buffer.transpose(1, 0, 2), ref.b)
 
 
+@pytest.mark.parametrize("backend", ["c", "numba"])
+def test_large_fresh_outputs_prefilled_equal_written_buffers(backend):
+    """Outputs of 16 MB and more are first filled in one pass (page faults) before the kernels
+    write them: the trajectories must be those written into a user buffer of garbage, and the
+    rows after a system stopped (here: too few steps allowed for most) NaN in both."""
+    n_sys, save_at = 700, np.linspace(0.0, 30.0, 1000)  # 700 x 1000 x 3 doubles = 16.8 MB
+    system = routing_system([3.0])
+    s = np.linspace(1.0, 10.0, n_sys).reshape(n_sys, 1, 1)
+    kwargs = dict(s=s, save_at=save_at, backend=backend, check=False, max_steps=40)
+    fresh = integrate_system(system, np.full((n_sys, 1, 3), 0.2), **kwargs)
+    assert fresh.b.nbytes >= 1 << 24
+    garbage = np.full((n_sys, 1, save_at.size, 3), 123.0)
+    written = integrate_system(system, np.full((n_sys, 1, 3), 0.2), out=garbage, **kwargs)
+    np.testing.assert_array_equal(fresh.b, written.b)
+    stopped = fresh.status[:, 0] != 0
+    assert stopped.sum() > n_sys // 2 and np.isnan(fresh.b[-1, stopped]).all()
+    assert np.isfinite(fresh.b[:, ~stopped]).all() and np.isfinite(fresh.b[0]).all()
+    assert not (fresh.b == 123.0).any()
+
+
 @pytest.mark.parametrize("bad", [np.zeros((2, 16, 4)), np.zeros((2, 16, 3), dtype=np.float32),
                                  np.zeros((2, 16, 6))[:, :, ::2], "read-only", [[0.0]]])
 def test_out_buffer_is_checked(bad):
