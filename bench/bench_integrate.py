@@ -11,10 +11,12 @@ lanes); the numba backend (prange, one system at a time per thread) is a second 
 ``dopri5`` and ``rosenbrock`` alone are extra rows on 1000 systems (DOPRI5 alone is
 stability-capped after convergence: thousands of steps per system).
 
-Output memory: N = 10⁵ systems x 1000 times x 3 edges is 2.4 GB.  On this virtual machine the
-first touch of fresh memory costs 1-4 s (kernel page clearing, seen in ``perf``), more than
-either integrator, and varies from run to run.  So every tool is timed twice: writing into a
-fresh array (what a single call costs) and into a buffer allocated once and reused (what each
+Output memory: N = 10⁵ systems x 1000 times x 3 edges is 2.4 GB.  On this virtual machine a
+process's first gigabytes of new memory cost ~3 s extra (page clearing of memory the host has
+not backed yet), so the fresh-array group first touches and frees that much once
+(``warm_memory``); fresh arrays then cost each tool its page faults (~0.2-0.3 s per 2.4 GB; the
+C core and the numba backend fill outputs of 16 MB or more in one pass before their threads
+write).  Every tool is also timed writing into a buffer allocated once and reused (what each
 call of a sweep costs, and the integrators' own speed): ``integrate_system(..., out=buf)`` and
 numbalsoda's loop writing into ``buf``.
 
@@ -135,6 +137,19 @@ def scipy_vectorised(s):
 
 # ------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
+def warm_memory():
+    """Touch and free the N = 10⁵ output's worth of memory twice before the fresh-array group.
+
+    A process's first gigabytes of new memory cost this virtual machine ~3 s extra (the guest
+    kernel clears pages the host has not backed yet); afterwards fresh arrays cost ~0.2 s per
+    2.4 GB. Without this, whichever tool runs first in the group pays that once-per-process
+    cost."""
+    for _ in range(2):
+        block = np.ones((100_000, N_OUT, 3))
+        del block
+
+
+@pytest.fixture(scope="module")
 def system():
     sysm = routing_mode_system()
     run_fastrace(sysm, workload(4), "numba")  # compile / load the cache (one kernel, all methods)
@@ -156,7 +171,7 @@ REUSED = "routing mode systems, output buffer reused"
 @pytest.mark.parametrize("n", [1_000, 100_000])
 @pytest.mark.parametrize("backend", ["c", "numba"])
 @pytest.mark.benchmark(group=GROUP)
-def test_fastrace_auto(benchmark, system, n, backend):
+def test_fastrace_auto(benchmark, system, n, backend, warm_memory):
     benchmark.group = f"{GROUP}, N={n}"
     s = workload(n)
     benchmark.extra_info.update(n=n, backend=backend, baseline=backend == "c")
@@ -179,7 +194,7 @@ def test_fastrace_one_method(benchmark, system, n, method):
 
 @pytest.mark.parametrize("n", [1_000, 100_000])
 @pytest.mark.benchmark(group=GROUP)
-def test_numbalsoda_lsoda(benchmark, lsoda_run, n):
+def test_numbalsoda_lsoda(benchmark, lsoda_run, n, warm_memory):
     benchmark.group = f"{GROUP}, N={n}"
     s = workload(n)
     benchmark.extra_info["n"] = n
