@@ -576,9 +576,10 @@ static void thetas(int64_t count, const double *restrict tk, double t, double h,
         theta[k] = (tk[k] - t) * hinv;
 }
 
-/* The row loops below with n a constant for the usual small systems (their inner loop then
- * unrolls) and a variable otherwise; ROWS_BY_SIZE(body, n, args) calls body(n, args). */
-#define ROWS_BY_SIZE(body, n, ...)                                                              \
+/* BY_SMALL_SIZE(body, n, args) calls body(n, args) with n a constant for the usual small
+ * systems (the loops of an inlined body then unroll), with the variable n otherwise: the
+ * output rows and the dense LU below use it. */
+#define BY_SMALL_SIZE(body, n, ...)                                                              \
     switch (n) {                                                                                \
     case 1: body(1, __VA_ARGS__); break;                                                        \
     case 2: body(2, __VA_ARGS__); break;                                                        \
@@ -611,7 +612,7 @@ static void dp_rows(int64_t n, int64_t count, const double *tk, double t, double
                     const double *y, const double *rc2, const double *rc3, const double *rc4,
                     const double *rc5, double *out)
 {
-    ROWS_BY_SIZE(dp_rows_n, n, count, tk, t, h, y, rc2, rc3, rc4, rc5, out)
+    BY_SMALL_SIZE(dp_rows_n, n, count, tk, t, h, y, rc2, rc3, rc4, rc5, out)
 }
 
 static inline ALWAYS_INLINE void hermite_rows_n(int64_t n, int64_t count, const double *tk, double t,
@@ -637,7 +638,7 @@ static void hermite_rows(int64_t n, int64_t count, const double *tk, double t, d
                          const double *y, const double *c1, const double *c2, const double *c3,
                          double *out)
 {
-    ROWS_BY_SIZE(hermite_rows_n, n, count, tk, t, h, y, c1, c2, c3, out)
+    BY_SMALL_SIZE(hermite_rows_n, n, count, tk, t, h, y, c1, c2, c3, out)
 }
 
 /* kind 0: DOPRI5 (c = rc2..rc5), 1: cubic Hermite (c = c1..c3) */
@@ -887,7 +888,7 @@ int race_dopri5(const race_system *sys, const double *s, const double *d, const 
 /* dense LU with partial pivoting (n is small)                                              */
 
 /* Factor a (n x n, row-major) in place as P a = L U; returns 0, or 1 when singular. */
-static int lu_factor(int64_t n, double *a, int64_t *piv)
+static inline ALWAYS_INLINE int lu_factor_n(int64_t n, double *a, int64_t *piv)
 {
     for (int64_t k = 0; k < n; ++k) {
         int64_t p = k;
@@ -918,8 +919,18 @@ static int lu_factor(int64_t n, double *a, int64_t *piv)
     return 0;
 }
 
+static int lu_factor(int64_t n, double *a, int64_t *piv)
+{
+    switch (n) {
+    case 2: return lu_factor_n(2, a, piv);
+    case 3: return lu_factor_n(3, a, piv);
+    case 4: return lu_factor_n(4, a, piv);
+    default: return lu_factor_n(n, a, piv);
+    }
+}
+
 /* Solve (P^T L U) x = b in place. */
-static void lu_solve(int64_t n, const double *a, const int64_t *piv, double *b)
+static inline ALWAYS_INLINE void lu_solve_n(int64_t n, const double *a, const int64_t *piv, double *b)
 {
     for (int64_t k = 0; k < n; ++k) {
         if (piv[k] != k) {
@@ -936,6 +947,12 @@ static void lu_solve(int64_t n, const double *a, const int64_t *piv, double *b)
             b[i] -= a[i * n + j] * b[j];
         b[i] = b[i] / a[i * n + i];
     }
+}
+
+
+static void lu_solve(int64_t n, const double *a, const int64_t *piv, double *b)
+{
+    BY_SMALL_SIZE(lu_solve_n, n, a, piv, b)
 }
 
 /* ---------------------------------------------------------------------------------------- */
