@@ -194,7 +194,9 @@ static void rhs_eval(const race_system *sys, const double *s, const double *d, c
      * suffixes */
     double *pi = work, *r = work + np, *pre = work + 2 * np;
 
-    if (np == 1 && path_ptr[1] - path_ptr[0] == n) { /* one path through every edge */
+    /* one path through every edge, with itself as its only target (T(0) = {0}; an empty T(0)
+     * is valid and takes the general loop) */
+    if (np == 1 && path_ptr[1] - path_ptr[0] == n && target_ptr[1] - target_ptr[0] == 1) {
         switch (n) {
         case 1: rhs_one_path(1, path_edges, rate, s[0], d[0], b, db); return;
         case 2: rhs_one_path(2, path_edges, rate, s[0], d[0], b, db); return;
@@ -563,8 +565,8 @@ static double dp_dense_edge(const void *ctx, int64_t e, double theta)
  * the times t_out[k] <= tnew, the interpolant at theta = (t_out[k] - t) / h, or ynew itself
  * when t_out[k] == tnew; returns the next k_out.  The rows are computed in one plain loop
  * (restrict-qualified, no function pointer) since saving many times per step is common. */
-/* theta = (t_out - t) / h for up to ROW_BLOCK rows at a time (one vectorised division loop),
- * then the rows */
+/* theta = (t_out - t) * (1 / h) for up to ROW_BLOCK rows at a time (one vectorised loop; the
+ * division itself when 1 / h overflows), then the rows */
 #define ROW_BLOCK 64
 
 LANE_LOOPS
@@ -572,8 +574,13 @@ static void thetas(int64_t count, const double *restrict tk, double t, double h,
                    double *restrict theta)
 {
     const double hinv = 1.0 / h;
-    for (int64_t k = 0; k < count; ++k)
-        theta[k] = (tk[k] - t) * hinv;
+    if (isfinite(hinv)) {
+        for (int64_t k = 0; k < count; ++k)
+            theta[k] = (tk[k] - t) * hinv;
+    } else { /* h below ~5.6e-309: its reciprocal overflows */
+        for (int64_t k = 0; k < count; ++k)
+            theta[k] = (tk[k] - t) / h;
+    }
 }
 
 /* BY_SMALL_SIZE(body, n, args) calls body(n, args) with n a constant for the usual small

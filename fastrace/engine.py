@@ -499,6 +499,7 @@ class GradientEngine:
         self.n_params = int(sum(sizes))
         self.plan = MomentsPlan(net, data, self.offsets) if self.engine == "moments" else None
         self._states = threading.local()
+        self._status = threading.local()  # last_status, per calling thread
 
     @classmethod
     def for_data(cls, net: Network, data: Dataset, engine: str = "auto") -> GradientEngine:
@@ -580,14 +581,25 @@ class GradientEngine:
                 losses, status, snapshot_steps, snapshots, _lanes(n_runs) if parallel else 1)
         return state, losses, status
 
+    @property
+    def last_status(self) -> np.ndarray | None:
+        """Per run of this thread's last ``descend`` call: the number of steps after which its
+        state went bad, or -1 (None before any call). Kept per thread, as the engine of a data
+        set is shared by every simulation of it."""
+        return getattr(self._status, "value", None)
+
     def loss_and_gradient(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Loss (n_runs,) and flat gradient (n_runs, n_params) of weights (n_runs, n_params)."""
         w = _kernel_array(np.atleast_2d(np.asarray(w, dtype=np.float64)))
         if self.plan is not None:
-            state, losses, _ = self._run_plan(w, None, np.zeros(w.shape[0]), 1, 0.0, 0.0,
-                                              False, np.inf)
+            state, losses, status = self._run_plan(w, None, np.zeros(w.shape[0]), 1, 0.0, 0.0,
+                                                   False, np.inf)
             g_off = int(self.plan.layout[1])
-            return losses[:, 0], state[:, g_off:g_off + self.n_params].copy()
+            grads = state[:, g_off:g_off + self.n_params].copy()
+            # a run whose loss is not finite stops before the gradient rows: its block still
+            # holds an earlier evaluation, so report the gradient as not finite too
+            grads[status >= 0] = np.nan
+            return losses[:, 0], grads
         losses = np.empty(w.shape[0])
         grads = np.empty_like(w)
         for i in range(w.shape[0]):
@@ -646,7 +658,7 @@ class GradientEngine:
                 w[...] = ww
             if vv is not velocity and momentum != 0.0:
                 velocity[...] = vv
-            self.last_status = status  # losses after a run's stop were not computed: NaN
+            self._status.value = status  # losses after a run's stop were not computed: NaN
             return losses
         losses = np.full((w.shape[0], n_steps), np.nan)
         status = np.full(w.shape[0], -1, dtype=np.int64)
@@ -678,5 +690,5 @@ class GradientEngine:
                 snap += 1
             if not active.any():
                 break
-        self.last_status = status
+        self._status.value = status
         return losses

@@ -334,3 +334,42 @@ def test_parallel_runs_restore_the_blas_threads():
     eng.descend(w, np.zeros_like(w), np.full(2, 0.02), 3, parallel=True)
     after = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
     assert before == after
+
+
+def test_gradient_of_a_non_finite_loss_is_not_stale():
+    """The plan stops before the gradient rows when the loss is not finite: the gradient it
+    reports must not be the previous evaluation's (gradient flow relies on it)."""
+    task = fr.tasks.routing()
+    for engine in ("moments", "samples"):
+        eng = GradientEngine(task.network, task.data, engine)
+        w = eng.pack(fr.init.orthogonal(task.network, 0.2, seed=0))[None]
+        loss, grad = eng.loss_and_gradient(w)
+        assert np.isfinite(loss).all() and np.isfinite(grad).all()
+        with np.errstate(all="ignore"):
+            loss, grad = eng.loss_and_gradient(np.stack([w[0] * 1e120, w[0]]))
+        assert not np.isfinite(loss[0]) and not np.isfinite(grad[0]).all(), engine
+        ref_loss, ref_grad = eng.loss_and_gradient(w)
+        assert loss[1] == ref_loss[0] and np.array_equal(grad[1], ref_grad[0])
+
+
+def test_last_status_is_per_thread():
+    """The engine of a data set is shared by every simulation of it: a thread reads the status
+    of its own last descend, whatever other threads ran in between."""
+    import threading
+
+    task = fr.tasks.routing()
+    eng = GradientEngine(task.network, task.data, "moments")
+    w0 = eng.pack(fr.init.orthogonal(task.network, 0.2, seed=0))[None]
+    eng.descend(w0.copy(), np.zeros_like(w0), np.array([50.0]), 50, max_abs=1e6)
+    assert eng.last_status[0] >= 0  # this thread: diverged
+    seen = []
+
+    def other():
+        eng.descend(w0.copy(), np.zeros_like(w0), np.array([0.02]), 5, max_abs=1e6)
+        seen.append(eng.last_status.copy())
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert seen[0][0] == -1  # the other thread: its own, healthy run
+    assert eng.last_status[0] >= 0  # this thread's status is untouched

@@ -627,3 +627,37 @@ def test_solution_b_is_a_time_first_view_of_system_major_output(backend, method)
     alone = integrate_system(system.with_modes([[3.0]], [[1.0]]), b0[1, 0], method=method,
                              backend=backend, **kwargs)
     np.testing.assert_array_equal(sol.b[:, 1, 0], alone.b[:, 0])
+
+
+@pytest.mark.parametrize("backend", ["c", "numba"])
+def test_one_path_system_with_no_target_grows_at_rate_s(backend):
+    """T(0) may be empty (the path's output has no target): then r = s, and db_e = s times the
+    other edges' product. The C core's one-path branch must not be taken (it assumes T(0) =
+    {0}); compared with the plain formula, with a d array whose memory beyond it is not 0."""
+    d_storage = np.full((1, 4), 7.0)
+    system = RaceSystem(n_edges=2, path_ptr=[0, 2], path_edges=[0, 1], target_ptr=[0, 0],
+                        target_paths=np.zeros(0, dtype=np.int64), s=[[1.5]],
+                        d=d_storage[:, :0])
+    b = np.array([0.5, 0.3])
+    np.testing.assert_allclose(system.rhs(b)[0], [1.5 * 0.3, 1.5 * 0.5], rtol=1e-15)
+    if backend == "c":  # the binding itself, with d a zero-width view into memory holding 7.0
+        from fastrace import _race
+
+        out = _race.rhs(system.path_ptr, system.path_edges, system.target_ptr,
+                        system.target_paths, b[None], system.s, d_storage[:, :0], None)
+        np.testing.assert_allclose(out[0], [1.5 * 0.3, 1.5 * 0.5], rtol=1e-15)
+    sol = integrate_system(system, b, method="gd", lr=0.1, steps=1, backend=backend)
+    np.testing.assert_allclose(sol.b[1, 0], b + 0.1 * np.array([1.5 * 0.3, 1.5 * 0.5]),
+                               rtol=1e-15)
+
+
+@pytest.mark.parametrize("backend", ["c", "numba"])
+def test_dense_output_with_steps_below_the_reciprocal_range(backend):
+    """Steps h < 5.6e-309 have no finite reciprocal: saved points inside such a step must still
+    be interpolated (theta by division), not NaN."""
+    system = routing_system([3.0])
+    sol = integrate_system(system, [0.3, 0.5, 0.4], method="dopri5",
+                           save_at=[0.0, 1e-309, 4e-309], h0=2e-309, hmax=2e-309,
+                           backend=backend, check=False)
+    assert np.isfinite(sol.b[:, 0]).all()
+    np.testing.assert_allclose(sol.b[1, 0], [0.3, 0.5, 0.4], rtol=1e-12)

@@ -471,6 +471,16 @@ STIFF_CONFIRMATIONS = 1  # stiffness test firings that switch auto to RODAS3 (ra
 
 
 @njit(**_OPTS)
+def _theta(tk, t, h):
+    """(tk - t) / h as race.c's thetas computes it: times the reciprocal of h, or divided by h
+    when that reciprocal overflows (h below ~5.6e-309)."""
+    hinv = 1.0 / h
+    if math.isfinite(hinv):
+        return (tk - t) * hinv
+    return (tk - t) / h
+
+
+@njit(**_OPTS)
 def _dp_dense_edge(y, rc2, rc3, rc4, rc5, e, theta):
     theta1 = 1.0 - theta
     return y[e] + theta * (rc2[e] + theta1 * (rc3[e] + theta * (rc4[e] + theta1 * rc5[e])))
@@ -636,7 +646,7 @@ def _dopri5_core(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax_opt, max_st
                         for i in range(n):
                             out[k_out, i] = ynew[i]
                     else:
-                        theta = (t_out[k_out] - t) * (1.0 / h)  # as race.c's thetas
+                        theta = _theta(t_out[k_out], t, h)
                         for i in range(n):
                             out[k_out, i] = _dp_dense_edge(y, rc2, rc3, rc4, rc5, i, theta)
                     k_out += 1
@@ -917,7 +927,7 @@ def _rodas3_core(st, par, b0, t0, t_end, t_out, rtol, atol, h0, hmax_opt, max_st
                         for i in range(n):
                             out[k_out, i] = ynew[i]
                     else:
-                        theta = (t_out[k_out] - t) * (1.0 / h)  # as race.c's thetas
+                        theta = _theta(t_out[k_out], t, h)
                         for i in range(n):
                             out[k_out, i] = y[i] + theta * (k1[i] + theta * (k2[i]
                                                                              + theta * k3[i]))
