@@ -371,8 +371,8 @@ def _flatten_batch(system: RaceSystem, b0, s, rate, copy_b0: bool = True):
         s_flat = system.s
     elif s_usable:
         s_flat = s_arr.reshape(-1, n_paths)
-    else:
-        s_flat = np.ascontiguousarray(s_arr.reshape(-1, n_paths))
+    else:  # a fresh C-contiguous, aligned copy (ascontiguousarray keeps a misaligned array)
+        s_flat = np.array(s_arr.reshape(-1, n_paths), order="C")
     if s_sets is not None and s_usable:
         s_used = s_arr  # already (n_sets, n_modes, n_paths), and what the kernels read
     elif s_flat.shape[0] == n_sys:
@@ -382,7 +382,7 @@ def _flatten_batch(system: RaceSystem, b0, s, rate, copy_b0: bool = True):
     if rate is None:
         rate_flat = system.rate.reshape(1, n_edges)
     elif rate_arr.ndim == 1:
-        rate_flat = (rate_arr if rate_usable else np.ascontiguousarray(rate_arr)).reshape(
+        rate_flat = (rate_arr if rate_usable else np.array(rate_arr, order="C")).reshape(
             1, n_edges)
     else:
         rate_flat = np.ascontiguousarray(np.repeat(rate_arr, n_modes, axis=0))

@@ -661,3 +661,30 @@ def test_dense_output_with_steps_below_the_reciprocal_range(backend):
                            backend=backend, check=False)
     assert np.isfinite(sol.b[:, 0]).all()
     np.testing.assert_allclose(sol.b[1, 0], [0.3, 0.5, 0.4], rtol=1e-12)
+
+
+def _misaligned(values) -> np.ndarray:
+    """A float64 copy of values whose data start one byte past an 8-byte boundary."""
+    values = np.asarray(values, dtype=np.float64)
+    raw = np.zeros(values.nbytes + 9, dtype=np.uint8)
+    start = (-raw.ctypes.data) % 8 + 1
+    out = raw[start:start + values.nbytes].view(np.float64).reshape(values.shape)
+    out[...] = values
+    assert not out.flags.aligned
+    return out
+
+
+@pytest.mark.parametrize("backend", ["c", "numba"])
+def test_misaligned_inputs_are_copied_not_refused(backend):
+    system = routing_system([3.0, 1.0])
+    s = np.array([[[2.0], [1.0]], [[4.0], [0.5]]])
+    rate = np.array([[0.5, 1.0, 0.5], [1.0, 1.0, 1.0]])
+    b0 = np.full((2, 2, 3), 0.2)
+    kwargs = dict(save_at=np.linspace(0.0, 10.0, 5), backend=backend)
+    ref = integrate_system(system, b0, s=s, rate=rate, **kwargs)
+    got = integrate_system(system, _misaligned(b0), s=_misaligned(s), rate=_misaligned(rate),
+                           **kwargs)
+    np.testing.assert_array_equal(got.b, ref.b)
+    one_rate = integrate_system(system, b0[0], rate=_misaligned(rate[0]), **kwargs)
+    np.testing.assert_array_equal(one_rate.b, integrate_system(system, b0[0], rate=rate[0],
+                                                               **kwargs).b)
