@@ -20,6 +20,29 @@
 
 #include "race.h"
 
+/* x[i] > x[i - 1] for all i (false as soon as a NaN takes part) */
+static int strictly_increasing(npy_intp n, const double *x)
+{
+    for (npy_intp i = 1; i < n; ++i)
+        if (!(x[i] > x[i - 1]))
+            return 0;
+    return 1;
+}
+
+/* t0 <= t[0], t[n-1] <= t_end and t non-decreasing: then every t[k] lies in [t0, t_end]; a NaN
+ * fails a comparison and so the test */
+static int times_in_order(npy_intp n, const double *t, double t0, double t_end)
+{
+    if (n == 0)
+        return 1;
+    if (!(t[0] >= t0 && t[n - 1] <= t_end))
+        return 0;
+    for (npy_intp k = 1; k < n; ++k)
+        if (!(t[k] >= t[k - 1]))
+            return 0;
+    return 1;
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* argument checking                                                                         */
 
@@ -579,12 +602,9 @@ static PyObject *run_ode(PyObject *args, PyObject *kw, int method)
         return NULL;
     n_out = PyArray_DIM(tout, 0);
     t_out = (const double *)PyArray_DATA(tout);
-    for (npy_intp k = 0; k < n_out; ++k) {
-        if (!(t_out[k] >= t0 && t_out[k] <= t_end) || (k > 0 && t_out[k] < t_out[k - 1])) {
-            PyErr_SetString(PyExc_ValueError,
-                            "t_out must be non-decreasing and lie in [t0, t_end]");
-            return NULL;
-        }
+    if (!times_in_order(n_out, t_out, t0, t_end)) {
+        PyErr_SetString(PyExc_ValueError, "t_out must be non-decreasing and lie in [t0, t_end]");
+        return NULL;
     }
     if (thr_obj != Py_None) {
         thr_arr = as_array(thr_obj, "thresholds", NPY_FLOAT64, 1);
@@ -720,18 +740,16 @@ static PyObject *py_check_values(PyObject *self, PyObject *args)
         return PyLong_FromLong(-1);
     x = (const double *)PyArray_DATA(a);
     n = PyArray_SIZE(a);
+    if (increasing && n > 0 && isfinite(x[0]) && isfinite(x[n - 1]) && strictly_increasing(n, x))
+        return PyLong_FromLong(0); /* finite ends and increasing: every value is finite */
     for (npy_intp i = 0; i < n; ++i) {
         if (!isfinite(x[i])) {
             code = 1;
             break;
         }
     }
-    if (code == 0 && increasing)
-        for (npy_intp i = 1; i < n; ++i)
-            if (!(x[i] > x[i - 1])) {
-                code = 2;
-                break;
-            }
+    if (code == 0 && increasing && !strictly_increasing(n, x))
+        code = 2;
     return PyLong_FromLong(code);
 }
 

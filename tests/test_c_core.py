@@ -124,3 +124,35 @@ def test_check_values_helper():
     assert _race.check_values(np.array([1, 2])) == -1  # not float64: caller checks itself
     assert _race.check_values(np.ones((2, 4))[:, ::2]) == -1  # not contiguous
     assert _race.check_values(np.empty(0), True) == 0
+
+
+@pytest.mark.parametrize("t_out, ok", [
+    ([0.0, 0.5, 0.5, 1.0], True),  # repeated times are allowed
+    ([0.0, np.nan, 1.0], False), ([np.nan, 0.5, 1.0], False), ([0.0, 0.5, np.nan], False),
+    ([np.nan], False), ([0.0, 0.7, 0.6, 1.0], False), ([-0.1, 0.5], False),
+    ([0.5, 1.1], False), ([0.0, np.inf], False), ([1.0], True), ([], True),
+])
+def test_binding_checks_save_times(t_out, ok):
+    """t_out lies in [t0, t_end] and never decreases; NaN anywhere is refused."""
+    pp, pe, tp, tt = structure()
+    b0, s, d = np.ones((1, 2)), np.ones((1, 1)), np.ones((1, 1))
+    args = (pp, pe, tp, tt, b0, s, d, None, 0.0, 1.0, np.array(t_out, dtype=np.float64),
+            1e-8, 1e-10, 0.0, 0.0, 100)
+    if ok:
+        assert _race.auto(*args)[2][0] == _race.OK
+    else:
+        with pytest.raises(ValueError, match="t_out"):
+            _race.auto(*args)
+
+
+@pytest.mark.parametrize("values, code", [
+    ([0.0, 1.0, 2.0], 0), ([0.0, np.nan, 2.0], 1), ([np.nan, 1.0, 2.0], 1),
+    ([0.0, 1.0, np.inf], 1), ([-np.inf, 0.0], 1), ([0.0, 2.0, 1.0], 2), ([0.0, 0.0], 2),
+    ([3.0], 0), ([np.nan], 1), ([2.0, np.nan, 1.0], 1), ([1.0, np.inf, 2.0], 1),
+])
+def test_check_values_increasing_against_numpy(values, code):
+    """check_values(x, True) agrees with the plain numpy definition (1 before 2)."""
+    x = np.array(values)
+    want = 1 if not np.isfinite(x).all() else 2 if (np.diff(x) <= 0).any() else 0
+    assert want == code
+    assert _race.check_values(x, True) == code
