@@ -454,16 +454,11 @@ def _kernel_array(a: np.ndarray) -> np.ndarray:
     return a if _kernel_ready(a) else np.array(a, dtype=np.float64, order="C")
 
 
-@contextmanager
-def _one_run_per_chunk() -> Iterator[None]:
-    """numba's parallel chunk size set to 1 for the block (this thread), then restored."""
+def _lanes(n_runs: int) -> int:
+    """Lanes of a parallel call: one per numba thread, at most one per run."""
     import numba
 
-    previous = numba.set_parallel_chunksize(1)
-    try:
-        yield
-    finally:
-        numba.set_parallel_chunksize(previous)
+    return max(1, min(numba.get_num_threads(), n_runs))
 
 
 _blas_controller = None
@@ -578,14 +573,12 @@ class GradientEngine:
             ops_i, ops_f = plan.loss_i, plan.loss_f
         else:
             ops_i, ops_f = (plan.step_i, plan.step_f) if fused else (plan.ops_i, plan.ops_f)
-        # runs on numba threads call BLAS single-threaded (more would oversubscribe the cores)
-        # and are handed out one at a time (chunk size 1: see descend_parallel)
-        with _blas_threads(1) if parallel else nullcontext(), \
-                _one_run_per_chunk() if parallel else nullcontext():
+        # runs on numba threads call BLAS single-threaded: more would oversubscribe the cores
+        with _blas_threads(1) if parallel else nullcontext():
             run(kernels.dgemm_pointer(), ops_i, ops_f, fused, plan.const, state, w, v,
                 plan.layout, np.array(lr, dtype=np.float64), float(momentum),
                 float(weight_decay), int(n_steps), plan.loss_const, float(max_abs), bool(update),
-                losses, status, snapshot_steps, snapshots)
+                losses, status, snapshot_steps, snapshots, _lanes(n_runs) if parallel else 1)
         return state, losses, status
 
     @property
