@@ -592,14 +592,11 @@ class GradientEngine:
         """Loss (n_runs,) and flat gradient (n_runs, n_params) of weights (n_runs, n_params)."""
         w = _kernel_array(np.atleast_2d(np.asarray(w, dtype=np.float64)))
         if self.plan is not None:
-            state, losses, status = self._run_plan(w, None, np.zeros(w.shape[0]), 1, 0.0, 0.0,
-                                                   False, np.inf)
+            state, losses, _ = self._run_plan(w, None, np.zeros(w.shape[0]), 1, 0.0, 0.0,
+                                              False, np.inf)
             g_off = int(self.plan.layout[1])
-            grads = state[:, g_off:g_off + self.n_params].copy()
-            # a run whose loss is not finite stops before the gradient rows: its block still
-            # holds an earlier evaluation, so report the gradient as not finite too
-            grads[status >= 0] = np.nan
-            return losses[:, 0], grads
+            # (an evaluation computes the gradient rows even when the loss is not finite)
+            return losses[:, 0], state[:, g_off:g_off + self.n_params].copy()
         losses = np.empty(w.shape[0])
         grads = np.empty_like(w)
         for i in range(w.shape[0]):

@@ -396,7 +396,7 @@ def _ode_schedule(t_end, save_at) -> tuple[float, np.ndarray]:
         t_end_value = _positive(t_end, "t_end")
         return t_end_value, np.linspace(0.0, t_end_value, 101)
     try:
-        t = np.ascontiguousarray(save_at, dtype=np.float64)
+        t = np.require(save_at, dtype=np.float64, requirements="CA")  # as the C core reads it
     except (TypeError, ValueError):
         raise DataError("save_at must be an array of numbers") from None
     if t.ndim != 1 or t.size < 1:
@@ -452,7 +452,7 @@ def _gd_schedule(lr, steps, t_end, save_at) -> tuple[float, np.ndarray, np.ndarr
             raise ConfigError("save_at steps must be non-negative and strictly increasing")
         if n_steps is not None and record[-1] > n_steps:
             raise ConfigError(f"save_at runs past the last step {n_steps}")
-    record = np.ascontiguousarray(record, dtype=np.int64)
+    record = np.require(record, dtype=np.int64, requirements="CA")
     return lr_value, record, record * lr_value
 
 
@@ -469,7 +469,7 @@ def _thresholds(events, n_paths: int) -> np.ndarray | None:
         raise ConfigError(f"events must be a scalar or have shape ({n_paths},), got {arr.shape}")
     if np.any(np.isinf(arr)):
         raise ConfigError("event thresholds must be finite (NaN disables one)")
-    return np.ascontiguousarray(arr)
+    return np.require(arr, requirements="CA")
 
 
 # ------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ def _int_array(value, name: str, ndim: int = 1) -> np.ndarray:
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         if not np.issubdtype(arr.dtype, np.floating) or np.any(arr != np.round(arr)):
             raise DataError(f"{name} must hold integers, got dtype {arr.dtype}")
-    out = np.ascontiguousarray(arr, dtype=np.int64)
+    out = np.array(arr, dtype=np.int64, order="C")  # a copy: the caller's array stays writable
     out.setflags(write=False)
     return out
 
@@ -299,7 +299,8 @@ class RaceSystem:
         if arr.ndim < 2 or arr.shape[-2:] != (self.n_modes, self.n_edges):
             raise DataError(f"{what}: b must have shape (..., n_modes={self.n_modes}, "
                             f"n_edges={self.n_edges}) or ({self.n_edges},), got {np.shape(b)}")
-        return np.ascontiguousarray(arr.reshape(-1, self.n_edges)), arr.shape[:-1]
+        # C-contiguous and aligned, as the C core reads it (a copy only when needed)
+        return np.require(arr.reshape(-1, self.n_edges), requirements="CA"), arr.shape[:-1]
 
     def path_strengths(self, b: ArrayLike) -> np.ndarray:
         """pi (..., n_paths) of b (..., n_edges)."""
@@ -307,7 +308,7 @@ class RaceSystem:
         if arr.ndim < 1 or arr.shape[-1] != self.n_edges:
             raise DataError(f"path_strengths: b must have shape (..., {self.n_edges}), got "
                             f"{arr.shape}")
-        flat = np.ascontiguousarray(arr.reshape(-1, self.n_edges))
+        flat = np.require(arr.reshape(-1, self.n_edges), requirements="CA")
         if flat.shape[0] == 0:
             return np.zeros(arr.shape[:-1] + (self.n_paths,))
         if _race is not None:
@@ -358,7 +359,7 @@ class RaceSystem:
                     len(s_lead) > len(lead) or lead[len(lead) - len(s_lead):] != s_lead:
                 raise DataError(f"loss: s must have shape (..., {self.n_modes}, {self.n_paths}) "
                                 f"matching b's leading shape {lead}, got {s_arr.shape}")
-            s_rows = np.ascontiguousarray(s_arr.reshape(-1, self.n_paths))
+            s_rows = np.require(s_arr.reshape(-1, self.n_paths), requirements="CA")
         if _race is not None:
             out = _race.loss(*self._structure(), flat, s_rows, self.d)
         else:  # pragma: no cover

@@ -688,3 +688,32 @@ def test_misaligned_inputs_are_copied_not_refused(backend):
     one_rate = integrate_system(system, b0[0], rate=_misaligned(rate[0]), **kwargs)
     np.testing.assert_array_equal(one_rate.b, integrate_system(system, b0[0], rate=rate[0],
                                                                **kwargs).b)
+
+
+@pytest.mark.parametrize("backend", ["c", "numba"])
+def test_misaligned_times_and_thresholds_are_copied_not_refused(backend):
+    system = routing_system([3.0, 1.0])
+    save_at = np.linspace(0.0, 10.0, 5)
+    thresholds = np.array([0.5])
+    ref = integrate_system(system, [0.2, 0.2, 0.2], save_at=save_at, events=thresholds,
+                           backend=backend)
+    got = integrate_system(system, [0.2, 0.2, 0.2], save_at=_misaligned(save_at),
+                           events=_misaligned(thresholds), backend=backend)
+    np.testing.assert_array_equal(got.b, ref.b)
+    np.testing.assert_array_equal(got.events, ref.events)
+
+
+def test_race_system_methods_take_misaligned_arrays_and_leave_inputs_writable():
+    system = routing_system([3.0, 1.0])
+    b = np.array([[0.3, 0.5, 0.7], [0.2, 0.4, 0.6]])
+    np.testing.assert_array_equal(system.rhs(_misaligned(b)), system.rhs(b))
+    np.testing.assert_array_equal(system.jacobian(_misaligned(b)), system.jacobian(b))
+    np.testing.assert_array_equal(system.path_strengths(_misaligned(b)), system.path_strengths(b))
+    s = np.array([[2.0], [1.0]])
+    np.testing.assert_array_equal(system.loss(_misaligned(b), s=_misaligned(s)),
+                                  system.loss(b, s=s))
+    # structure arrays are copied: the caller's stay writable
+    path_ptr, path_edges = np.array([0, 3]), np.array([0, 1, 2])
+    RaceSystem(n_edges=3, path_ptr=path_ptr, path_edges=path_edges, target_ptr=[0, 1],
+               target_paths=[0], s=[[1.0]], d=[[1.0]])
+    assert path_ptr.flags.writeable and path_edges.flags.writeable

@@ -281,12 +281,15 @@ def descend_one(fn, ops_i, ops_f, fused, const, st, w, v, layout, lr, momentum, 
                                     flts, chars)
         loss = loss_const + acc
         losses[s] = loss
-        if not np.isfinite(loss):
-            return s
+        if not np.isfinite(loss) and update:
+            return s  # stop before the gradient rows: a fused plan would apply the step
         # the gradient; a fused plan applies this step's update itself (ops flagged to scale
-        # by lr)
+        # by lr). An evaluation alone (not update) computes the gradient even when the loss
+        # overflowed: it may well be finite, as the samples engine finds it
         acc, growth = _execute_rows(fn, ops_i, ops_f, n_loss, n_ops, const, st, w, lr, track,
                                     ints, flts, chars)
+        if not np.isfinite(loss):
+            return s
         if update:
             if fused:
                 bound = (bound + growth) * (1.0 + _SLACK) if track else np.nan
