@@ -928,12 +928,9 @@ static inline ALWAYS_INLINE int lu_factor_n(int64_t n, double *a, int64_t *piv)
 
 static int lu_factor(int64_t n, double *a, int64_t *piv)
 {
-    switch (n) {
-    case 2: return lu_factor_n(2, a, piv);
-    case 3: return lu_factor_n(3, a, piv);
-    case 4: return lu_factor_n(4, a, piv);
-    default: return lu_factor_n(n, a, piv);
-    }
+    int singular;
+    BY_SMALL_SIZE(singular = lu_factor_n, n, a, piv)
+    return singular;
 }
 
 /* Solve (P^T L U) x = b in place. */

@@ -291,19 +291,10 @@ def _finite_input(value, name: str) -> tuple[np.ndarray, bool]:
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
         raise DataError(f"{name} must be an array of numbers") from None
-    code = _race.check_values(arr, False) if _race is not None else -1
-    if code == -1:  # not a C-contiguous aligned float64 array: check it with numpy
-        code = int(not np.isfinite(arr).all())
-        usable = False
-    else:
-        usable = True
-    if code:
+    if _value_check(arr):
         raise DataError(f"{name} holds NaN or inf values")
-    return arr, usable
-
-
-def _finite_float(value, name: str) -> np.ndarray:
-    return _finite_input(value, name)[0]
+    flags = arr.flags
+    return arr, _race is not None and flags.c_contiguous and flags.aligned
 
 
 def _flatten_batch(system: RaceSystem, b0, s, rate, copy_b0: bool = True):
@@ -371,8 +362,8 @@ def _flatten_batch(system: RaceSystem, b0, s, rate, copy_b0: bool = True):
         s_flat = system.s
     elif s_usable:
         s_flat = s_arr.reshape(-1, n_paths)
-    else:  # a fresh C-contiguous, aligned copy (ascontiguousarray keeps a misaligned array)
-        s_flat = np.array(s_arr.reshape(-1, n_paths), order="C")
+    else:  # C-contiguous and aligned (ascontiguousarray keeps a misaligned array)
+        s_flat = np.require(s_arr.reshape(-1, n_paths), requirements="CA")
     if s_sets is not None and s_usable:
         s_used = s_arr  # already (n_sets, n_modes, n_paths), and what the kernels read
     elif s_flat.shape[0] == n_sys:
@@ -382,7 +373,7 @@ def _flatten_batch(system: RaceSystem, b0, s, rate, copy_b0: bool = True):
     if rate is None:
         rate_flat = system.rate.reshape(1, n_edges)
     elif rate_arr.ndim == 1:
-        rate_flat = (rate_arr if rate_usable else np.array(rate_arr, order="C")).reshape(
+        rate_flat = (rate_arr if rate_usable else np.require(rate_arr, requirements="CA")).reshape(
             1, n_edges)
     else:
         rate_flat = np.ascontiguousarray(np.repeat(rate_arr, n_modes, axis=0))
@@ -447,7 +438,7 @@ def _gd_schedule(lr, steps, t_end, save_at) -> tuple[float, np.ndarray, np.ndarr
         if np.issubdtype(raw.dtype, np.integer):
             record = raw.astype(np.int64)
         else:
-            record = to_steps(_finite_float(raw, "save_at"), "save_at times")
+            record = to_steps(_finite_input(raw, "save_at")[0], "save_at times")
         if record[0] < 0 or np.any(np.diff(record) <= 0):
             raise ConfigError("save_at steps must be non-negative and strictly increasing")
         if n_steps is not None and record[-1] > n_steps:
