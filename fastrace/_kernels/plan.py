@@ -79,9 +79,9 @@ def _norm(x, off, ld, rows, cols):
     """Frobenius norm of the (rows, cols) block of x at off with leading dimension ld."""
     total = 0.0
     for i in range(rows):
-        r = off + i * ld
-        for j in range(cols):
-            total += x[r + j] * x[r + j]
+        row = x[off + i * ld:off + i * ld + cols]
+        for j in range(cols):  # a row view indexed by the loop counter: this loop vectorises
+            total += row[j] * row[j]
     return np.sqrt(total)
 
 
