@@ -25,6 +25,7 @@ Learning rules
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -413,6 +414,74 @@ class _Progress:
 
 
 # ====================================================================== recording
+# Singular values cost far more than the learning steps they describe (a 64 x 64 matrix takes
+# ~110 µs in LAPACK, a routing step ~40 µs), so a batch with enough work is shared between
+# threads: numpy's LAPACK loop releases the GIL, and every matrix goes through the same LAPACK
+# call whichever thread takes it, so the values are the same bits.
+_SVD_CALL_SECONDS = 5e-6  # rough cost model of one matrix: a fixed part ...
+_SVD_UNIT_SECONDS = 4e-10  # ... plus this per out * in * min(out, in)
+_SVD_SHARE_SECONDS = 1e-3  # batches estimated below this stay on the calling thread
+_SVD_SHARED_MIN = 16  # smaller matrices (min(out, in) below this) stay on the calling thread
+_svd_pool: Any = None  # a ThreadPoolExecutor, made at first need
+
+
+def _svals(M: np.ndarray) -> np.ndarray:
+    """Singular values of each matrix of M (n, out, in), largest first: (n, min(out, in)).
+    A matrix with a non-finite entry gives NaNs (the others are unaffected)."""
+    finite = np.isfinite(M).all(axis=(1, 2))
+    with np.errstate(all="ignore"):
+        if finite.all():
+            return np.linalg.svd(M, compute_uv=False)
+        out = np.full((M.shape[0], min(M.shape[1:])), np.nan)
+        if finite.any():
+            out[finite] = np.linalg.svd(M[finite], compute_uv=False)
+    return out
+
+
+def _singular_values(batches: Mapping[str, np.ndarray], threads: int) -> dict[str, np.ndarray]:
+    """``_svals`` of every {edge: (n, out, in)} batch, on up to ``threads`` threads.
+
+    Small matrices stay on the calling thread: measured here, two threads ran them slower than
+    one (LAPACK's work per matrix is too small to pay for sharing), while big ones scale. The
+    big batches are cut into pieces that the pool's threads and the calling thread (once done
+    with the small ones) take in turn: a matrix's cost depends on its values (learned 64 x 64
+    weights took 2.4 times as long as random ones), so the work is shared as it goes.
+    """
+    global _svd_pool
+    work = sum(M.shape[0] * (_SVD_CALL_SECONDS + _SVD_UNIT_SECONDS * M.shape[1] * M.shape[2]
+                             * min(M.shape[1:])) for M in batches.values())
+    big = [e for e, M in batches.items() if min(M.shape[1:]) >= _SVD_SHARED_MIN]
+    if threads < 2 or work < _SVD_SHARE_SECONDS or not big:
+        return {e: _svals(M) for e, M in batches.items()}
+    pieces = []
+    for e in big:
+        n = batches[e].shape[0]
+        size = max(1, -(-n // (4 * threads)))
+        pieces += [(e, a, min(a + size, n)) for a in range(0, n, size)]
+    results: list[Any] = [None] * len(pieces)
+    taking = itertools.count()  # next() on a count is atomic: each piece is taken once
+
+    def take_pieces() -> None:
+        for i in taking:
+            if i >= len(pieces):
+                return
+            e, a, b = pieces[i]
+            results[i] = _svals(batches[e][a:b])
+
+    if _svd_pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _svd_pool = ThreadPoolExecutor(_max_threads(), thread_name_prefix="fastrace-svals")
+    helpers = [_svd_pool.submit(take_pieces) for _ in range(threads - 1)]
+    out = {e: _svals(M) for e, M in batches.items() if e not in big}
+    take_pieces()
+    for h in helpers:
+        h.result()
+    for e in big:
+        out[e] = np.concatenate([r for (pe, _, _), r in zip(pieces, results) if pe == e])
+    return {e: out[e] for e in batches}
+
+
 class _RunState:
     """Where one run is: position, next save point, rows kept in memory, integrator state."""
 
@@ -453,6 +522,7 @@ class _Recorder:
         self.row_bytes = sum(math.prod(shape) * dtype.itemsize
                              for shape, dtype in self.spec.values())
         self.send_rows = -(-SEND_BYTES // self.row_bytes)  # rows that make SEND_BYTES
+        self.threads = 1  # threads for the singular values (the run's thread budget)
 
     def series_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """{series name: (row shape, dtype)} of one run."""
@@ -499,13 +569,12 @@ class _Recorder:
                 raise AssertionError("the recorded series need the weights")
             return values
         n = W.shape[0]
-        for e, M in self.engine.unpack(W).items():
-            if self.plan.svals:
-                with np.errstate(all="ignore"):
-                    values[f"svals/{e}"] = (np.linalg.svd(M, compute_uv=False)
-                                            if np.all(np.isfinite(M))
-                                            else np.full((n, min(M.shape[1:])), np.nan))
-            if self.plan.save_weights:
+        matrices = self.engine.unpack(W)
+        if self.plan.svals:
+            for e, s in _singular_values(matrices, self.threads).items():
+                values[f"svals/{e}"] = s
+        if self.plan.save_weights:
+            for e, M in matrices.items():
                 values[f"weights/{e}"] = M  # a view of W: copied into the column at once
         for name, fn in self.quantities.items():
             shape = self.plan.quantity_shapes[name]
@@ -1276,6 +1345,7 @@ def _execute(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: np.n
         bar = _Progress(progress, float(plan.steps * len(runs)), "steps")
     else:
         bar = _Progress(progress, float(np.sum(plan.t_end[[r.index for r in runs]])), "")
+    rec.threads = threads
     try:
         with _thread_limits(threads, len(runs)):
             if plan.method == "gd":

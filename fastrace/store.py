@@ -654,11 +654,15 @@ class TrajectoryWriter:
         never change them afterwards (e.g. slices of arrays that are only ever appended to).
         Saves the copy ``append`` makes when the caller keeps the rows anyway."""
         checked = self._checked_rows(run, blocks)
+        given = []
         for sb, arr in checked:
-            arr = np.ascontiguousarray(arr, dtype=sb.dtype)  # a copy only if it must convert
             self._push(sb)  # rows buffered by ``append`` go first
             if len(arr):
-                self._put(("rows", sb, arr, len(arr), False), arr.nbytes)
+                # a copy only if it must convert
+                given.append((sb, np.ascontiguousarray(arr, dtype=sb.dtype)))
+        if given:  # one operation for all the series: a queue operation costs ~25 µs here
+            self._put(("blocks", given), sum(arr.nbytes for _, arr in given))
+            for sb, arr in given:
                 sb.rows += len(arr)
         if time.monotonic() - self._last_push >= self._flush_interval:
             self._push_all()
@@ -863,6 +867,8 @@ class TrajectoryWriter:
                     self._error = exc
             if kind == "rows":
                 self._done_with(op[2][: op[3]].nbytes)
+            elif kind == "blocks":
+                self._done_with(sum(arr.nbytes for _, arr in op[1]))
             elif kind == "flush":
                 op[1].set()
 
@@ -874,6 +880,10 @@ class TrajectoryWriter:
             self._write_block(sb.run, sb.name, block, n)
             if owned and len(sb.spare) < 2:  # a buffer of this writer: reuse it
                 sb.spare.append(block)
+            return False
+        if kind == "blocks":
+            for sb, block in op[1]:
+                self._write_block(sb.run, sb.name, block, len(block))
             return False
         if kind == "checkpoint":
             _, run, step, arrays, rows = op

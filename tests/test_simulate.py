@@ -9,6 +9,8 @@ import time
 import numpy as np
 import pytest
 import scipy.linalg
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fastrace as fr
 from conftest import random_dag, random_data
@@ -160,6 +162,59 @@ def test_results_do_not_depend_on_threads():
                        progress=False)
         for a, b in zip(one, two):
             same_trajectory(a, b)
+
+
+SIM = sys.modules["fastrace.simulate"]  # the name fastrace.simulate is the function
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 30), st.integers(1, 24), st.integers(1, 24)),
+                min_size=1, max_size=5),
+       st.integers(2, 3), st.integers(0, 2**31 - 1))
+def test_singular_values_shared_between_threads_are_the_same_bits(shapes, threads, seed):
+    # every batch shared out (no cost threshold), small and big matrices mixed, with
+    # non-finite entries in some rows: each row must be exactly what LAPACK gives it alone
+    rng = np.random.default_rng(seed)
+    batches = {f"e{i}": rng.standard_normal(shape) for i, shape in enumerate(shapes)}
+    for M in batches.values():
+        for k in np.flatnonzero(rng.random(len(M)) < 0.15):
+            M[k, rng.integers(M.shape[1]), rng.integers(M.shape[2])] = rng.choice(
+                [np.nan, np.inf, -np.inf])
+    old = SIM._SVD_SHARE_SECONDS, SIM._SVD_SHARED_MIN
+    try:
+        SIM._SVD_SHARE_SECONDS, SIM._SVD_SHARED_MIN = 0.0, 4
+        shared = SIM._singular_values(batches, threads)
+    finally:
+        SIM._SVD_SHARE_SECONDS, SIM._SVD_SHARED_MIN = old
+    alone = SIM._singular_values(batches, 1)
+    assert list(shared) == list(batches)
+    for e, M in batches.items():
+        assert shared[e].shape == (len(M), min(M.shape[1:]))
+        np.testing.assert_array_equal(shared[e], alone[e])
+        for k in range(len(M)):
+            if np.isfinite(M[k]).all():  # one matrix at a time, straight from numpy
+                np.testing.assert_array_equal(shared[e][k],
+                                              np.linalg.svd(M[k], compute_uv=False))
+            else:  # only the row with a non-finite entry is NaN, not the whole batch
+                assert np.isnan(shared[e][k]).all()
+
+
+def test_recorded_singular_values_do_not_depend_on_threads(monkeypatch):
+    # hidden 32: batches of 64 rows are worth sharing, so two threads take the shared path
+    task = fr.tasks.routing(M=7, K=4, hidden=32)
+    W0 = fr.init.orthogonal(task.network, gain=0.3, seed=1)
+    calls = []
+    real = SIM._singular_values
+    monkeypatch.setattr(SIM, "_singular_values",
+                        lambda b, threads: calls.append(threads) or real(b, threads))
+    kw = dict(lr=0.05, steps=150, record_every=1, save_weights=True, progress=False)
+    one = simulate(task.network, task.data, W0, threads=1, **kw)
+    two = simulate(task.network, task.data, W0, threads=2, **kw)
+    assert 2 in calls
+    same_trajectory(one, two)
+    for e in task.network.edges:
+        np.testing.assert_array_equal(two.svals[e],
+                                      np.linalg.svd(two.snapshots[e], compute_uv=False))
 
 
 def test_rows_without_weight_series_and_the_final_weights_of_one_run():
