@@ -30,6 +30,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -423,6 +424,32 @@ _SVD_UNIT_SECONDS = 4e-10  # ... plus this per out * in * min(out, in)
 _SVD_SHARE_SECONDS = 1e-3  # batches estimated below this stay on the calling thread
 _SVD_SHARED_MIN = 16  # smaller matrices (min(out, in) below this) stay on the calling thread
 _svd_pool: Any = None  # a ThreadPoolExecutor, made at first need
+_svd_pool_lock = threading.Lock()
+
+
+def _forget_svd_pool() -> None:
+    # a forked child inherits the pool object but not its threads: it makes its own
+    global _svd_pool, _svd_pool_lock
+    _svd_pool, _svd_pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_svd_pool)
+
+
+def _svd_helpers(task: Callable[[], None], n: int) -> list[Any]:
+    """Start ``task`` on ``n`` threads of the pool (fewer, or none, once the interpreter is
+    shutting down: the caller does the work left)."""
+    global _svd_pool
+    try:
+        with _svd_pool_lock:
+            if _svd_pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                _svd_pool = ThreadPoolExecutor(_max_threads(),
+                                               thread_name_prefix="fastrace-svals")
+            return [_svd_pool.submit(task) for _ in range(n)]
+    except RuntimeError:  # "cannot schedule new futures after (interpreter) shutdown"
+        return []
 
 
 def _svals(M: np.ndarray) -> np.ndarray:
@@ -447,10 +474,9 @@ def _singular_values(batches: Mapping[str, np.ndarray], threads: int) -> dict[st
     with the small ones) take in turn: a matrix's cost depends on its values (learned 64 x 64
     weights took 2.4 times as long as random ones), so the work is shared as it goes.
     """
-    global _svd_pool
     work = sum(M.shape[0] * (_SVD_CALL_SECONDS + _SVD_UNIT_SECONDS * M.shape[1] * M.shape[2]
                              * min(M.shape[1:])) for M in batches.values())
-    big = [e for e, M in batches.items() if min(M.shape[1:]) >= _SVD_SHARED_MIN]
+    big = [e for e, M in batches.items() if min(M.shape[1:]) >= _SVD_SHARED_MIN and len(M)]
     if threads < 2 or work < _SVD_SHARE_SECONDS or not big:
         return {e: _svals(M) for e, M in batches.items()}
     pieces = []
@@ -460,23 +486,28 @@ def _singular_values(batches: Mapping[str, np.ndarray], threads: int) -> dict[st
         pieces += [(e, a, min(a + size, n)) for a in range(0, n, size)]
     results: list[Any] = [None] * len(pieces)
     taking = itertools.count()  # next() on a count is atomic: each piece is taken once
+    stop = [False]
 
     def take_pieces() -> None:
         for i in taking:
-            if i >= len(pieces):
+            if i >= len(pieces) or stop[0]:
                 return
             e, a, b = pieces[i]
             results[i] = _svals(batches[e][a:b])
 
-    if _svd_pool is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _svd_pool = ThreadPoolExecutor(_max_threads(), thread_name_prefix="fastrace-svals")
-    helpers = [_svd_pool.submit(take_pieces) for _ in range(threads - 1)]
-    out = {e: _svals(M) for e, M in batches.items() if e not in big}
-    take_pieces()
-    for h in helpers:
-        h.result()
+    helpers = _svd_helpers(take_pieces, threads - 1)
+    try:
+        out = {e: _svals(M) for e, M in batches.items() if e not in big}
+        take_pieces()
+    except BaseException:
+        stop[0] = True  # the helpers stop after their current piece; this error is raised
+        for h in helpers:
+            if not h.cancel():
+                h.exception()
+        raise
+    for h in helpers:  # every piece is taken: wait for those still being computed
+        if not h.cancel():  # (a helper that never started, behind other work, is not)
+            h.result()
     for e in big:
         out[e] = np.concatenate([r for (pe, _, _), r in zip(pieces, results) if pe == e])
     return {e: out[e] for e in batches}

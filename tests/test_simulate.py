@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -197,6 +198,81 @@ def test_singular_values_shared_between_threads_are_the_same_bits(shapes, thread
                                               np.linalg.svd(M[k], compute_uv=False))
             else:  # only the row with a non-finite entry is NaN, not the whole batch
                 assert np.isnan(shared[e][k]).all()
+
+
+SHARED_SVALS_SCRIPT = """
+import multiprocessing, sys, threading, time
+import numpy as np
+import fastrace
+SIM = sys.modules["fastrace.simulate"]
+BATCH = {"e": np.random.default_rng(0).standard_normal((64, 32, 32))}
+EXPECTED = SIM._singular_values(BATCH, 1)["e"]
+
+def shared():
+    assert np.array_equal(SIM._singular_values(BATCH, 2)["e"], EXPECTED)
+
+def in_child(q):
+    shared()
+    q.put("ok")
+
+if __name__ == "__main__":
+    shared()  # the pool exists now, with its threads
+    if sys.argv[1] == "fork":  # a forked child has the pool object but not its threads
+        ctx = multiprocessing.get_context("fork")
+        q = ctx.Queue()
+        p = ctx.Process(target=in_child, args=(q,))
+        p.start()
+        p.join(60)
+        if p.is_alive():
+            p.kill()
+            sys.exit("the forked child hung")
+        print(q.get(), p.exitcode)
+    else:  # a thread still running once the main thread is done: the pool takes no work
+        def late():
+            time.sleep(0.5)
+            shared()
+            print("ok 0", flush=True)
+        threading.Thread(target=late).start()
+"""
+
+
+@pytest.mark.parametrize("where", ["fork", "after main thread"])
+def test_shared_singular_values_after_fork_and_after_the_main_thread(tmp_path, where):
+    script = tmp_path / "shared_svals.py"
+    script.write_text(SHARED_SVALS_SCRIPT)
+    old = SIM._SVD_SHARE_SECONDS  # the batch is worth sharing under the default threshold
+    assert 64 * (SIM._SVD_CALL_SECONDS + SIM._SVD_UNIT_SECONDS * 32 ** 3) >= old
+    done = subprocess.run([sys.executable, str(script), where], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": PACKAGE_ROOT})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-2:] == ["ok", "0"]
+
+
+def test_shared_singular_values_of_an_empty_batch_beside_a_big_one():
+    big = np.random.default_rng(1).standard_normal((100, 64, 64))
+    out = SIM._singular_values({"a": np.zeros((0, 20, 20)), "b": big}, 2)
+    assert out["a"].shape == (0, 20)
+    np.testing.assert_array_equal(out["b"], np.linalg.svd(big, compute_uv=False))
+
+
+def test_shared_singular_values_stop_when_the_callers_share_fails(monkeypatch):
+    real = SIM._svals
+    done = []
+
+    def failing_on_the_caller(M):
+        if threading.current_thread() is threading.main_thread():
+            raise MemoryError("the caller's share failed")
+        time.sleep(0.02)
+        done.append(len(M))
+        return real(M)
+
+    monkeypatch.setattr(SIM, "_svals", failing_on_the_caller)
+    batch = {"e": np.random.default_rng(0).standard_normal((64, 32, 32))}
+    with pytest.raises(MemoryError, match="caller's share"):
+        SIM._singular_values(batch, 2)
+    at_raise = len(done)
+    time.sleep(0.3)
+    assert len(done) == at_raise <= 1  # the helper stopped: it finished at most one piece
 
 
 def test_recorded_singular_values_do_not_depend_on_threads(monkeypatch):
