@@ -1216,6 +1216,8 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
         always checkpointed.
     threads : int, optional
         Threads for numba (default all cores); BLAS is limited so the two never oversubscribe.
+        The recorded singular values of big weights are shared between as many threads (the
+        same numbers with any count).
     divergence_threshold : float
         A run whose loss is not finite or whose weights exceed this in magnitude (``inf``: only
         non-finite values count) raises DivergenceError naming the run, step, edge and value
