@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from .data import Dataset
-from .engine import GradientEngine
+from .engine import GradientEngine, _blas_threads
 from .errors import (
     ConfigError,
     DataError,
@@ -477,8 +477,15 @@ def _singular_values(batches: Mapping[str, np.ndarray], threads: int) -> dict[st
     work = sum(M.shape[0] * (_SVD_CALL_SECONDS + _SVD_UNIT_SECONDS * M.shape[1] * M.shape[2]
                              * min(M.shape[1:])) for M in batches.values())
     big = [e for e, M in batches.items() if min(M.shape[1:]) >= _SVD_SHARED_MIN and len(M)]
-    if threads < 2 or work < _SVD_SHARE_SECONDS or not big:
+    if threads < 2 or work < _SVD_SHARE_SECONDS or sum(len(batches[e]) for e in big) < threads:
+        # (fewer big matrices than threads: LAPACK's own BLAS threads serve them better)
         return {e: _svals(M) for e, M in batches.items()}
+    with _blas_threads(1):  # the threads share the matrices: each runs its LAPACK alone
+        return _shared_singular_values(batches, big, threads)
+
+
+def _shared_singular_values(batches: Mapping[str, np.ndarray], big: list[str],
+                            threads: int) -> dict[str, np.ndarray]:
     pieces = []
     for e in big:
         n = batches[e].shape[0]
