@@ -421,8 +421,8 @@ def test_recording_singular_values(benchmark, routing, how):
     if how == "numpy after the run":
         ours = record_every_step(task, weights, 1)
         theirs = numpy_after_the_run(task, weights)
-        for e, s in theirs.items():  # the same numbers, bit for bit
-            np.testing.assert_array_equal(ours.svals[e], s)
+        for e, s in theirs.items():  # the same numbers to rounding (wide edges go by QR)
+            assert np.all(np.abs(ours.svals[e] - s) <= 64 * np.finfo(float).eps * s[:, :1])
         benchmark.pedantic(numpy_after_the_run, args=(task, weights), rounds=5,
                            warmup_rounds=1)
         return

@@ -452,17 +452,31 @@ def _svd_helpers(task: Callable[[], None], n: int) -> list[Any]:
         return []
 
 
+_WIDE = 4  # a matrix with at least this many times more columns than rows: QR of its transpose
+_BATCHED_QR = np.lib.NumpyVersion(np.__version__) >= "2.0.0"  # qr of stacked matrices
+
+
 def _svals(M: np.ndarray) -> np.ndarray:
     """Singular values of each matrix of M (n, out, in), largest first: (n, min(out, in)).
     A matrix with a non-finite entry gives NaNs (the others are unaffected)."""
     finite = np.isfinite(M).all(axis=(1, 2))
     with np.errstate(all="ignore"):
         if finite.all():
-            return np.linalg.svd(M, compute_uv=False)
+            return _finite_svals(M)
         out = np.full((M.shape[0], min(M.shape[1:])), np.nan)
         if finite.any():
-            out[finite] = np.linalg.svd(M[finite], compute_uv=False)
+            out[finite] = _finite_svals(M[finite])
     return out
+
+
+def _finite_svals(M: np.ndarray) -> np.ndarray:
+    m, n = M.shape[1:]
+    if _BATCHED_QR and n >= _WIDE * m:
+        # a wide matrix (an output edge, say) goes to the small triangle R of its transpose by
+        # Householder QR first: the same values to rounding, in 0.45-0.7 of the time LAPACK's
+        # SVD takes on the wide matrix itself (measured here for 4-20 rows and 64-2048 columns)
+        return np.linalg.svd(np.linalg.qr(np.swapaxes(M, 1, 2), mode="r"), compute_uv=False)
+    return np.linalg.svd(M, compute_uv=False)
 
 
 def _singular_values(batches: Mapping[str, np.ndarray], threads: int) -> dict[str, np.ndarray]:
