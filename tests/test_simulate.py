@@ -255,6 +255,22 @@ def test_shared_singular_values_after_fork_and_after_the_main_thread(tmp_path, w
     assert done.stdout.split()[-2:] == ["ok", "0"]
 
 
+@pytest.mark.parametrize("shape", [(3, 64), (7, 64), (64, 7), (16, 2048), (20, 20)])
+def test_recorded_singular_values_against_known_ones(shape):
+    # matrices built from known singular values spread over 12 decades: every path (QR of a
+    # wide matrix's transpose, LAPACK directly) must meet SVD's bound, a few ulps of the largest
+    rng = np.random.default_rng(sum(shape))
+    m, n = shape
+    k = min(m, n)
+    known = np.sort(10.0 ** rng.uniform(-12, 0, (5, k)), axis=1)[:, ::-1] * 3.0
+    M = np.stack([scipy.linalg.qr(rng.standard_normal((m, k)), mode="economic")[0] * s
+                  @ scipy.linalg.qr(rng.standard_normal((n, k)), mode="economic")[0].T
+                  for s in known])
+    got = SIM._svals(M)
+    assert got.shape == known.shape
+    assert np.all(np.abs(got - known) <= 64 * np.finfo(float).eps * known[:, :1])
+
+
 def test_shared_singular_values_of_an_empty_batch_beside_a_big_one():
     big = np.random.default_rng(1).standard_normal((100, 64, 64))
     out = SIM._singular_values({"a": np.zeros((0, 20, 20)), "b": big}, 2)
