@@ -416,7 +416,7 @@ class _Progress:
 
 # ====================================================================== recording
 # Singular values cost far more than the learning steps they describe (a 64 x 64 matrix takes
-# ~110 µs in LAPACK, a routing step ~40 µs), so a batch with enough work is shared between
+# 110-250 µs in LAPACK, a routing step ~40 µs), so a batch with enough work is shared between
 # threads: numpy's LAPACK loop releases the GIL, and every matrix goes through the same LAPACK
 # call whichever thread takes it, so the values are the same bits.
 _SVD_CALL_SECONDS = 5e-6  # rough cost model of one matrix: a fixed part ...
