@@ -255,6 +255,22 @@ def test_shared_singular_values_after_fork_and_after_the_main_thread(tmp_path, w
     assert done.stdout.split()[-2:] == ["ok", "0"]
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_random_networks_record_the_same_with_shared_singular_values(seed, monkeypatch):
+    # wide random DAGs (layers up to 40: big, small, wide and tall weights), batches of runs,
+    # descent and flow, every batch of singular values shared out: 1 and 2 threads agree
+    monkeypatch.setattr(SIM, "_SVD_SHARE_SECONDS", 0.0)
+    rng = np.random.default_rng(100 + seed)
+    net = random_dag(rng, n_inputs=2, n_hidden=3, max_dim=40, extra_edges=2)
+    data = random_data(rng, net, n_samples=30, n_patterns=4)
+    inits = [fr.init.gaussian(net, std=0.1, seed=int(s)) for s in rng.integers(0, 99, 3)]
+    for kw in (dict(lr=0.01, steps=30), dict(method="flow", t_end=0.3, record=[0.1, 0.2])):
+        one = simulate(net, data, inits, threads=1, progress=False, **kw)
+        two = simulate(net, data, inits, threads=2, progress=False, **kw)
+        for a, b in zip(one, two):
+            same_trajectory(a, b)
+
+
 @pytest.mark.parametrize("shape", [(3, 64), (7, 64), (64, 7), (16, 2048), (20, 20)])
 def test_recorded_singular_values_against_known_ones(shape):
     # matrices built from known singular values spread over 12 decades: every path (QR of a
