@@ -467,29 +467,37 @@ def _plain_h5py_write(path, trajectory) -> None:
 @pytest.mark.benchmark(group="HDF5 interleaved: routing 500 steps, weights every step")
 def test_hdf5_overhead_interleaved(benchmark, routing, tmp_path):
     """In-memory and streamed runs alternating round by round (both see the same load and the
-    same leftover threads of earlier benchmarks), and the plain-h5py cost of the same bytes."""
+    same leftover threads of earlier benchmarks), and the plain-h5py cost of the same bytes.
+    Also on 1 thread, which leaves the writer thread a core of its own."""
     task, weights = routing
 
-    def run(out=None):
+    def run(out=None, threads=None):
         start = time.perf_counter()
         traj = fr.simulate(task.network, task.data, weights, lr=LR, steps=STEPS,
-                           record_every=1, save_weights=True, out=out)
+                           record_every=1, save_weights=True, out=out, threads=threads)
         return time.perf_counter() - start, traj
 
     run()
     run(tmp_path / "warm.h5")
-    memory, streamed, plain = [], [], []
+    times: dict[str, list[float]] = {}
     for k in range(7):
-        elapsed, traj = run()
-        memory.append(elapsed)
-        streamed.append(run(tmp_path / f"streamed{k}.h5")[0])
+        for threads in (None, 1):
+            elapsed, traj = run(threads=threads)
+            times.setdefault(f"memory {threads}", []).append(elapsed)
+            times.setdefault(f"streamed {threads}", []).append(
+                run(tmp_path / f"streamed{k}_{threads}.h5", threads)[0])
         start = time.perf_counter()
         _plain_h5py_write(tmp_path / f"plain{k}.h5", traj)
-        plain.append(time.perf_counter() - start)
-    mem, st, pl = (float(np.median(x)) for x in (memory, streamed, plain))
+        times.setdefault("plain", []).append(time.perf_counter() - start)
+    med = {key: float(np.median(v)) for key, v in times.items()}
+    mem, st = med["memory None"], med["streamed None"]
     benchmark.extra_info["in memory (ms)"] = round(mem * 1e3, 1)
     benchmark.extra_info["streamed (ms)"] = round(st * 1e3, 1)
     benchmark.extra_info["overhead %"] = round(100 * (st / mem - 1), 1)
-    benchmark.extra_info["plain h5py write of the same rows (ms)"] = round(pl * 1e3, 1)
+    benchmark.extra_info["1 thread: in memory (ms)"] = round(med["memory 1"] * 1e3, 1)
+    benchmark.extra_info["1 thread: streamed (ms)"] = round(med["streamed 1"] * 1e3, 1)
+    benchmark.extra_info["1 thread: overhead %"] = round(
+        100 * (med["streamed 1"] / med["memory 1"] - 1), 1)
+    benchmark.extra_info["plain h5py write of the same rows (ms)"] = round(med["plain"] * 1e3, 1)
     benchmark.extra_info["load average"] = round(os.getloadavg()[0], 2)
     benchmark.pedantic(time.sleep, args=(0,), rounds=1)
