@@ -370,8 +370,6 @@ def _thread_limits(threads: int, n_runs: int) -> Iterator[None]:
     """
     import numba
 
-    from .engine import _blas_threads  # one cached threadpoolctl controller (no rescans)
-
     previous = numba.get_num_threads()
     numba.set_num_threads(threads)
     try:

@@ -661,7 +661,8 @@ class TrajectoryWriter:
                 # a copy only if it must convert
                 given.append((sb, np.ascontiguousarray(arr, dtype=sb.dtype)))
         if given:  # one operation for all the series: a queue operation costs ~25 µs here
-            self._put(("blocks", given), sum(arr.nbytes for _, arr in given))
+            nbytes = sum(arr.nbytes for _, arr in given)
+            self._put(("blocks", given, nbytes), nbytes)
             for sb, arr in given:
                 sb.rows += len(arr)
         if time.monotonic() - self._last_push >= self._flush_interval:
@@ -868,7 +869,7 @@ class TrajectoryWriter:
             if kind == "rows":
                 self._done_with(op[2][: op[3]].nbytes)
             elif kind == "blocks":
-                self._done_with(sum(arr.nbytes for _, arr in op[1]))
+                self._done_with(op[2])
             elif kind == "flush":
                 op[1].set()
 
