@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 from datetime import datetime
+from unittest import mock
 from pathlib import Path
 
 import h5py
@@ -231,6 +232,69 @@ def test_blocks_of_any_size_are_stored_in_order(blocks, buffer_rows, single):
     np.testing.assert_array_equal(data["x"], np.stack([k, -2.0 * k], axis=1))
 
 
+@settings(max_examples=25, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["blocks", "append", "flush"]), st.integers(0, 30)),
+                    min_size=1, max_size=12))
+def test_small_blocks_are_gathered_into_few_writes_in_order(ops):
+    """Blocks smaller than _WRITE_BYTES wait in the writer thread and go out together; a flush
+    writes them first, so flushed_rows counts them; the order of rows never changes."""
+    spec = RunSpec({"x": (2,), "k": ((), np.int64)})
+    writes: list[tuple[str, int]] = []
+    write_block = TrajectoryWriter._write_block
+
+    def counted(self, key, block):
+        writes.append((key[1], block.nbytes))
+        write_block(self, key, block)
+
+    with tempfile.TemporaryDirectory() as tmp, \
+            mock.patch.object(store, "_WRITE_BYTES", 160), \
+            mock.patch.object(TrajectoryWriter, "_write_block", counted):
+        path = Path(tmp) / "g.h5"
+        start = flushes = 0
+        with TrajectoryWriter(path, {"r": spec}, buffer_rows=7, compression="none") as w:
+            for kind, n in ops:
+                if kind == "flush":
+                    w.flush()
+                    flushes += 1
+                    assert w.flushed_rows("r") == {"x": start, "k": start}
+                    continue
+                k = np.arange(start, start + n)
+                rows = {"x": np.stack([k, -2.0 * k], axis=1), "k": k}
+                (w.append_blocks if kind == "blocks" else w.append)("r", rows)
+                start += n
+        data = read_run(path, "r")
+    k = np.arange(start)
+    np.testing.assert_array_equal(data["k"], k)
+    np.testing.assert_array_equal(data["x"], np.stack([k, -2.0 * k], axis=1))
+    # "k" rows are 8 bytes: a write of fewer than 160 bytes happens only at a flush (each
+    # flush() call, and the one at close)
+    small = [nbytes for name, nbytes in writes if name == "k" and nbytes < 160]
+    assert len(small) <= flushes + 1
+    assert sum(nbytes for name, nbytes in writes if name == "k") == 8 * start
+
+
+def test_small_series_are_written_once_beside_a_big_one(tmp_path, monkeypatch):
+    # per block: 1 MB of a big series and 8 bytes of a small one; each HDF5 write costs ~20 µs
+    # of calls, so the small one's 50 blocks go out in one write at close
+    spec = RunSpec({"big": (128, 1024), "t": ()})
+    writes: list[str] = []
+    write_block = TrajectoryWriter._write_block
+
+    def counted(self, key, block):
+        writes.append(key[1])
+        write_block(self, key, block)
+
+    monkeypatch.setattr(TrajectoryWriter, "_write_block", counted)
+    with TrajectoryWriter(tmp_path / "b.h5", {"r": spec}, compression="none") as w:
+        for i in range(50):
+            w.append_blocks("r", {"big": np.full((1, 128, 1024), float(i)),
+                                  "t": np.array([10.0 * i])})
+    assert writes.count("big") == 50 and writes.count("t") == 1
+    data = read_run(tmp_path / "b.h5", "r")
+    np.testing.assert_array_equal(data["t"], 10.0 * np.arange(50))
+    np.testing.assert_array_equal(data["big"][:, 0, 0], np.arange(50.0))
+
+
 def test_chunks_are_time_first_and_of_sensible_size():
     for row_shape in [(), (3,), (64, 64), (1000, 1000), (3000, 5000), (200_000,)]:
         for itemsize in (4, 8):
@@ -279,13 +343,13 @@ def test_rows_wait_while_too_many_bytes_are_queued(tmp_path, monkeypatch):
     # room for three blocks of ten float64 rows; the writer thread is held on the first one
     monkeypatch.setattr(store, "_QUEUE_BYTES", 3 * 10 * 8)
     release = threading.Event()
-    write_block = TrajectoryWriter._write_block
+    apply = TrajectoryWriter._apply
 
     def held(self, *args):
         release.wait(60)
-        write_block(self, *args)
+        return apply(self, *args)
 
-    monkeypatch.setattr(TrajectoryWriter, "_write_block", held)
+    monkeypatch.setattr(TrajectoryWriter, "_apply", held)
     path = tmp_path / "queue.h5"
     w = TrajectoryWriter(path, {"r": RunSpec({"x": ()})})
     handed = []
@@ -560,7 +624,7 @@ def test_a_second_writer_on_the_same_file_is_refused(tmp_path):
 def test_an_error_in_the_writer_thread_reaches_the_caller(tmp_path, monkeypatch):
     path = tmp_path / "err.h5"
 
-    def failing_write(self, run, name, block, n):
+    def failing_write(self, key, block):
         raise OSError("simulated disk failure")
 
     w = TrajectoryWriter(path, {"sim": SIM_SPEC}, buffer_rows=2)
