@@ -63,7 +63,6 @@ BATCH_ROWS = 64  # save-point rows computed together (singular values in one bat
 # shrinking batches of a run), or SEND_SECONDS after the last hand-over: few large blocks, as
 # each block costs the writer a call per series.
 SEND_BYTES, SEND_SECONDS = 4 << 20, 1.0
-STREAM_CALL_BYTES = 16 << 20  # with out=, at most about this many bytes of rows per engine call
 DIVERGED = "failed: diverged"  # status prefix of a diverged run (resume refuses it)
 
 Weights = dict[str, np.ndarray]
@@ -818,9 +817,9 @@ def _drive_gd(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: np.
         # save points costs few engine calls; their number is capped to bound the memory
         lo = int(np.searchsorted(save, m, side="right"))
         hi = int(np.searchsorted(save, m + n, side="left"))
+        # (streamed runs too: shorter calls only split the batches of singular values, which
+        # made the run slower, and the writer works during the next call either way)
         cap = max(1, SNAPSHOT_BYTES // (8 * len(active) * engine.n_params))
-        if writer is not None:  # the writer thread stores one call's rows during the next call
-            cap = min(cap, max(1, STREAM_CALL_BYTES // (len(active) * rec.row_bytes)))
         if hi - lo > cap:
             hi = lo + cap
             n = int(save[hi]) - m

@@ -486,15 +486,15 @@ def test_file_equals_memory(tmp_path):
 
 
 def test_streaming_in_short_engine_calls_changes_no_number(tmp_path, monkeypatch):
-    # with out=, engine calls hold few save points (the writer stores one call's rows during
-    # the next); a single row per call here: the numbers must not change
+    # engine calls hold at most SNAPSHOT_BYTES of save points, and the writer stores one call's
+    # rows during the next; a single row per call here: the numbers must not change
     simulate_module = sys.modules[simulate.__module__]  # fastrace.simulate is the function
     net, data, _ = case(13)
     inits = [fr.init.gaussian(net, std=0.5, seed=s) for s in range(2)]
     kw = dict(lr=[0.05, 0.02], steps=60, record_every=2, momentum=0.4, save_weights=True,
               progress=False)
     memory = simulate(net, data, inits, **kw)
-    monkeypatch.setattr(simulate_module, "STREAM_CALL_BYTES", 1)
+    monkeypatch.setattr(simulate_module, "SNAPSHOT_BYTES", 1)
     monkeypatch.setattr(simulate_module, "BATCH_ROWS", 3)
     monkeypatch.setattr(simulate_module, "SEND_BYTES", 1)  # every batch to the writer
     calls = []
