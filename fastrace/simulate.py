@@ -414,12 +414,16 @@ class _Progress:
 # ====================================================================== recording
 # Singular values cost far more than the learning steps they describe (a 64 x 64 matrix takes
 # 110-250 µs in LAPACK, a routing step ~40 µs), so a batch with enough work is shared between
-# threads: numpy's LAPACK loop releases the GIL, and every matrix goes through the same LAPACK
-# call whichever thread takes it, so the values are the same bits.
+# threads, and every matrix goes through the same LAPACK call whichever thread takes it, so the
+# values are the same bits. numpy's LAPACK loop releases the GIL only for calls of more than 500
+# values out (NPY_BEGIN_THREADS_THRESHOLDED: matrices x min(out, in)); measured here, two threads
+# calling it on 4 matrices of 64 x 64 ran one after the other, on 8 side by side. So a piece of
+# a shared batch holds more values than that.
 _SVD_CALL_SECONDS = 5e-6  # rough cost model of one matrix: a fixed part ...
 _SVD_UNIT_SECONDS = 4e-10  # ... plus this per out * in * min(out, in)
 _SVD_SHARE_SECONDS = 1e-3  # batches estimated below this stay on the calling thread
 _SVD_SHARED_MIN = 16  # smaller matrices (min(out, in) below this) stay on the calling thread
+_SVD_GIL_FREE_VALUES = 501  # numpy releases the GIL for calls with more values out than 500
 _svd_pool: Any = None  # a ThreadPoolExecutor, made at first need
 _svd_pool_lock = threading.Lock()
 
@@ -479,29 +483,77 @@ def _finite_svals(M: np.ndarray) -> np.ndarray:
 def _singular_values(batches: Mapping[str, np.ndarray], threads: int) -> dict[str, np.ndarray]:
     """``_svals`` of every {edge: (n, out, in)} batch, on up to ``threads`` threads.
 
-    Small matrices stay on the calling thread: measured here, two threads ran them slower than
-    one (LAPACK's work per matrix is too small to pay for sharing), while big ones scale. The
-    big batches are cut into pieces that the pool's threads and the calling thread (once done
-    with the small ones) take in turn: a matrix's cost depends on its values (learned 64 x 64
-    weights took 2.4 times as long as random ones), so the work is shared as it goes.
+    Batches of small matrices are stacked by shape, one LAPACK call each; big batches are cut
+    into pieces of rows. The pool's threads and the calling thread take these calls in turn (a
+    matrix's cost depends on its values: learned 64 x 64 weights took 2.4 times as long as
+    random ones, so the work is shared as it goes). Each shared call is big enough for numpy to
+    leave the GIL free; stacks smaller than that are done by the calling thread first.
     """
     work = sum(M.shape[0] * (_SVD_CALL_SECONDS + _SVD_UNIT_SECONDS * M.shape[1] * M.shape[2]
                              * min(M.shape[1:])) for M in batches.values())
-    big = [e for e, M in batches.items() if min(M.shape[1:]) >= _SVD_SHARED_MIN and len(M)]
-    if threads < 2 or work < _SVD_SHARE_SECONDS or sum(len(batches[e]) for e in big) < threads:
-        # (fewer big matrices than threads: LAPACK's own BLAS threads serve them better)
-        return {e: _svals(M) for e, M in batches.items()}
+    # big: batches cut into pieces of rows, each a call that leaves the GIL free
+    big = [e for e, M in batches.items()
+           if min(M.shape[1:]) >= _SVD_SHARED_MIN and len(M) >= _gil_free_rows(M)]
+    pieces = sum(len(batches[e]) // _gil_free_rows(batches[e]) for e in big)
+    if threads < 2 or work < _SVD_SHARE_SECONDS or pieces < 2:
+        # (too few matrices for two pieces that leave the GIL free: threads would take turns;
+        # a single big matrix is better served by LAPACK's own BLAS threads)
+        return _stacked_singular_values(batches)
     with _blas_threads(1):  # the threads share the matrices: each runs its LAPACK alone
         return _shared_singular_values(batches, big, threads)
 
 
+def _shape_groups(batches: Mapping[str, np.ndarray]) -> list[tuple[np.ndarray, list[tuple[str, int]]]]:
+    """The batches of each matrix shape stacked: [(matrices, [(edge, its rows), ...])]. One call
+    per shape instead of one per edge: fewer calls, and calls big enough to leave the GIL free
+    (the output edges of a network, say, are many small batches of one shape)."""
+    shapes: dict[tuple[int, ...], list[str]] = {}
+    for e, M in batches.items():
+        shapes.setdefault(M.shape[1:], []).append(e)
+    return [(batches[edges[0]] if len(edges) == 1 else
+             np.concatenate([batches[e] for e in edges]), [(e, len(batches[e])) for e in edges])
+            for edges in shapes.values()]
+
+
+def _placed(batches: Mapping[str, np.ndarray],
+            parts: list[tuple[np.ndarray, list[tuple[str, int]]]]) -> dict[str, np.ndarray]:
+    """Each edge's values from ``parts``: [(values, [(edge, rows), ...])] in row order."""
+    pieces: dict[str, list[np.ndarray]] = {e: [] for e in batches}
+    for values, spans in parts:
+        at = 0
+        for e, n in spans:
+            pieces[e].append(values[at:at + n])
+            at += n
+    return {e: p[0] if len(p) == 1 else np.concatenate(p) for e, p in pieces.items()}
+
+
+def _stacked_singular_values(batches: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``_svals`` of each batch, on the calling thread, one call per matrix shape."""
+    return _placed(batches, [(_svals(M), spans) for M, spans in _shape_groups(batches)])
+
+
+def _gil_free_rows(M: np.ndarray) -> int:
+    """Fewest matrices of M (n, out, in) for which numpy's SVD call leaves the GIL free."""
+    return -(-_SVD_GIL_FREE_VALUES // min(M.shape[1:]))
+
+
 def _shared_singular_values(batches: Mapping[str, np.ndarray], big: list[str],
                             threads: int) -> dict[str, np.ndarray]:
-    pieces = []
+    # pieces: the small batches stacked by shape (one piece each), and the big batches cut into
+    # pieces of rows; each piece is one call that leaves the GIL free. Stacks too small for that
+    # are done by the calling thread first (they are quick).
+    first, pieces = [], []
+    for M, spans in _shape_groups({e: M for e, M in batches.items() if e not in big}):
+        (pieces if len(M) >= _gil_free_rows(M) else first).append((M, spans))
     for e in big:
-        n = batches[e].shape[0]
-        size = max(1, -(-n // (4 * threads)))
-        pieces += [(e, a, min(a + size, n)) for a in range(0, n, size)]
+        M = batches[e]
+        n, least = len(M), _gil_free_rows(M)
+        size = max(least, -(-n // (4 * threads)))
+        bounds = [[a, min(a + size, n)] for a in range(0, n, size)]
+        if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < least:
+            bounds[-2][1] = bounds[-1][1]  # a short last piece would hold the GIL
+            bounds.pop()
+        pieces += [(M[a:b], [(e, b - a)]) for a, b in bounds]
     results: list[Any] = [None] * len(pieces)
     taking = itertools.count()  # next() on a count is atomic: each piece is taken once
     stop = [False]
@@ -510,12 +562,11 @@ def _shared_singular_values(batches: Mapping[str, np.ndarray], big: list[str],
         for i in taking:
             if i >= len(pieces) or stop[0]:
                 return
-            e, a, b = pieces[i]
-            results[i] = _svals(batches[e][a:b])
+            results[i] = _svals(pieces[i][0])
 
     helpers = _svd_helpers(take_pieces, threads - 1)
     try:
-        out = {e: _svals(M) for e, M in batches.items() if e not in big}
+        done = [(_svals(M), spans) for M, spans in first]
         take_pieces()
     except BaseException:
         stop[0] = True  # the helpers stop after their current piece; this error is raised
@@ -526,9 +577,7 @@ def _shared_singular_values(batches: Mapping[str, np.ndarray], big: list[str],
     for h in helpers:  # every piece is taken: wait for those still being computed
         if not h.cancel():  # (a helper that never started, behind other work, is not)
             h.result()
-    for e in big:
-        out[e] = np.concatenate([r for (pe, _, _), r in zip(pieces, results) if pe == e])
-    return {e: out[e] for e in batches}
+    return _placed(batches, done + [(r, spans) for r, (_, spans) in zip(results, pieces)])
 
 
 class _RunState:

@@ -175,25 +175,37 @@ def assert_same_singular_values(got, expected):
                                * max(float(expected[0]) if expected.size else 0.0, 1e-300))
 
 
+DIMS = st.sampled_from([1, 3, 4, 7, 16, 24])  # few sizes: batches of one shape are stacked
+
+
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 30), st.integers(1, 24), st.integers(1, 24)),
-                min_size=1, max_size=5),
+@given(st.lists(st.tuples(st.integers(0, 120), DIMS, DIMS), min_size=1, max_size=5),
        st.integers(2, 3), st.integers(0, 2**31 - 1))
 def test_singular_values_shared_between_threads_are_the_same_bits(shapes, threads, seed):
     # every batch shared out (no cost threshold), small and big matrices mixed, with
-    # non-finite entries in some rows: each row must be exactly what LAPACK gives it alone
+    # non-finite entries in some rows: each row must be exactly what LAPACK gives it alone;
+    # and every call on a pool thread is big enough for numpy to leave the GIL free (else the
+    # threads would take turns)
     rng = np.random.default_rng(seed)
     batches = {f"e{i}": rng.standard_normal(shape) for i, shape in enumerate(shapes)}
     for M in batches.values():
         for k in np.flatnonzero(rng.random(len(M)) < 0.15):
             M[k, rng.integers(M.shape[1]), rng.integers(M.shape[2])] = rng.choice(
                 [np.nan, np.inf, -np.inf])
-    old = SIM._SVD_SHARE_SECONDS, SIM._SVD_SHARED_MIN
+    old = SIM._SVD_SHARE_SECONDS, SIM._SVD_SHARED_MIN, SIM._svals
+    pool_calls = []
+
+    def svals(M):
+        if threading.current_thread() is not threading.main_thread():
+            pool_calls.append(len(M) * min(M.shape[1:]))
+        return old[2](M)
+
     try:
-        SIM._SVD_SHARE_SECONDS, SIM._SVD_SHARED_MIN = 0.0, 4
+        SIM._SVD_SHARE_SECONDS, SIM._SVD_SHARED_MIN, SIM._svals = 0.0, 4, svals
         shared = SIM._singular_values(batches, threads)
     finally:
-        SIM._SVD_SHARE_SECONDS, SIM._SVD_SHARED_MIN = old
+        SIM._SVD_SHARE_SECONDS, SIM._SVD_SHARED_MIN, SIM._svals = old
+    assert all(values > 500 for values in pool_calls)
     alone = SIM._singular_values(batches, 1)
     assert list(shared) == list(batches)
     for e, M in batches.items():
