@@ -126,6 +126,21 @@ def _wait_ready(proc: subprocess.Popen, timeout: float = 60.0) -> int:
     return int(line.split()[1])
 
 
+def _wait_flushed(proc: subprocess.Popen, timeout: float = 60.0) -> list[str]:
+    """The writer's lines up to its first report of rows flushed in every series."""
+    watchdog = threading.Timer(timeout, proc.kill)
+    watchdog.start()
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("flushed") and min(_last_flushed([line]).values()) > 0:
+                break
+    finally:
+        watchdog.cancel()
+    return lines
+
+
 def _kill(proc: subprocess.Popen) -> list[str]:
     proc.kill()
     out, _ = proc.communicate(timeout=30)
@@ -529,12 +544,15 @@ def test_sigkill_at_random_moments_leaves_every_flushed_row(tmp_path):
     for trial in range(4):
         path = tmp_path / f"kill{trial}.h5"
         proc = _spawn_writer(path, "w", 10**7, pace=0.0)
+        seen: list[str] = []
         if trial == 0:  # at any moment, including while the file is being created
             time.sleep(rng.uniform(0.0, 0.6))
         else:
             _wait_ready(proc)
+            if trial > 1:  # once rows are flushed (the writer may take a while to start)
+                seen = _wait_flushed(proc)
             time.sleep(rng.uniform(0.02, 0.4))
-        flushed = _last_flushed(_kill(proc))
+        flushed = _last_flushed(seen + _kill(proc))
         if not path.exists():
             assert trial == 0  # killed before the file appeared: nothing was flushed either
             continue
