@@ -223,6 +223,11 @@ def _compression_options(compression: str, level: int) -> tuple[int, tuple[int, 
     if not 0 <= int(level) <= 9:
         raise StoreError(f"compression_level must be in 0..9, got {level}")
     blosc = hdf5plugin.Blosc(cname="lz4", clevel=int(level), shuffle=hdf5plugin.Blosc.SHUFFLE)
+    if not h5z.filter_avail(blosc.filter_id):  # (an optional filter HDF5 lacks writes raw data)
+        if compression == "auto":
+            return None
+        raise StoreError("compression='blosc-lz4': hdf5plugin is installed but HDF5 does not "
+                         "have its blosc filter")
     return blosc.filter_id, tuple(blosc.filter_options)
 
 
@@ -906,8 +911,11 @@ class TrajectoryWriter:
         kind = op[0]
         if kind == "rows":
             _, sb, block, n, owned = op
-            if self._gather(sb, block[:n]) and owned and len(sb.spare) < 2:
-                sb.spare.append(block)  # a buffer of this writer, written: reuse it
+            # a buffer of this writer: its rows are written or copied (they are few) before
+            # it is reused, so no waiting block is ever a view of a reused buffer
+            self._gather(sb, block[:n], copy=owned)
+            if owned and len(sb.spare) < 2:
+                sb.spare.append(block)
             return False
         if kind == "blocks":
             for sb, block in op[1]:
@@ -928,21 +936,21 @@ class TrajectoryWriter:
             return True
         raise AssertionError(f"unknown store operation {kind!r}")
 
-    def _gather(self, sb: _Series, block: np.ndarray) -> bool:
-        """Write ``block`` (rows of ``sb``), or keep it with the series' other small blocks
-        until they make ``_WRITE_BYTES``. True if ``block`` itself was written (it is free)."""
+    def _gather(self, sb: _Series, block: np.ndarray, copy: bool = False) -> None:
+        """Write ``block`` (rows of ``sb``), or keep it (a copy of it with ``copy``) with the
+        series' other small blocks until they make ``_WRITE_BYTES``. A big block is written
+        as it is, after the blocks waiting before it: never copied."""
         key = (sb.run, sb.name)
-        gathered = self._gathered.get(key)
-        if gathered is None:
-            if block.nbytes >= _WRITE_BYTES:
-                self._write_block(key, block)
-                return True
-            gathered = self._gathered[key] = [0]
-        gathered.append(block)
+        if block.nbytes >= _WRITE_BYTES:
+            if key in self._gathered:
+                self._write_gathered(key)
+            self._write_block(key, block)
+            return
+        gathered = self._gathered.setdefault(key, [0])
+        gathered.append(block.copy() if copy else block)
         gathered[0] += block.nbytes
         if gathered[0] >= _WRITE_BYTES:
             self._write_gathered(key)
-        return False
 
     def _write_gathered(self, key: tuple[str, str]) -> None:
         blocks = self._gathered.pop(key)[1:]
@@ -1037,6 +1045,9 @@ class TrajectoryWriter:
     def _mark_failed_after_error(self) -> None:
         # Best effort only: the file may be what failed, and the original error is raised.
         reason = f"failed: write error: {self._error}"
+        with contextlib.suppress(Exception):  # the rows still waiting in the thread, if it can
+            for key in list(self._gathered):
+                self._write_gathered(key)
         with contextlib.suppress(Exception):
             for run, status in self._status.items():
                 if not status.startswith("failed"):

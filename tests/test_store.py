@@ -266,7 +266,8 @@ def test_small_blocks_are_gathered_into_few_writes_in_order(ops):
             mock.patch.object(TrajectoryWriter, "_write_block", counted):
         path = Path(tmp) / "g.h5"
         start = flushes = 0
-        with TrajectoryWriter(path, {"r": spec}, buffer_rows=7, compression="none") as w:
+        with TrajectoryWriter(path, {"r": spec}, buffer_rows=7, compression="none",
+                              flush_interval=60) as w:  # (no timed flush: the counts are exact)
             for kind, n in ops:
                 if kind == "flush":
                     w.flush()
@@ -282,9 +283,10 @@ def test_small_blocks_are_gathered_into_few_writes_in_order(ops):
     np.testing.assert_array_equal(data["k"], k)
     np.testing.assert_array_equal(data["x"], np.stack([k, -2.0 * k], axis=1))
     # "k" rows are 8 bytes: a write of fewer than 160 bytes happens only at a flush (each
-    # flush() call, and the one at close)
+    # flush() call, and the one at close) or right before a big block (written at once)
     small = [nbytes for name, nbytes in writes if name == "k" and nbytes < 160]
-    assert len(small) <= flushes + 1
+    big_blocks = sum(1 for kind, n in ops if kind == "blocks" and 8 * n >= 160)
+    assert len(small) <= flushes + 1 + big_blocks
     assert sum(nbytes for name, nbytes in writes if name == "k") == 8 * start
 
 
@@ -300,7 +302,8 @@ def test_small_series_are_written_once_beside_a_big_one(tmp_path, monkeypatch):
         write_block(self, key, block)
 
     monkeypatch.setattr(TrajectoryWriter, "_write_block", counted)
-    with TrajectoryWriter(tmp_path / "b.h5", {"r": spec}, compression="none") as w:
+    with TrajectoryWriter(tmp_path / "b.h5", {"r": spec}, compression="none",
+                          flush_interval=60) as w:
         for i in range(50):
             w.append_blocks("r", {"big": np.full((1, 128, 1024), float(i)),
                                   "t": np.array([10.0 * i])})
@@ -308,6 +311,59 @@ def test_small_series_are_written_once_beside_a_big_one(tmp_path, monkeypatch):
     data = read_run(tmp_path / "b.h5", "r")
     np.testing.assert_array_equal(data["t"], 10.0 * np.arange(50))
     np.testing.assert_array_equal(data["big"][:, 0, 0], np.arange(50.0))
+
+
+def test_a_big_block_behind_waiting_rows_is_written_without_a_copy(tmp_path, monkeypatch):
+    # a row from append waits in the thread; the big block after it is written as the
+    # caller's own array (append_blocks promises no copy), after the waiting row
+    spec = RunSpec({"x": (1000,)})
+    big = np.arange(300 * 1000, dtype=np.float64).reshape(300, 1000)  # 2.4 MB
+    written: list[np.ndarray] = []
+    write_block = TrajectoryWriter._write_block
+
+    def spy(self, key, block):
+        written.append(block)
+        write_block(self, key, block)
+
+    monkeypatch.setattr(TrajectoryWriter, "_write_block", spy)
+    with TrajectoryWriter(tmp_path / "big.h5", {"r": spec}, compression="none") as w:
+        w.append("r", x=np.full(1000, -1.0))
+        w.append_blocks("r", {"x": big})
+    assert [len(b) for b in written] == [1, 300]
+    assert np.shares_memory(written[1], big)
+    data = read_run(tmp_path / "big.h5", "r")["x"]
+    np.testing.assert_array_equal(data[0], -1.0)
+    np.testing.assert_array_equal(data[1:], big)
+
+
+def test_a_writer_buffer_is_reused_only_once_its_rows_are_safe(tmp_path):
+    # each append fills one 4-row buffer, taken by the writer before the next append: its rows
+    # wait (they are few) while the buffer goes back to the caller for the next rows
+    path = tmp_path / "reuse.h5"
+    with TrajectoryWriter(path, {"r": RunSpec({"k": ((), np.int64)})}, buffer_rows=4,
+                          compression="none", flush_interval=60) as w:
+        w.flush()
+        for i in range(0, 40, 4):
+            w.append("r", k=np.arange(i, i + 4))
+            time.sleep(0.02)
+    np.testing.assert_array_equal(read_run(path, "r")["k"], np.arange(40))
+
+
+def test_rows_waiting_when_the_writer_fails_are_still_written(tmp_path, monkeypatch):
+    def failing_checkpoint(self, *args):
+        raise OSError("simulated failure of a later operation")
+
+    monkeypatch.setattr(TrajectoryWriter, "_write_checkpoint", failing_checkpoint)
+    path = tmp_path / "fail.h5"
+    spec = RunSpec({"k": ((), np.int64)}, checkpoint={"s": ()})
+    w = TrajectoryWriter(path, {"r": spec}, compression="none", flush_interval=60)
+    w.append_blocks("r", {"k": np.arange(100)})  # small: it waits in the writer thread
+    w.checkpoint("r", 1, {"s": 0.0})
+    with pytest.raises(StoreError, match="simulated failure"):
+        w.close()
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["r/k"][:], np.arange(100))
+    assert run_status(path, "r").startswith("failed: write error")
 
 
 def test_chunks_are_time_first_and_of_sensible_size():
@@ -751,6 +807,19 @@ def test_blosc_lz4_is_used_when_hdf5plugin_is_installed(tmp_path):
         w.append("sim", **make_rows(0, 500))
     assert _filters(path, "sim/weights/x->h") == [32001]
     assert_rows_match(read_run(path, "sim").series, 500)
+
+
+def test_a_blosc_filter_hdf5_lacks_is_not_asked_for(tmp_path, monkeypatch):
+    # HDF5 would store raw data under an optional filter it does not have: "auto" goes without
+    # compression, and an explicit "blosc-lz4" is refused
+    pytest.importorskip("hdf5plugin")
+    monkeypatch.setattr(store.h5z, "filter_avail", lambda filter_id: False)
+    path = tmp_path / "lacking.h5"
+    with TrajectoryWriter(path, {"sim": SIM_SPEC}, compression="auto") as w:
+        w.append("sim", **make_rows(0, 5))
+    assert _filters(path, "sim/weights/x->h") == []
+    with pytest.raises(StoreError, match="blosc filter"):
+        TrajectoryWriter(tmp_path / "b.h5", {"sim": SIM_SPEC}, compression="blosc-lz4")
 
 
 def test_without_hdf5plugin_auto_means_no_compression(tmp_path, monkeypatch):
