@@ -422,7 +422,7 @@ class _Progress:
 _SVD_CALL_SECONDS = 5e-6  # rough cost model of one matrix: a fixed part ...
 _SVD_UNIT_SECONDS = 4e-10  # ... plus this per out * in * min(out, in)
 _SVD_SHARE_SECONDS = 1e-3  # batches estimated below this stay on the calling thread
-_SVD_SHARED_MIN = 16  # smaller matrices (min(out, in) below this) stay on the calling thread
+_SVD_SHARED_MIN = 16  # smaller matrices (min(out, in) below this) are stacked, not cut in pieces
 _SVD_GIL_FREE_VALUES = 501  # numpy releases the GIL for calls with more values out than 500
 _svd_pool: Any = None  # a ThreadPoolExecutor, made at first need
 _svd_pool_lock = threading.Lock()
