@@ -520,15 +520,17 @@ def run_experiment(exp: Experiment, out: str | os.PathLike, threads: int | None 
         if not _same_experiment(str(stored), exp):
             raise ConfigError(f"{out} was written by another experiment; resume it with the "
                               "experiment file it was started with")
-        trajectories = resume_runs(out, net, data, threads=threads, progress=progress)
+        trajectories = resume_runs(out, net, data, threads=threads, progress=progress,
+                                   in_memory=False)
         if not isinstance(trajectories, list):
             trajectories = [trajectories]
     else:
         weights = initial_weights(exp, task, reduction)
         seed = exp.init["seeds"][0] if len(exp.init["seeds"]) == 1 else None
+        # the rows live in the file only: memory stays small however long the runs are
         trajectories = simulate(net, data, weights, out=out, run_names=exp.run_names,
                                 threads=threads, progress=progress, config=exp.text, seed=seed,
-                                **exp.train)
+                                in_memory=False, **exp.train)
     if solution is not None:
         _add_theory(out, solution)
 

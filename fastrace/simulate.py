@@ -93,6 +93,9 @@ class Trajectory:
         "complete", "running" or "failed: <reason>".
     attrs : dict
         Settings of the run (method, lr, steps, t_end, momentum, weight_decay, ...).
+    snapshots : {edge: (n_saved, out, in)} or None
+        Weight snapshots (``save_weights=True``): arrays, or for a run kept in its file only
+        (``in_memory=False``) ``fastrace.store.StoredSeries`` read when indexed.
     """
 
     def __init__(self, run: str, t: np.ndarray, step: np.ndarray, loss: np.ndarray,
@@ -1204,10 +1207,17 @@ def _read_extras(path: Any, run: str) -> tuple[str, dict[str, np.ndarray] | None
             raise StoreError(f"{os.fspath(path)}: run {run!r} is damaged ({exc})") from exc
 
 
-def _load_trajectory(path: Any, run: str) -> Trajectory:
+def _load_trajectory(path: Any, run: str, weights_in_file: bool = False) -> Trajectory:
+    """Run ``run`` of the file; with ``weights_in_file`` its weight snapshots stay in the file
+    (``store.StoredSeries``, read when indexed) and only the other series are read."""
     from . import store
 
-    data = store.read_run(path, run)
+    with store.open_run(path, run) as reader:
+        names = [n for n in reader.series_names
+                 if not (weights_in_file and n.startswith("weights/"))]
+        data = reader.read(names)
+        stored = {n[len("weights/"):]: store.StoredSeries(path, run, n)
+                  for n in reader.series_names if n not in names}
     network_json, state, _ = _read_extras(path, run)
     try:
         net = Network.from_json(network_json)
@@ -1231,7 +1241,8 @@ def _load_trajectory(path: Any, run: str) -> Trajectory:
     return Trajectory(run, np.asarray(series["t"], dtype=np.float64),
                       np.asarray(series["step"], dtype=np.int64),
                       np.asarray(series["loss"], dtype=np.float64), group("svals/"),
-                      group("quantities/"), final, data.status, attrs, group("weights/") or None)
+                      group("quantities/"), final, data.status, attrs,
+                      stored or group("weights/") or None)
 
 
 # ====================================================================== public entry points
@@ -1248,7 +1259,7 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
              threads: int | None = None,
              divergence_threshold: float = 1e8, progress: bool | None = None,
              config: str = "", seed: int | None = None,
-             compression: str = "auto") -> Trajectory | list[Trajectory]:
+             compression: str = "auto", in_memory: bool = True) -> Trajectory | list[Trajectory]:
     """Train ``net`` on ``data`` from ``weights`` by gradient descent or gradient flow.
 
     Parameters
@@ -1305,6 +1316,13 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
     Returns a Trajectory, or a list of them when ``weights`` is a list.
     compression : str
         HDF5 compression: "auto" (blosc-lz4 when hdf5plugin is installed), "blosc-lz4", "none".
+    in_memory : bool
+        Keep every recorded row in memory (default). With ``out``, ``in_memory=False`` holds
+        only the rows not yet handed to the file (a few MB), for runs too long to keep: the
+        returned trajectories then read their weight snapshots from the file when indexed
+        (``fastrace.store.StoredSeries``); t, loss, singular values and quantities are read
+        back at the end. A run whose rows would not fit in the memory available is refused
+        before it starts (ConfigError), rather than failing part way.
     """
     if not isinstance(net, Network):
         raise NetworkError(f"net must be a fastrace.Network, got {type(net).__name__}")
@@ -1406,8 +1424,12 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
                  quantity_shapes=q_shapes, checkpoint_every=every, rtol=rtol, atol=atol,
                  divergence_threshold=divergence_threshold, max_steps=max_steps)
 
+    if not in_memory and out is None:
+        raise ConfigError("in_memory=False needs out=: the rows must go to a file")
     writer = None
-    rec = _Recorder(eng, plan, quantities, None)
+    rec = _Recorder(eng, plan, quantities, None, keep=bool(in_memory))
+    if in_memory:
+        _check_room(plan, rec, streamed=out is not None)
     if out is not None:
         from . import store
 
@@ -1419,8 +1441,36 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
     _execute(eng, plan, runs, W, V, rec, writer, n_threads, progress)
     # one run owns all of W: its final weights are views of it, not copies (a batch copies
     # each run's, so that a trajectory kept alone does not hold the whole batch in memory)
-    result = [_trajectory(plan, rec, r, W[r.index], "complete", copy=n_runs > 1) for r in runs]
+    if in_memory:
+        result = [_trajectory(plan, rec, r, W[r.index], "complete", copy=n_runs > 1)
+                  for r in runs]
+    else:
+        result = [_load_trajectory(out, r.name, weights_in_file=True) for r in runs]
     return result if batch else result[0]
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_room(plan: _Plan, rec: _Recorder, streamed: bool) -> None:
+    """ConfigError if the rows kept in memory would not fit in the memory available now."""
+    need = sum(len(times) for times in plan.save_times) * rec.row_bytes
+    room = _available_memory()
+    if room is not None and need > room:
+        hint = ("pass in_memory=False to keep them in the file only" if streamed else
+                "pass out=<file.h5> and in_memory=False to keep them in the file only")
+        raise ConfigError(f"the recorded rows need {need / 2**30:.1f} GiB of memory and "
+                          f"{room / 2**30:.1f} GiB are available: {hint}, or record fewer "
+                          "points (record_every, record='log', save_weights=False)")
 
 
 def _run_specs(plan: _Plan, rec: _Recorder, data: Dataset,
@@ -1491,7 +1541,7 @@ def _execute(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: np.n
 
 def resume(path: str | os.PathLike, net: Network, data: Dataset, run: str | None = None,
            threads: int | None = None, *, quantities: Mapping[str, Quantity] | None = None,
-           progress: bool | None = None) -> Trajectory | list[Trajectory]:
+           progress: bool | None = None, in_memory: bool = True) -> Trajectory | list[Trajectory]:
     """Continue the runs of ``path`` (from ``simulate(..., out=path)``) from their checkpoints.
 
     The settings (method, lr, steps, schedule, ...) come from the file; ``net`` and ``data``
@@ -1499,6 +1549,8 @@ def resume(path: str | os.PathLike, net: Network, data: Dataset, run: str | None
     if the run recorded any. The result equals, bit for bit, what the uninterrupted run gives.
     With ``run=None`` every simulation run in the file is resumed, and a list is returned when
     there are several. Complete runs are only read back; a diverged run raises StoreError.
+    ``in_memory=False``: the returned trajectories read their weight snapshots from the file
+    when indexed, as ``simulate(..., in_memory=False)`` does.
     """
     from . import store
 
@@ -1531,7 +1583,7 @@ def resume(path: str | os.PathLike, net: Network, data: Dataset, run: str | None
     if todo:
         _resume_runs(path, net, data, todo, [info[n]["attrs"] for n in todo], n_threads,
                      quantities, progress)
-    results = [_load_trajectory(path, name) for name in names]
+    results = [_load_trajectory(path, name, weights_in_file=not in_memory) for name in names]
     return results[0] if len(results) == 1 else results
 
 

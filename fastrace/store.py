@@ -57,7 +57,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Self
@@ -79,6 +79,7 @@ __all__ = [
     "RunData",
     "RunReader",
     "RunSpec",
+    "StoredSeries",
     "TrajectoryWriter",
     "list_runs",
     "open_run",
@@ -1250,8 +1251,29 @@ class RunReader:
             raise StoreError(f"{self.path}: cannot read series {name!r} of run {self.run!r} "
                              f"({exc})") from exc
 
-    def read(self) -> RunData:
-        series = {name: self[name] for name in self.series_names}
+    def rows(self, name: str, key: Any) -> np.ndarray:
+        """Rows ``key`` of series ``name``: an index (negative counts from the end), a slice,
+        or either followed by indices into the row."""
+        if name not in self._datasets:
+            raise StoreError(f"run {self.run!r} has no series {name!r}; it has "
+                             f"{self.series_names}")
+        ds = self._datasets[name]
+        first = key[0] if isinstance(key, tuple) and key else key
+        if isinstance(first, int | np.integer):
+            n = ds.shape[0]
+            if not -n <= first < n:
+                raise IndexError(f"row {first} out of range for series {name!r} of {n} rows")
+            if first < 0:
+                key = (first + n, *key[1:]) if isinstance(key, tuple) else first + n
+        try:
+            return ds[key]
+        except (OSError, RuntimeError) as exc:
+            raise StoreError(f"{self.path}: cannot read series {name!r} of run {self.run!r} "
+                             f"({exc})") from exc
+
+    def read(self, names: Iterable[str] | None = None) -> RunData:
+        """The series ``names`` (default: all) with the run's attrs, status and steps done."""
+        series = {name: self[name] for name in (self.series_names if names is None else names)}
         return RunData(self.run, series, dict(self.attrs), self.status, self.steps_done)
 
     def close(self) -> None:
@@ -1262,6 +1284,42 @@ class RunReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class StoredSeries:
+    """One series of a run in a file, read from the file when indexed: ``series[i]`` is row
+    ``i`` (negative counts from the end), ``series[a:b]`` rows, ``np.asarray(series)`` all of
+    them. For trajectories too big to keep in memory. Each read opens the file (about a
+    millisecond): read blocks of rows rather than one row at a time."""
+
+    def __init__(self, path: str | os.PathLike[str], run: str, name: str):
+        self.path, self.run, self.name = os.fspath(path), run, name
+        with RunReader(path, run) as reader:
+            if name not in reader.series_names:
+                raise StoreError(f"run {run!r} has no series {name!r}; it has "
+                                 f"{reader.series_names}")
+            ds = reader._datasets[name]
+            self.shape: tuple[int, ...] = tuple(ds.shape)
+            self.dtype: np.dtype = ds.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        with RunReader(self.path, self.run) as reader:
+            return reader.rows(self.name, key)
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        rows = self[()]
+        return rows if dtype is None else rows.astype(dtype, copy=False)
+
+    def __repr__(self) -> str:
+        return (f"StoredSeries({self.path!r}, run={self.run!r}, name={self.name!r}, "
+                f"shape={self.shape}, dtype={self.dtype})")
 
 
 def open_run(path: str | os.PathLike[str], run: str) -> RunReader:

@@ -820,3 +820,67 @@ def test_threshold_crossing_inside_a_chunk_is_divergence(tmp_path, checkpoint_ev
         fr.simulate(net, data, W, lr=0.95, steps=100, divergence_threshold=1.5,
                     save_weights=True, out=out, checkpoint_every=checkpoint_every)
     assert info.value.step == 1
+
+
+# ------------------------------------------------------------------ runs kept in their file only
+def test_a_run_kept_in_its_file_only_equals_the_in_memory_run(tmp_path):
+    net, data, _ = case(31)
+    inits = [fr.init.gaussian(net, std=0.5, seed=s) for s in range(2)]
+    q = {"norm": lambda w: np.array([sum(float(np.sum(a * a)) for a in w.values())])}
+    for kw in (dict(lr=[0.05, 0.02], steps=40, record_every=3, momentum=0.5),
+               dict(method="flow", lr=0.05, steps=40, record_every=4)):
+        memory = simulate(net, data, inits, save_weights=True, quantities=q, progress=False,
+                          **kw)
+        path = tmp_path / f"{kw.get('method', 'gd')}.h5"
+        stored = simulate(net, data, inits, save_weights=True, quantities=q, progress=False,
+                          out=path, in_memory=False, **kw)
+        again = resume(path, net, data, in_memory=False, quantities=q)  # complete: read back
+        for a, b, c in zip(memory, stored, again):
+            assert all(isinstance(s, store.StoredSeries) for s in b.snapshots.values())
+            same_trajectory(b, a)  # (np.asarray reads every row of a StoredSeries)
+            same_trajectory(c, a)
+            for i in (0, 5, -1):
+                for e, w in b.weights(i).items():
+                    np.testing.assert_array_equal(w, a.weights(i)[e])
+            assert b.status == "complete" and b.attrs == a.attrs
+
+
+def test_a_run_kept_in_its_file_only_holds_few_rows_in_memory(tmp_path, monkeypatch):
+    import tracemalloc
+
+    simulate_module = sys.modules[simulate.__module__]
+    monkeypatch.setattr(simulate_module, "SNAPSHOT_BYTES", 2 << 20)
+    monkeypatch.setattr(store, "_QUEUE_BYTES", 8 << 20)
+    task = fr.tasks.routing(M=7, K=4, hidden=64)
+    W0 = fr.init.orthogonal(task.network, gain=0.2, seed=0)
+    kw = dict(lr=0.02, steps=1500, record_every=1, save_weights=True, svals=False,
+              progress=False)
+    rows = 1501 * sum(a.size for a in W0.values()) * 8  # 76 MB of weight snapshots
+    peaks = {}
+    for in_memory in (True, False):
+        tracemalloc.start()
+        try:
+            simulate(task.network, task.data, W0, out=tmp_path / f"{in_memory}.h5",
+                     in_memory=in_memory, **kw)
+            peaks[in_memory] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peaks[True] > rows  # every row in memory ...
+    assert peaks[False] < rows / 4  # ... or only those on their way to the file
+
+
+def test_rows_that_would_not_fit_in_memory_are_refused_before_the_run(tmp_path, monkeypatch):
+    simulate_module = sys.modules[simulate.__module__]
+    monkeypatch.setattr(simulate_module, "_available_memory", lambda: 100_000)  # 100 kB free
+    net, data, W0 = case(32)
+    kw = dict(lr=0.05, steps=2000, record_every=1, save_weights=True, progress=False)
+    path = tmp_path / "big.h5"
+    with pytest.raises(fr.ConfigError, match="in_memory=False"):
+        simulate(net, data, W0, out=path, **kw)
+    assert not path.exists()  # refused before anything was written
+    with pytest.raises(fr.ConfigError, match="out=<file.h5> and in_memory=False"):
+        simulate(net, data, W0, **kw)
+    run = simulate(net, data, W0, out=path, in_memory=False, **kw)  # the way out
+    assert run.status == "complete" and len(run.snapshots[net.edges[0]]) == 2001
+    with pytest.raises(fr.ConfigError, match="needs out="):
+        simulate(net, data, W0, in_memory=False, **kw)

@@ -831,3 +831,28 @@ def test_without_hdf5plugin_auto_means_no_compression(tmp_path, monkeypatch):
     assert_rows_match(read_run(path, "sim").series, 50)
     with pytest.raises(StoreError, match="hdf5plugin"):
         TrajectoryWriter(tmp_path / "b.h5", {"sim": SIM_SPEC}, compression="blosc-lz4")
+
+
+# ------------------------------------------------------------------ series read on demand
+def test_a_stored_series_reads_rows_from_the_file_when_indexed(tmp_path):
+    path = tmp_path / "stored.h5"
+    with TrajectoryWriter(path, {"sim": SIM_SPEC}) as w:
+        w.append("sim", **make_rows(0, 30))
+    rows = make_rows(0, 30)["weights/x->h"].astype(np.float32)
+    s = store.StoredSeries(path, "sim", "weights/x->h")
+    assert (len(s), s.shape, s.ndim, s.dtype) == (30, (30, 4, 3), 3, np.float32)
+    np.testing.assert_array_equal(s[0], rows[0])
+    np.testing.assert_array_equal(s[-1], rows[-1])
+    np.testing.assert_array_equal(s[-30], rows[0])
+    np.testing.assert_array_equal(s[5:9], rows[5:9])
+    np.testing.assert_array_equal(s[-2, 1], rows[-2, 1])
+    np.testing.assert_array_equal(np.asarray(s), rows)
+    assert np.asarray(s, dtype=np.float64).dtype == np.float64
+    for bad in (30, -31):
+        with pytest.raises(IndexError, match="out of range"):
+            s[bad]
+    with pytest.raises(StoreError, match="no series 'nope'"):
+        store.StoredSeries(path, "sim", "nope")
+    path.unlink()
+    with pytest.raises(StoreError, match="no such file"):
+        s[0]
