@@ -130,7 +130,14 @@ class Trajectory:
         if not -n <= i < n:
             raise IndexError(f"saved index {i} out of range for {n} save points")
         if self.snapshots is not None:
-            return {e: np.array(a[i], dtype=np.float64) for e, a in self.snapshots.items()}
+            arrays = list(self.snapshots.values())
+            if all(isinstance(a, np.ndarray) for a in arrays):
+                rows = [a[i] for a in arrays]
+            else:  # kept in the file (store.StoredSeries): every edge read in one opening
+                from .store import read_stored_rows
+
+                rows = read_stored_rows(arrays, i)
+            return {e: np.array(r, dtype=np.float64) for e, r in zip(self.snapshots, rows)}
         if i % n == n - 1 and self.status == "complete":
             return {e: a.copy() for e, a in self.final_weights.items()}
         raise ConfigError("weight snapshots were not kept for this run; run simulate with "
@@ -1216,7 +1223,7 @@ def _load_trajectory(path: Any, run: str, weights_in_file: bool = False) -> Traj
         names = [n for n in reader.series_names
                  if not (weights_in_file and n.startswith("weights/"))]
         data = reader.read(names)
-        stored = {n[len("weights/"):]: store.StoredSeries(path, run, n)
+        stored = {n[len("weights/"):]: store.StoredSeries._of(reader, n)
                   for n in reader.series_names if n not in names}
     network_json, state, _ = _read_extras(path, run)
     try:
@@ -1450,27 +1457,49 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
 
 
 def _available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (Linux MemAvailable), or None if unknown."""
+    """Bytes of memory available to a new allocation, or None if unknown: Linux's MemAvailable,
+    or less when the process's cgroup (a container, say) has a memory limit closer."""
+    room = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    room = int(line.split()[1]) * 1024
+                    break
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    try:  # cgroup v2: memory.max is "max" (no limit) or bytes
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current") as f:
+                free = int(limit) - int(f.read().strip())
+            room = free if room is None else min(room, free)
+    except (OSError, ValueError):
+        pass
+    return room
 
 
 def _check_room(plan: _Plan, rec: _Recorder, streamed: bool) -> None:
     """ConfigError if the rows kept in memory would not fit in the memory available now."""
     need = sum(len(times) for times in plan.save_times) * rec.row_bytes
+    hint = ("pass in_memory=False to keep them in the file only" if streamed else
+            "pass out=<file.h5> and in_memory=False to keep them in the file only")
+    _refuse_if_no_room(need, f"{hint}, or record fewer points (record_every, record='log', "
+                             "save_weights=False)")
+
+
+def _row_bytes(series: Mapping[str, Mapping[str, Any]]) -> int:
+    """Bytes of one row of every series, from ``store.run_info``'s {name: {shape, dtype}}."""
+    return sum(math.prod(spec["shape"][1:]) * np.dtype(spec["dtype"]).itemsize
+               for spec in series.values())
+
+
+def _refuse_if_no_room(need: int, hint: str) -> None:
     room = _available_memory()
     if room is not None and need > room:
-        hint = ("pass in_memory=False to keep them in the file only" if streamed else
-                "pass out=<file.h5> and in_memory=False to keep them in the file only")
         raise ConfigError(f"the recorded rows need {need / 2**30:.1f} GiB of memory and "
-                          f"{room / 2**30:.1f} GiB are available: {hint}, or record fewer "
-                          "points (record_every, record='log', save_weights=False)")
+                          f"{room / 2**30:.1f} GiB are available: {hint}")
 
 
 def _run_specs(plan: _Plan, rec: _Recorder, data: Dataset,
@@ -1579,6 +1608,12 @@ def resume(path: str | os.PathLike, net: Network, data: Dataset, run: str | None
         if attrs.get("data_hash") != _data_hash(data):
             raise DataError(f"run {name!r}: the data differ from the data the run was started "
                             "with")
+    if in_memory:  # every row of the runs, once complete, is read back at the end
+        plan = _Plan.from_attrs(names, [info[n]["attrs"] for n in names])
+        need = sum(len(plan.save_times[k]) * _row_bytes(info[n]["series"])
+                   for k, n in enumerate(names))
+        _refuse_if_no_room(need, "pass in_memory=False to read the weight snapshots from the "
+                                 "file when indexed")
     todo = [n for n in names if info[n]["status"] != "complete"]
     if todo:
         _resume_runs(path, net, data, todo, [info[n]["attrs"] for n in todo], n_threads,

@@ -57,7 +57,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Self
@@ -84,6 +84,7 @@ __all__ = [
     "list_runs",
     "open_run",
     "read_run",
+    "read_stored_rows",
     "run_info",
     "run_status",
 ]
@@ -1252,24 +1253,11 @@ class RunReader:
                              f"({exc})") from exc
 
     def rows(self, name: str, key: Any) -> np.ndarray:
-        """Rows ``key`` of series ``name``: an index (negative counts from the end), a slice,
-        or either followed by indices into the row."""
+        """Rows ``key`` of series ``name`` (see ``StoredSeries`` for the keys it takes)."""
         if name not in self._datasets:
             raise StoreError(f"run {self.run!r} has no series {name!r}; it has "
                              f"{self.series_names}")
-        ds = self._datasets[name]
-        first = key[0] if isinstance(key, tuple) and key else key
-        if isinstance(first, int | np.integer):
-            n = ds.shape[0]
-            if not -n <= first < n:
-                raise IndexError(f"row {first} out of range for series {name!r} of {n} rows")
-            if first < 0:
-                key = (first + n, *key[1:]) if isinstance(key, tuple) else first + n
-        try:
-            return ds[key]
-        except (OSError, RuntimeError) as exc:
-            raise StoreError(f"{self.path}: cannot read series {name!r} of run {self.run!r} "
-                             f"({exc})") from exc
+        return _read_rows(self._datasets[name], key, self.path, self.run, name)
 
     def read(self, names: Iterable[str] | None = None) -> RunData:
         """The series ``names`` (default: all) with the run's attrs, status and steps done."""
@@ -1286,40 +1274,125 @@ class RunReader:
         self.close()
 
 
+def _row_key(key: Any, n: int, name: str) -> Any:
+    """``key`` checked and made non-negative: an index, a slice of positive step, or either
+    followed by indices into the row. Anything else raises IndexError (HDF5 reads rows in
+    increasing order only)."""
+    if key is Ellipsis or (isinstance(key, tuple) and not key):
+        return key  # every row
+    first, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, None)
+    if isinstance(first, bool | np.bool_):
+        raise IndexError(f"series {name!r}: a boolean index reads nothing from the file; use "
+                         "np.asarray(series)[mask]")
+    if isinstance(first, int | np.integer):
+        if not -n <= first < n:
+            raise IndexError(f"row {first} out of range for series {name!r} of {n} rows")
+        first = int(first) % n
+    elif isinstance(first, slice):
+        if first.step is not None and first.step < 1:
+            raise IndexError(f"series {name!r}: rows are read in increasing order; slice with "
+                             "a positive step and reverse the result")
+    elif first is not Ellipsis:
+        raise IndexError(f"series {name!r} takes an index or a slice of rows, got {key!r}; "
+                         "use np.asarray(series)[...] for other indexing")
+    return first if rest is None else (first, *rest)
+
+
+def _read_rows(ds: h5py.Dataset, key: Any, path: str, run: str, name: str) -> np.ndarray:
+    key = _row_key(key, ds.shape[0], name)
+    try:
+        return ds[key]
+    except (TypeError, ValueError) as exc:  # the indices into the row
+        raise IndexError(f"series {name!r}: cannot index it with {key!r} ({exc})") from exc
+    except (OSError, RuntimeError) as exc:
+        raise StoreError(f"{path}: cannot read series {name!r} of run {run!r} ({exc})") from exc
+
+
 class StoredSeries:
     """One series of a run in a file, read from the file when indexed: ``series[i]`` is row
-    ``i`` (negative counts from the end), ``series[a:b]`` rows, ``np.asarray(series)`` all of
-    them. For trajectories too big to keep in memory. Each read opens the file (about a
-    millisecond): read blocks of rows rather than one row at a time."""
+    ``i`` (negative counts from the end), ``series[a:b]`` rows (positive step), either followed
+    by indices into the row; ``np.asarray(series)`` reads every row. For trajectories too big to
+    keep in memory. Each read opens the file (about a millisecond): read blocks of rows rather
+    than one row at a time (``read_stored_rows`` reads several series with one opening).
+
+    It reads the file it was made from: if the path now holds another file (a new run written
+    to the same path, or a resumed one), reading raises StoreError rather than returning rows
+    of another run."""
 
     def __init__(self, path: str | os.PathLike[str], run: str, name: str):
-        self.path, self.run, self.name = os.fspath(path), run, name
         with RunReader(path, run) as reader:
-            if name not in reader.series_names:
-                raise StoreError(f"run {run!r} has no series {name!r}; it has "
-                                 f"{reader.series_names}")
-            ds = reader._datasets[name]
-            self.shape: tuple[int, ...] = tuple(ds.shape)
-            self.dtype: np.dtype = ds.dtype
+            self._init(reader, name)
+
+    @classmethod
+    def _of(cls, reader: RunReader, name: str) -> StoredSeries:
+        """The series ``name`` of the run open in ``reader`` (no second opening of the file)."""
+        series = cls.__new__(cls)
+        series._init(reader, name)
+        return series
+
+    def _init(self, reader: RunReader, name: str) -> None:
+        if name not in reader.series_names:
+            raise StoreError(f"run {reader.run!r} has no series {name!r}; it has "
+                             f"{reader.series_names}")
+        self.path = os.path.abspath(reader.path)
+        self.run, self.name = reader.run, name
+        ds = reader._datasets[name]
+        self.shape: tuple[int, ...] = tuple(ds.shape)
+        self.dtype: np.dtype = ds.dtype
+        self._identity = _file_identity(reader._file)
 
     @property
     def ndim(self) -> int:
         return len(self.shape)
 
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
     def __len__(self) -> int:
         return self.shape[0]
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        with RunReader(self.path, self.run) as reader:
-            return reader.rows(self.name, key)
+        return read_stored_rows([self], key)[0]
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
-        rows = self[()]
+        if copy is False:
+            raise ValueError("a StoredSeries is read from its file: it cannot be viewed "
+                             "without a copy")
+        rows = self[...]
         return rows if dtype is None else rows.astype(dtype, copy=False)
 
     def __repr__(self) -> str:
         return (f"StoredSeries({self.path!r}, run={self.run!r}, name={self.name!r}, "
                 f"shape={self.shape}, dtype={self.dtype})")
+
+
+def _file_identity(f: h5py.File) -> tuple[int, int]:
+    """(device, inode) of an open file: a file written anew at the same path has another."""
+    st = os.fstat(f.id.get_vfd_handle())
+    return st.st_dev, st.st_ino
+
+
+def read_stored_rows(series: Sequence[StoredSeries], key: Any) -> list[np.ndarray]:
+    """Rows ``key`` of each series, the file of each opened once (``Trajectory.weights`` reads
+    every edge of a save point this way)."""
+    out: list[Any] = [None] * len(series)
+    by_file: dict[tuple[str, tuple[int, int]], list[int]] = {}
+    for i, s in enumerate(series):
+        by_file.setdefault((s.path, s._identity), []).append(i)
+    for (path, identity), which in by_file.items():
+        with _open_read(path) as f:
+            if _file_identity(f) != identity:
+                raise StoreError(f"{path} is no longer the file these rows were read from (it "
+                                 "was written again, or resumed): read the run from it anew")
+            for i in which:
+                s = series[i]
+                try:
+                    ds = f[s.run][s.name]
+                except KeyError as exc:
+                    raise StoreError(f"{path}: run {s.run!r} has no series {s.name!r}") from exc
+                out[i] = _read_rows(ds, key, path, s.run, s.name)
+    return out
 
 
 def open_run(path: str | os.PathLike[str], run: str) -> RunReader:

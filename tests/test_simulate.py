@@ -107,8 +107,10 @@ def same_trajectory(a, b):
     assert (a.snapshots is None) == (b.snapshots is None)
     for e in a.snapshots or {}:
         np.testing.assert_array_equal(a.snapshots[e], b.snapshots[e])
+    assert a.quantities.keys() == b.quantities.keys()
     for q in a.quantities:
         np.testing.assert_array_equal(a.quantities[q], b.quantities[q])
+    assert a.final_weights.keys() == b.final_weights.keys()
     for e in a.final_weights:
         np.testing.assert_array_equal(a.final_weights[e], b.final_weights[e])
 
@@ -884,3 +886,25 @@ def test_rows_that_would_not_fit_in_memory_are_refused_before_the_run(tmp_path, 
     assert run.status == "complete" and len(run.snapshots[net.edges[0]]) == 2001
     with pytest.raises(fr.ConfigError, match="needs out="):
         simulate(net, data, W0, in_memory=False, **kw)
+    # resume reads every row back at the end: refused before it computes, unless in_memory=False
+    with pytest.raises(fr.ConfigError, match="in_memory=False"):
+        resume(path, net, data)
+    again = resume(path, net, data, in_memory=False)
+    np.testing.assert_array_equal(again.weights(-1)[net.edges[0]], run.weights(-1)[net.edges[0]])
+    monkeypatch.undo()
+    assert SIM._available_memory() > 0  # (this machine's own figure is read)
+
+
+def test_a_trajectory_kept_in_its_file_refuses_a_file_written_anew(tmp_path, monkeypatch):
+    net, data, W0 = case(33)
+    path = tmp_path / "again.h5"
+    kw = dict(lr=0.05, steps=20, record_every=2, save_weights=True, progress=False,
+              in_memory=False)
+    monkeypatch.chdir(tmp_path)
+    first = simulate(net, data, W0, out="again.h5", **kw)  # a relative path
+    monkeypatch.chdir(tmp_path.parent)  # still read from where it was written
+    w = first.weights(3)
+    simulate(net, data, fr.init.gaussian(net, std=0.5, seed=9), out=path, **kw)
+    with pytest.raises(fr.StoreError, match="no longer the file"):
+        first.weights(3)  # the rows of another run are not returned as its own
+    assert w[net.edges[0]].shape == net.weight_shape(net.edges[0])

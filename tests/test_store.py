@@ -848,9 +848,20 @@ def test_a_stored_series_reads_rows_from_the_file_when_indexed(tmp_path):
     np.testing.assert_array_equal(s[-2, 1], rows[-2, 1])
     np.testing.assert_array_equal(np.asarray(s), rows)
     assert np.asarray(s, dtype=np.float64).dtype == np.float64
+    np.testing.assert_array_equal(s[np.int64(-3)], rows[-3])
+    np.testing.assert_array_equal(s[1:20:3], rows[1:20:3])
+    np.testing.assert_array_equal(s[...], rows)
+    assert s.size == rows.size
     for bad in (30, -31):
         with pytest.raises(IndexError, match="out of range"):
             s[bad]
+    # what HDF5 cannot read in one increasing pass is an IndexError, never a wrong row
+    for bad in (True, np.bool_(False), slice(None, None, -1), [4, 2], np.array([1, 2]), None,
+                1.0, "a", (0, 0, 0, 0)):
+        with pytest.raises(IndexError):
+            s[bad]
+    with pytest.raises(ValueError, match="without a copy"):
+        np.asarray(s, copy=False)
     with pytest.raises(StoreError, match="no series 'nope'"):
         store.StoredSeries(path, "sim", "nope")
     path.unlink()
