@@ -64,6 +64,7 @@ BATCH_ROWS = 64  # save-point rows computed together (singular values in one bat
 # each block costs the writer a call per series.
 SEND_BYTES, SEND_SECONDS = 4 << 20, 1.0
 DIVERGED = "failed: diverged"  # status prefix of a diverged run (resume refuses it)
+_ROOM_CHECK_BYTES = 16 << 20  # kept rows above this are checked against the memory available
 
 Weights = dict[str, np.ndarray]
 Quantity = Callable[[Weights], Any]
@@ -1496,6 +1497,8 @@ def _row_bytes(series: Mapping[str, Mapping[str, Any]]) -> int:
 
 
 def _refuse_if_no_room(need: int, hint: str) -> None:
+    if need < _ROOM_CHECK_BYTES:
+        return  # (reading the memory figures costs ~25 µs: small runs skip it)
     room = _available_memory()
     if room is not None and need > room:
         raise ConfigError(f"the recorded rows need {need / 2**30:.1f} GiB of memory and "

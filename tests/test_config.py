@@ -87,6 +87,7 @@ def test_orthogonal_experiment_equals_direct_simulate(tmp_path):
 def test_an_experiment_keeps_its_rows_in_the_file_only(tmp_path, monkeypatch):
     # however little memory is free, `fastrace run` does not hold the rows: they go to the file
     monkeypatch.setattr(sys.modules["fastrace.simulate"], "_available_memory", lambda: 1000)
+    monkeypatch.setattr(sys.modules["fastrace.simulate"], "_ROOM_CHECK_BYTES", 0)
     out = tmp_path / "small_memory.h5"
     summary = run_experiment(load_experiment(ORTHOGONAL), out, threads=1)
     assert {r["status"] for r in summary["runs"].values()} == {"complete"}
