@@ -835,6 +835,7 @@ def _drive_gd(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: np.
     """Advance every run to ``plan.steps``; runs at the same step move together."""
     steps, save, every = plan.steps, plan.save_steps, plan.checkpoint_every
     assert save is not None
+    snap_buffer = np.empty(0)
     while True:
         live = [r for r in runs if not r.done]
         if not live:
@@ -884,7 +885,14 @@ def _drive_gd(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: np.
             hi = lo + cap
             n = int(save[hi]) - m
         inner = np.asarray(save[lo:hi], dtype=np.int64)
-        snaps = np.empty((len(active), inner.size, engine.n_params))
+        snaps = None  # the weights at the save points, if a row needs them
+        if rec.reads_weights:
+            # one buffer for the whole run, grown as needed: a fresh one per engine call would
+            # cost its page faults every time (~0.25 ms per MB here, in the engine's thread)
+            size = len(active) * inner.size * engine.n_params
+            if snap_buffer.size < size:
+                snap_buffer = np.empty(size)
+            snaps = snap_buffer[:size].reshape(len(active), inner.size, engine.n_params)
 
         w = W if whole else W[idx]
         v = V if whole else V[idx]
@@ -894,7 +902,8 @@ def _drive_gd(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: np.
         with np.errstate(all="ignore"):
             losses = engine.descend(w, v, plan.lr[idx], n, plan.momentum, plan.weight_decay,
                                     max_abs=plan.divergence_threshold,
-                                    snapshot_steps=inner - m, snapshots=snaps)
+                                    snapshot_steps=None if snaps is None else inner - m,
+                                    snapshots=snaps)
         # a run whose state went bad after k steps keeps only the save points before that
         status = engine.last_status
         last_good = np.where(status >= 0, status - 1, n).min() if len(status) else n
@@ -904,7 +913,7 @@ def _drive_gd(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: np.
         good = 0  # save points before any divergence in this chunk: their rows are kept
         while good < inner.size and inner[good] - m <= last_good \
                 and np.isfinite(losses[:, :inner[good] - m + 1]).all() \
-                and np.isfinite(snaps[:, good]).all():
+                and (snaps is None or np.isfinite(snaps[:, good]).all()):
             good += 1
         # batched calls for many (save point, run) pairs (rows ordered by save point, then
         # run): singular values of all at once, in batches of about BATCH_ROWS rows so that the
@@ -912,7 +921,7 @@ def _drive_gd(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: np.
         taper = writer is not None and m + n == steps
         for j0, j1 in _row_batches(good, max(1, BATCH_ROWS // len(active)), taper):
             at = inner[j0:j1]
-            rec.record(active * at.size,
+            rec.record(active * at.size, None if snaps is None else
                        snaps[:, j0:j0 + at.size].transpose(1, 0, 2).reshape(-1, engine.n_params),
                        (at[:, None] * plan.lr[idx][None, :]).ravel(),
                        np.repeat(at, len(active)), losses[:, at - m].T.ravel(), eager=taper)
