@@ -1211,17 +1211,24 @@ def _read_extras(path: Any, run: str) -> tuple[str, dict[str, np.ndarray] | None
     from . import store
 
     with store._open_read(path) as f:
-        try:
-            network_json = str(store._plain(f["network"].attrs.get("json", "")))
-            ck = f[run]["checkpoint"]
-            slot = int(ck["current"][()])
-            if slot not in (0, 1):
-                return network_json, None, -1
-            group = ck[f"slot{slot}"]
-            state = {name: np.asarray(ds[()]) for name, ds in group["state"].items()}
-            return network_json, state, int(group["step"][()])
-        except (KeyError, OSError, RuntimeError, ValueError) as exc:
-            raise StoreError(f"{os.fspath(path)}: run {run!r} is damaged ({exc})") from exc
+        return _extras_of(f, path, run)
+
+
+def _extras_of(f: Any, path: Any, run: str) -> tuple[str, dict[str, np.ndarray] | None, int]:
+    """``_read_extras`` from the file ``f``, open already."""
+    from . import store
+
+    try:
+        network_json = str(store._plain(f["network"].attrs.get("json", "")))
+        ck = f[run]["checkpoint"]
+        slot = int(ck["current"][()])
+        if slot not in (0, 1):
+            return network_json, None, -1
+        group = ck[f"slot{slot}"]
+        state = {name: np.asarray(ds[()]) for name, ds in group["state"].items()}
+        return network_json, state, int(group["step"][()])
+    except (KeyError, OSError, RuntimeError, ValueError) as exc:
+        raise StoreError(f"{os.fspath(path)}: run {run!r} is damaged ({exc})") from exc
 
 
 def _load_trajectory(path: Any, run: str, weights_in_file: bool = False) -> Trajectory:
@@ -1235,7 +1242,7 @@ def _load_trajectory(path: Any, run: str, weights_in_file: bool = False) -> Traj
         data = reader.read(names)
         stored = {n[len("weights/"):]: store.StoredSeries._of(reader, n)
                   for n in reader.series_names if n not in names}
-    network_json, state, _ = _read_extras(path, run)
+        network_json, state, _ = _extras_of(reader._file, path, run)  # (one opening)
     try:
         net = Network.from_json(network_json)
     except (ValueError, KeyError, TypeError, NetworkError) as exc:

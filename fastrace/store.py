@@ -1252,13 +1252,6 @@ class RunReader:
             raise StoreError(f"{self.path}: cannot read series {name!r} of run {self.run!r} "
                              f"({exc})") from exc
 
-    def rows(self, name: str, key: Any) -> np.ndarray:
-        """Rows ``key`` of series ``name`` (see ``StoredSeries`` for the keys it takes)."""
-        if name not in self._datasets:
-            raise StoreError(f"run {self.run!r} has no series {name!r}; it has "
-                             f"{self.series_names}")
-        return _read_rows(self._datasets[name], key, self.path, self.run, name)
-
     def read(self, names: Iterable[str] | None = None) -> RunData:
         """The series ``names`` (default: all) with the run's attrs, status and steps done."""
         series = {name: self[name] for name in (self.series_names if names is None else names)}
