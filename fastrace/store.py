@@ -107,6 +107,12 @@ _QUEUE_BYTES = 64 << 20  # at most this many bytes of rows wait for the writer t
 # before writing them: each HDF5 write costs ~20 µs of calls whatever its size, which adds up over
 # many small series (t, loss, singular values) handed over at every block of a big one.
 _WRITE_BYTES = 256 << 10
+# "auto" compression skips blosc-lz4 where it does not pay: float64 weights learned by gradient
+# descent shrink by only ~10 % (their low mantissa bits are noise), for twice the writer's time.
+# Each series' first whole chunk goes through the filter and its stored size is read back; if it
+# saved less than this fraction, the series' later whole chunks are written as they are, marked
+# as not filtered (HDF5's per-chunk filter mask: every reader decodes such a file).
+_MIN_SAVING = 0.2
 _COPY_BYTES = 64 << 20  # block size when copying rows during a resume
 _BUILD_WAIT = 0.05  # seconds the writer thread waits for the caller's first operation (see loop)
 _STATUS_BYTES = 256
@@ -451,6 +457,7 @@ class TrajectoryWriter:
         self._swmr = bool(swmr)
         self._flush_interval = float(flush_interval)
         self._compression = _compression_options(compression, compression_level)
+        self._adaptive = compression == "auto" and self._compression is not None
         self._root_attrs = {
             "network_json": str(network_json),
             "config": str(config),
@@ -491,6 +498,10 @@ class TrajectoryWriter:
         self._written = {(run, name): sb.rows for run, d in self._series.items()
                          for name, sb in d.items()}
         # writer thread: blocks of rows gathered per series, not yet written (see _WRITE_BYTES)
+        # and, with "auto" compression, the series whose whole chunks are written unfiltered
+        # (True), filtered (False) or not yet tried (absent); see _MIN_SAVING
+        self._raw_chunks: dict[tuple[str, str], bool] = {}
+        self._chunk_layout: dict[tuple[str, str], tuple[int | None, bool]] = {}  # see _layout
         self._gathered: dict[tuple[str, str], list] = {}  # [bytes, block, block, ...]
         self._flushed = dict(self._written)
         # Unbounded queue; backpressure counts the bytes of rows waiting instead, so that a
@@ -941,33 +952,81 @@ class TrajectoryWriter:
     def _gather(self, sb: _Series, block: np.ndarray, copy: bool = False) -> None:
         """Write ``block`` (rows of ``sb``), or keep it (a copy of it with ``copy``) with the
         series' other small blocks until they make ``_WRITE_BYTES``. A big block is written
-        as it is, after the blocks waiting before it: never copied."""
+        as it is, after the blocks waiting before it: never copied (but for the rows that
+        complete the chunk those blocks end in). Writes stop at a chunk boundary: the rows
+        after it wait (copied) for the next block or flush, so that no chunk is written
+        twice (a compressed one would be read back, decompressed and compressed again)."""
         key = (sb.run, sb.name)
         if block.nbytes >= _WRITE_BYTES:
-            if key in self._gathered:
-                self._write_gathered(key)
-            self._write_block(key, block)
+            waiting = self._gathered.pop(key, [0])[1:]
+            if waiting:
+                rows = self._layout(key)[0]
+                end = self._written[key] + sum(len(w) for w in waiting)
+                k = min(len(block), -end % rows if rows else 0)
+                self._write_block(key, np.concatenate([*waiting, block[:k]]))
+                block = block[k:]
+            self._write_block(key, block, keep_tail=True)
             return
         gathered = self._gathered.setdefault(key, [0])
         gathered.append(block.copy() if copy else block)
         gathered[0] += block.nbytes
         if gathered[0] >= _WRITE_BYTES:
-            self._write_gathered(key)
+            self._write_gathered(key, keep_tail=True)
 
-    def _write_gathered(self, key: tuple[str, str]) -> None:
+    def _write_gathered(self, key: tuple[str, str], keep_tail: bool = False) -> None:
         blocks = self._gathered.pop(key)[1:]
-        self._write_block(key, blocks[0] if len(blocks) == 1 else np.concatenate(blocks))
+        self._write_block(key, blocks[0] if len(blocks) == 1 else np.concatenate(blocks),
+                          keep_tail)
 
-    def _write_block(self, key: tuple[str, str], block: np.ndarray) -> None:
-        # h5py's low-level calls: a quarter of the Python overhead of resize and slicing
-        dsid = self._datasets[key].id
+    def _layout(self, key: tuple[str, str]) -> tuple[int | None, bool]:
+        """(rows per chunk if the chunks of series ``key`` hold whole rows, else None; whether
+        its compression may be skipped chunk by chunk)."""
+        if key not in self._chunk_layout:
+            ds = self._datasets[key]
+            chunks = ds.chunks
+            rows = chunks[0] if chunks is not None and chunks[1:] == ds.shape[1:] else None
+            one_filter = ds.id.get_create_plist().get_nfilters() == 1
+            self._chunk_layout[key] = (rows, rows is not None and self._adaptive and one_filter)
+        return self._chunk_layout[key]
+
+    def _write_block(self, key: tuple[str, str], block: np.ndarray,
+                     keep_tail: bool = False) -> None:
+        """Append ``block`` to series ``key``. ``keep_tail``: the rows after its last chunk
+        boundary are kept (copied) in ``_gathered`` instead (which holds nothing for ``key``)."""
+        rows, adaptive = self._layout(key)
         start = self._written[key]
-        rows = block.shape
-        dsid.set_extent((start + rows[0], *rows[1:]))
-        file_space = dsid.get_space()
-        file_space.select_hyperslab((start,) + (0,) * (len(rows) - 1), rows)
-        dsid.write(h5s.create_simple(rows), file_space, block)
-        self._written[key] = start + rows[0]
+        if keep_tail and rows:
+            cut = len(block) - (start + len(block)) % rows
+            if cut < len(block):
+                self._gathered[key] = [block[cut:].nbytes, block[cut:].copy()]
+                block = block[:cut]
+        n = len(block)
+        if not n:
+            return
+        ds = self._datasets[key]
+        dsid = ds.id
+        dsid.set_extent((start + n, *block.shape[1:]))
+        done = 0
+        if adaptive and self._raw_chunks.get(key) is not False and block.dtype == ds.dtype \
+                and block.flags.c_contiguous:
+            head = min(n, -start % rows)  # rows before the first chunk boundary
+            whole = head + (n - head) // rows * rows  # end of the whole chunks in the block
+            if key not in self._raw_chunks and whole > head:  # try the filter on one chunk
+                done = head + rows
+                _write_rows(dsid, start, block[:done])
+                size = dsid.get_chunk_info_by_coord((start + head,) + (0,) * (block.ndim - 1)).size
+                self._raw_chunks[key] = size > (1 - _MIN_SAVING) * block[head:done].nbytes
+            if self._raw_chunks.get(key) and whole > max(done, head):
+                if done < head:
+                    _write_rows(dsid, start, block[:head])
+                    done = head
+                zeros = (0,) * (block.ndim - 1)
+                for r in range(done, whole, rows):  # filter mask 1: the filter was skipped
+                    dsid.write_direct_chunk((start + r, *zeros), block[r:r + rows], 1)
+                done = whole
+        if done < n:
+            _write_rows(dsid, start + done, block[done:])
+        self._written[key] = start + n
 
     def _write_checkpoint(self, run: str, step: int, arrays: dict[str, np.ndarray],
                           rows: np.ndarray) -> None:
@@ -1063,6 +1122,14 @@ class TrajectoryWriter:
             self._shutdown(final=False)
         except StoreError as exc:  # pragma: no cover - nothing left to report to
             print(f"fastrace: {exc}", file=sys.stderr)
+
+
+def _write_rows(dsid: h5d.DatasetID, start: int, block: np.ndarray) -> None:
+    """Write ``block`` at row ``start`` of a dataset already extended to hold it."""
+    # h5py's low-level calls: a quarter of the Python overhead of resize and slicing
+    file_space = dsid.get_space()
+    file_space.select_hyperslab((start,) + (0,) * (block.ndim - 1), block.shape)
+    dsid.write(h5s.create_simple(block.shape), file_space, block)
 
 
 def _fill_slot(slot: Mapping[str, h5py.Dataset], step: int, arrays: Mapping[str, np.ndarray],
