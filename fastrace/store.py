@@ -951,7 +951,7 @@ class TrajectoryWriter:
 
     def _gather(self, sb: _Series, block: np.ndarray, copy: bool = False) -> None:
         """Write ``block`` (rows of ``sb``), or keep it (a copy of it with ``copy``) with the
-        series' other small blocks until they make ``_WRITE_BYTES``. A big block is written
+        series' other small blocks until they make ``_WRITE_BYTES`` or a whole chunk. A big block is written
         as it is, after the blocks waiting before it: never copied (but for the rows that
         complete the chunk those blocks end in). Writes stop at a chunk boundary: the rows
         after it wait (copied) for the next block or flush, so that no chunk is written
@@ -970,7 +970,11 @@ class TrajectoryWriter:
         gathered = self._gathered.setdefault(key, [0])
         gathered.append(block.copy() if copy else block)
         gathered[0] += block.nbytes
-        if gathered[0] >= _WRITE_BYTES:
+        rows = self._layout(key)[0]
+        # (a whole chunk is written as soon as it is complete: what waits at the end of a run,
+        # when nothing else is left to do, is at most the last chunk of each series)
+        if gathered[0] >= (_WRITE_BYTES if rows is None else
+                           min(_WRITE_BYTES, rows * block[0].nbytes if len(block) else 1)):
             self._write_gathered(key, keep_tail=True)
 
     def _write_gathered(self, key: tuple[str, str], keep_tail: bool = False) -> None:
