@@ -103,9 +103,11 @@ _CHUNK_BYTES = 128 << 10
 _MAX_CHUNK_ROWS = 16384  # keeps chunks of scalar series small (they are rewritten on each flush)
 _BLOCK_BYTES = 8 << 20  # rows handed to the writer thread in blocks of at most this size
 _QUEUE_BYTES = 64 << 20  # at most this many bytes of rows wait for the writer thread (backpressure)
-# The writer thread gathers a series' blocks until they make this many bytes (or a flush is due)
+# The writer thread gathers a series' blocks until they make a whole chunk (or a flush is due)
 # before writing them: each HDF5 write costs ~20 µs of calls whatever its size, which adds up over
-# many small series (t, loss, singular values) handed over at every block of a big one.
+# many small series (t, loss, singular values) handed over at every block of a big one. Blocks of
+# this many bytes or more are written at once (and series whose chunks hold parts of rows are
+# gathered up to it).
 _WRITE_BYTES = 256 << 10
 # "auto" compression skips blosc-lz4 where it does not pay: float64 weights learned by gradient
 # descent shrink by only ~10 % (their low mantissa bits are noise), for twice the writer's time.
@@ -389,6 +391,7 @@ class _Series:
         self.row_shape, self.dtype = spec
         chunk = _chunk_shape(self.row_shape, self.dtype.itemsize)
         self.chunk = chunk
+        self.row_bytes = math.prod(self.row_shape) * self.dtype.itemsize
         self.block_rows = _block_rows(self.row_shape, self.dtype.itemsize, chunk[0], max_rows)
         self.rows = rows  # appended so far (including rows kept from a resumed file)
         self.buffer: np.ndarray | None = None
@@ -951,7 +954,8 @@ class TrajectoryWriter:
 
     def _gather(self, sb: _Series, block: np.ndarray, copy: bool = False) -> None:
         """Write ``block`` (rows of ``sb``), or keep it (a copy of it with ``copy``) with the
-        series' other small blocks until they make ``_WRITE_BYTES`` or a whole chunk. A big block is written
+        series' other small blocks until they make a whole chunk (or ``_WRITE_BYTES`` if chunks
+        hold parts of rows). A big block is written
         as it is, after the blocks waiting before it: never copied (but for the rows that
         complete the chunk those blocks end in). Writes stop at a chunk boundary: the rows
         after it wait (copied) for the next block or flush, so that no chunk is written
@@ -971,10 +975,9 @@ class TrajectoryWriter:
         gathered.append(block.copy() if copy else block)
         gathered[0] += block.nbytes
         rows = self._layout(key)[0]
-        # (a whole chunk is written as soon as it is complete: what waits at the end of a run,
+        # (rows are written as soon as they make a whole chunk: what waits for the end of a run,
         # when nothing else is left to do, is at most the last chunk of each series)
-        if gathered[0] >= (_WRITE_BYTES if rows is None else
-                           min(_WRITE_BYTES, rows * block[0].nbytes if len(block) else 1)):
+        if gathered[0] >= (_WRITE_BYTES if rows is None else rows * sb.row_bytes):
             self._write_gathered(key, keep_tail=True)
 
     def _write_gathered(self, key: tuple[str, str], keep_tail: bool = False) -> None:
@@ -1000,7 +1003,7 @@ class TrajectoryWriter:
         rows, adaptive = self._layout(key)
         start = self._written[key]
         if keep_tail and rows:
-            cut = len(block) - (start + len(block)) % rows
+            cut = max(0, len(block) - (start + len(block)) % rows)
             if cut < len(block):
                 self._gathered[key] = [block[cut:].nbytes, block[cut:].copy()]
                 block = block[:cut]

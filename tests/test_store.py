@@ -251,8 +251,9 @@ def test_blocks_of_any_size_are_stored_in_order(blocks, buffer_rows, single):
 @given(ops=st.lists(st.tuples(st.sampled_from(["blocks", "append", "flush"]), st.integers(0, 30)),
                     min_size=1, max_size=12))
 def test_small_blocks_are_gathered_into_few_writes_in_order(ops):
-    """Blocks smaller than _WRITE_BYTES wait in the writer thread and go out together; a flush
-    writes them first, so flushed_rows counts them; the order of rows never changes."""
+    """Blocks smaller than _WRITE_BYTES wait in the writer thread and go out together once they
+    make a chunk (16384 rows of "k"); a flush writes them first, so flushed_rows counts them;
+    the order of rows never changes."""
     spec = RunSpec({"x": (2,), "k": ((), np.int64)})
     writes: list[tuple[str, int]] = []
     write_block = TrajectoryWriter._write_block
