@@ -45,6 +45,9 @@ SIM_SPEC = RunSpec(
         "weights/x->h": ((4, 3), np.float32),
         "svals/x->h": (3,),
         "count": ((), np.int64),
+        # noise in rows of 8 KB (chunks of 16 rows): blosc-lz4 barely shrinks it, so with
+        # "auto" compression its whole chunks are written directly, unfiltered
+        "noise": (1024,),
     },
     checkpoint={"w": (4, 3), "step": ((), np.int64)},
     attrs={"kind": "simulation", "lr": 0.02, "method": "gd"},
@@ -60,6 +63,8 @@ def make_rows(i0: int, i1: int) -> dict[str, np.ndarray]:
         "weights/x->h": np.sin(i[:, None, None] + np.arange(12.0).reshape(4, 3)),
         "svals/x->h": np.cos(i[:, None] * np.arange(1.0, 4.0)),
         "count": i.astype(np.int64),
+        "noise": np.array([np.random.default_rng(k).standard_normal(1024) for k in i])
+        .reshape(len(i), 1024),
     }
 
 
@@ -79,10 +84,11 @@ def assert_rows_match(series: dict[str, np.ndarray], n: int | None = None) -> No
 # ------------------------------------------------------------------ a writer in another process
 
 
-def _writer_main(path: str, mode: str, n_rows: str, pace: str) -> None:
-    """Run in a subprocess: stream rows one by one, checkpoint every CKPT_EVERY rows, and report
-    the rows the writer has flushed on stdout."""
-    n_rows, pace = int(n_rows), float(pace)
+def _writer_main(path: str, mode: str, n_rows: str, pace: str, block: str = "1") -> None:
+    """Run in a subprocess: stream rows one by one (or ``block`` at a time, handed over with
+    ``append_blocks``), checkpoint every CKPT_EVERY rows, and report the rows the writer has
+    flushed on stdout."""
+    n_rows, pace, block = int(n_rows), float(pace), int(block)
     w = TrajectoryWriter(path, {"sim": SIM_SPEC}, mode=mode, network_json=NETWORK_JSON, seed=1,
                          buffer_rows=8, flush_interval=0.01)
     start = 0
@@ -92,8 +98,11 @@ def _writer_main(path: str, mode: str, n_rows: str, pace: str) -> None:
     w.flush()  # the layout is built by the writer thread: "ready" once the file is at path
     print(f"ready {start}", flush=True)
     for i in range(start, n_rows):
-        w.append("sim", **{name: rows[0] for name, rows in make_rows(i, i + 1).items()})
-        if (i + 1) % CKPT_EVERY == 0:
+        if block == 1:
+            w.append("sim", **{name: rows[0] for name, rows in make_rows(i, i + 1).items()})
+        elif (i - start) % block == 0:
+            w.append_blocks("sim", make_rows(i, min(i + block, n_rows)))
+        if (i + 1) % CKPT_EVERY == 0 and block == 1:
             w.checkpoint("sim", i + 1, make_state(i + 1))
         if i % 10 == 0:
             print(f"flushed {json.dumps(w.flushed_rows('sim'))}", flush=True)
@@ -103,12 +112,13 @@ def _writer_main(path: str, mode: str, n_rows: str, pace: str) -> None:
     print("done", flush=True)
 
 
-def _spawn_writer(path: Path, mode: str, n_rows: int, pace: float) -> subprocess.Popen:
+def _spawn_writer(path: Path, mode: str, n_rows: int, pace: float,
+                  block: int = 1) -> subprocess.Popen:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS), env.get("PYTHONPATH", "")])
     code = "import sys, test_store; test_store._writer_main(*sys.argv[1:])"
     return subprocess.Popen(
-        [sys.executable, "-c", code, str(path), mode, str(n_rows), str(pace)],
+        [sys.executable, "-c", code, str(path), mode, str(n_rows), str(pace), str(block)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
 
@@ -568,10 +578,12 @@ def test_resume_checks_the_specs_and_the_seed(tmp_path):
 # ------------------------------------------------------------------ other processes
 
 
-def test_reader_in_another_process_sees_rows_while_they_are_written(tmp_path):
+@pytest.mark.parametrize("block", [1, 40])
+def test_reader_in_another_process_sees_rows_while_they_are_written(tmp_path, block):
+    # blocks of 40 rows: the noise series' whole chunks are written directly (unfiltered)
     path = tmp_path / "live.h5"
-    n_rows = 120
-    proc = _spawn_writer(path, "w", n_rows, pace=0.01)
+    n_rows = 480 if block > 1 else 120
+    proc = _spawn_writer(path, "w", n_rows, pace=0.01 if block == 1 else 0.002, block=block)
     try:
         _wait_ready(proc)
         seen = []
@@ -598,6 +610,8 @@ def test_reader_in_another_process_sees_rows_while_they_are_written(tmp_path):
     final = read_run(path, "sim")
     assert_rows_match(final.series, n_rows)
     assert final.status == "complete"
+    if _has_blosc() and block > 1:  # noise rows went in whole chunks written directly
+        assert _chunk_masks(path, "sim/noise").count(1) >= 4
 
 
 def test_sigkill_at_random_moments_leaves_every_flushed_row(tmp_path):
@@ -667,6 +681,12 @@ def test_resume_after_kills_gives_the_rows_of_an_uninterrupted_run(tmp_path, cap
     with h5py.File(path, "r") as f:
         assert "resumed" in f.attrs and f.attrs["created"] <= f.attrs["resumed"]
     assert not Path(f"{path}.partial").exists()
+    if _has_blosc():
+        assert _chunk_masks(path, "sim/noise").count(1) >= 4
+
+
+def _has_blosc() -> bool:
+    return store._compression_options("auto", 5) is not None
 
 
 # ------------------------------------------------------------------ failures
