@@ -1220,18 +1220,20 @@ def _open_read(path: str | os.PathLike[str]) -> h5py.File:
             f = h5py.File(p, "r")
             break
         except OSError as exc:
-            # (a writer that is extending the file may have recorded its new end before the
-            # data there is written: the plain open then calls the file truncated)
-            if "already open for write" not in str(exc) and "truncated file" not in str(exc):
+            if "truncated file" in str(exc) and attempt < 2:
+                # a writer extending the file may have recorded its new end a moment before
+                # the data there is written: look again shortly (a truly cut file stays cut)
+                time.sleep(0.05)
+                continue
+            if "already open for write" not in str(exc):
                 raise StoreError(f"{p} is not a readable HDF5 file ({exc})") from exc
         try:  # a writer streams into the file, or was killed while it did
             f = h5py.File(p, "r", libver="latest", swmr=True)
             break
         except OSError as exc:
             # For a few milliseconds at the end of a run the writer has the file open without
-            # SWMR to write the final attributes (or is extending it, as above): try again.
-            if ("not already open for SWMR" in str(exc) or "truncated file" in str(exc)) \
-                    and attempt < 2:
+            # SWMR to write the final attributes: try again shortly.
+            if "not already open for SWMR" in str(exc) and attempt < 2:
                 time.sleep(0.05)
                 continue
             raise StoreError(f"{p} is not a readable HDF5 file ({exc})") from exc
