@@ -16,7 +16,8 @@ from typing import NamedTuple
 import numpy as np
 
 from .data import Dataset
-from .gradient import _loss_gradient_samples, check_weights, choose_engine
+from .gradient import (_loss_gradient_samples, check_edge_names, check_weights, choose_engine,
+                       weight_array)
 from .network import Network
 from .stats import gated_moments
 
@@ -524,10 +525,14 @@ class GradientEngine:
         (and the page faults of fresh memory) a visible part of a short simulation."""
         flat = np.empty((len(runs), self.n_params))
         for row, weights in zip(flat, runs):
-            W = check_weights(self.net, weights)
+            check_edge_names(self.net, weights)
             for e in self.edges:
                 o, shape = self.offsets[e], self.shapes[e]
-                row[o:o + shape[0] * shape[1]].reshape(shape)[...] = W[e]
+                row[o:o + shape[0] * shape[1]].reshape(shape)[...] = \
+                    weight_array(self.net, weights, e)
+        if not np.isfinite(flat).all():  # (one test of all the values: a batch has many runs)
+            for weights in runs:
+                check_weights(self.net, weights)  # raises, naming the edge
         return flat
 
     def unpack(self, flat: np.ndarray) -> dict[str, np.ndarray]:

@@ -26,27 +26,40 @@ ENGINES = ("auto", "samples", "moments")
 
 def check_weights(net: Network, weights: Mapping[str, object]) -> Weights:
     """Validate ``weights`` ({edge: (dim target, dim source)}) against ``net``; float64 copies."""
+    check_edge_names(net, weights)
+    out: Weights = {}
+    for e in net.edges:
+        arr = weight_array(net, weights, e)
+        if not np.all(np.isfinite(arr)):
+            raise WeightsError(f"weights[{e!r}]: contains NaN or inf")
+        out[e] = np.ascontiguousarray(arr)
+    return out
+
+
+def check_edge_names(net: Network, weights: Mapping[str, object]) -> None:
+    """WeightsError unless ``weights`` is a mapping with exactly the edges of ``net``."""
     net.validate()
     if not isinstance(weights, Mapping):
         raise WeightsError(f"weights must be a mapping {{edge name: array}}, got {type(weights)}")
     for name in weights:
         if name not in net.edges:
             raise WeightsError(f"weights[{name!r}]: unknown edge (edges are {list(net.edges)})")
-    out: Weights = {}
     for e in net.edges:
         if e not in weights:
             raise WeightsError(f"weights: missing edge {e!r}")
-        try:
-            arr = np.asarray(weights[e], dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            raise WeightsError(f"weights[{e!r}]: not a float array ({exc})") from None
-        if arr.shape != net.weight_shape(e):
-            raise WeightsError(f"weights[{e!r}]: expected shape {net.weight_shape(e)} "
-                               f"(dim target, dim source), got {arr.shape}")
-        if not np.all(np.isfinite(arr)):
-            raise WeightsError(f"weights[{e!r}]: contains NaN or inf")
-        out[e] = np.ascontiguousarray(arr)
-    return out
+
+
+def weight_array(net: Network, weights: Mapping[str, object], e: str) -> np.ndarray:
+    """``weights[e]`` as a float64 array of edge ``e``'s shape (not copied if it is one; not
+    checked for NaN or inf)."""
+    try:
+        arr = np.asarray(weights[e], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise WeightsError(f"weights[{e!r}]: not a float array ({exc})") from None
+    if arr.shape != net.weight_shape(e):
+        raise WeightsError(f"weights[{e!r}]: expected shape {net.weight_shape(e)} "
+                           f"(dim target, dim source), got {arr.shape}")
+    return arr
 
 
 def choose_engine(net: Network, data: Dataset, engine: str = "auto") -> str:

@@ -1195,7 +1195,7 @@ def _trajectory(plan: _Plan, rec: _Recorder, run: _RunState, final: np.ndarray,
         return {key[len(prefix):]: rec.column(run, key) for key in rec.series_spec()
                 if key.startswith(prefix)}
 
-    final_w = {e: a.copy() if copy else a for e, a in engine.unpack(final).items()}
+    final_w = engine.unpack(final.copy() if copy else final)  # (one copy, of this run only)
     return Trajectory(run.name, rec.column(run, "t"), rec.column(run, "step"),
                       rec.column(run, "loss"), group("svals/"), group("quantities/"), final_w,
                       status, plan.trajectory_attrs(run.index),

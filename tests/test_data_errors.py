@@ -67,6 +67,10 @@ def test_bad_weights(net, change, message):
     change(weights)
     with pytest.raises(fr.WeightsError, match=message):
         fr.gradient(net, fr.Dataset(X, Y), weights)
+    # a batch packs every run's weights and tests them for NaN and inf at once: the bad run,
+    # last of three, is still named by its edge
+    with pytest.raises(fr.WeightsError, match=message):
+        fr.simulate(net, fr.Dataset(X, Y), [W(net), W(net), weights], lr=0.01, steps=2)
 
 
 def test_every_error_is_a_fastrace_error():
