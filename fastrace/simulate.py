@@ -1339,7 +1339,8 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
 
     Returns a Trajectory, or a list of them when ``weights`` is a list.
     compression : str
-        HDF5 compression: "auto" (blosc-lz4 when hdf5plugin is installed), "blosc-lz4", "none".
+        HDF5 compression: "auto" (blosc-lz4 when hdf5plugin is installed, skipped for series it
+        barely shrinks, such as float64 weight snapshots), "blosc-lz4" (always), "none".
     in_memory : bool
         Keep every recorded row in memory (default). With ``out``, ``in_memory=False`` holds
         only the rows not yet handed to the file (a few MB), for runs too long to keep: the

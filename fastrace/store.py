@@ -420,7 +420,9 @@ class TrajectoryWriter:
     written with the same specs: each run that is not complete is cut back to its last
     checkpoint, which ``resume_state(run)`` returns (``None``: start the run from scratch).
     A missing file is created as with ``"w"``. ``compression`` is ``"auto"`` (blosc-lz4 when
-    hdf5plugin is installed, else none), ``"blosc-lz4"`` or ``"none"``. ``swmr=False`` turns
+    hdf5plugin is installed, else none; a series whose first chunk it shrinks by less than a
+    fifth, such as learned float64 weights, has its later whole chunks stored unfiltered, which
+    every reader decodes), ``"blosc-lz4"`` (every chunk) or ``"none"``. ``swmr=False`` turns
     off concurrent reading and kill safety (for file systems without POSIX write ordering,
     e.g. NFS). Use the writer from one thread.
     """
