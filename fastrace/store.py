@@ -969,7 +969,7 @@ class TrajectoryWriter:
                 rows = self._layout(key)[0]
                 end = self._written[key] + sum(len(w) for w in waiting)
                 k = min(len(block), -end % rows if rows else 0)
-                self._write_block(key, np.concatenate([*waiting, block[:k]]))
+                self._write_block(key, np.concatenate([*waiting, block[:k]], dtype=sb.dtype))
                 block = block[k:]
             self._write_block(key, block, keep_tail=True)
             return
@@ -984,8 +984,8 @@ class TrajectoryWriter:
 
     def _write_gathered(self, key: tuple[str, str], keep_tail: bool = False) -> None:
         blocks = self._gathered.pop(key)[1:]
-        self._write_block(key, blocks[0] if len(blocks) == 1 else np.concatenate(blocks),
-                          keep_tail)
+        self._write_block(key, blocks[0] if len(blocks) == 1 else
+                          np.concatenate(blocks, dtype=blocks[0].dtype), keep_tail)
 
     def _layout(self, key: tuple[str, str]) -> tuple[int | None, bool]:
         """(rows per chunk if the chunks of series ``key`` hold whole rows, else None; whether
@@ -995,7 +995,10 @@ class TrajectoryWriter:
             chunks = ds.chunks
             rows = chunks[0] if chunks is not None and chunks[1:] == ds.shape[1:] else None
             one_filter = ds.id.get_create_plist().get_nfilters() == 1
-            self._chunk_layout[key] = (rows, rows is not None and self._adaptive and one_filter)
+            # (reading a chunk's stored size needs HDF5 1.10.5)
+            readable = hasattr(ds.id, "get_chunk_info_by_coord")
+            self._chunk_layout[key] = (rows, rows is not None and self._adaptive and one_filter
+                                       and readable)
         return self._chunk_layout[key]
 
     def _write_block(self, key: tuple[str, str], block: np.ndarray,
@@ -1004,14 +1007,23 @@ class TrajectoryWriter:
         boundary are kept (copied) in ``_gathered`` instead (which holds nothing for ``key``)."""
         rows, adaptive = self._layout(key)
         start = self._written[key]
-        if keep_tail and rows:
+        tail = None  # kept only once the rows before it are written (if a write fails, the
+        if keep_tail and rows:  # rows after it must not be written in their place)
             cut = max(0, len(block) - (start + len(block)) % rows)
             if cut < len(block):
-                self._gathered[key] = [block[cut:].nbytes, block[cut:].copy()]
+                tail = block[cut:].copy()
                 block = block[:cut]
         n = len(block)
-        if not n:
-            return
+        if n:
+            self._write_rows_of(key, block, start, rows, adaptive)
+        if tail is not None:
+            self._gathered[key] = [tail.nbytes, tail]
+
+    def _write_rows_of(self, key: tuple[str, str], block: np.ndarray, start: int,
+                       rows: int | None, adaptive: bool) -> None:
+        """Write ``block`` at row ``start`` of series ``key``: its whole chunks directly and
+        unfiltered if the series' compression does not pay (see _MIN_SAVING)."""
+        n = len(block)
         ds = self._datasets[key]
         dsid = ds.id
         dsid.set_extent((start + n, *block.shape[1:]))
@@ -1118,6 +1130,10 @@ class TrajectoryWriter:
         with contextlib.suppress(Exception):  # the rows still waiting in the thread, if it can
             for key in list(self._gathered):
                 self._write_gathered(key)
+        with contextlib.suppress(Exception):  # a failed write may have left fill rows behind
+            for key, ds in self._datasets.items():
+                if ds.id.shape[0] > self._written[key]:
+                    ds.id.set_extent((self._written[key], *ds.id.shape[1:]))
         with contextlib.suppress(Exception):
             for run, status in self._status.items():
                 if not status.startswith("failed"):
@@ -1222,12 +1238,11 @@ def _open_read(path: str | os.PathLike[str]) -> h5py.File:
             f = h5py.File(p, "r")
             break
         except OSError as exc:
-            if "truncated file" in str(exc) and attempt < 2:
-                # a writer extending the file may have recorded its new end a moment before
-                # the data there is written: look again shortly (a truly cut file stays cut)
-                time.sleep(0.05)
-                continue
-            if "already open for write" not in str(exc):
+            # A SWMR writer extending the file may have recorded its new end a moment before
+            # the data there is written (HDF5 checks the end before the writer's flag): such a
+            # file is read as one a writer has open; any other file that looks cut is.
+            if "already open for write" not in str(exc) and not (
+                    "truncated file" in str(exc) and _swmr_writer_flag(p)):
                 raise StoreError(f"{p} is not a readable HDF5 file ({exc})") from exc
         try:  # a writer streams into the file, or was killed while it did
             f = h5py.File(p, "r", libver="latest", swmr=True)
@@ -1253,6 +1268,18 @@ def _open_read(path: str | os.PathLike[str]) -> h5py.File:
         raise StoreError(f"{p} has format version {version}; this fastrace reads up to "
                          f"{FORMAT_VERSION}: upgrade fastrace")
     return f
+
+
+def _swmr_writer_flag(path: str) -> bool:
+    """Whether the superblock (version 3, at the start of the file) says that a SWMR writer
+    has the file open (or had it, when killed)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+    except OSError:
+        return False
+    return len(head) == 12 and head[:8] == b"\x89HDF\r\n\x1a\n" and head[8] >= 3 \
+        and bool(head[11] & 0x04)
 
 
 def _runs_of(f: h5py.File) -> list[str]:
