@@ -48,6 +48,7 @@ import datetime
 import functools
 import importlib
 import importlib.metadata
+import itertools
 import json
 import math
 import os
@@ -1208,15 +1209,44 @@ def _read_checkpoint(group: h5py.Group, spec: RunSpec) -> Checkpoint | None:
 
 
 def _copy_rows(src: h5py.Dataset, dst: h5py.Dataset, n: int) -> None:
+    """Copy the first ``n`` rows of ``src`` into the empty ``dst``: stored chunks as they are
+    (compressed or not, never decoded) when both have the same chunks and filters, the rest
+    through HDF5."""
     if src.shape[0] < n:
         raise StoreError(f"{src.file.filename}: series {src.name} has {src.shape[0]} rows but "
                          f"its checkpoint counts {n}; the file is inconsistent")
     dst.resize(n, axis=0)
+    done = _copy_whole_chunks(src, dst, n)
     row_bytes = max(1, math.prod(src.shape[1:]) * src.dtype.itemsize)
     step = max(1, _COPY_BYTES // row_bytes)
-    for start in range(0, n, step):
+    for start in range(done, n, step):
         stop = min(n, start + step)
         dst[start:stop] = src[start:stop]
+
+
+def _filter_ids(ds: h5py.Dataset) -> list[int]:
+    plist = ds.id.get_create_plist()
+    return [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
+
+
+def _copy_whole_chunks(src: h5py.Dataset, dst: h5py.Dataset, n: int) -> int:
+    """Copy the stored chunks of ``src`` that lie within its first ``n`` rows into ``dst``
+    byte for byte, with their filter masks; the rows copied (0 if the layouts differ)."""
+    chunk = src.chunks
+    if chunk is None or chunk != dst.chunks or src.dtype != dst.dtype \
+            or _filter_ids(src) != _filter_ids(dst) or not hasattr(src.id, "read_direct_chunk"):
+        return 0
+    whole = n - n % chunk[0]
+    grid = [range(0, size, c) for size, c in zip(src.shape[1:], chunk[1:])]
+    for t in range(0, whole, chunk[0]):
+        try:
+            for inner in itertools.product(*grid):
+                offset = (t, *inner)
+                mask, data = src.id.read_direct_chunk(offset)
+                dst.id.write_direct_chunk(offset, data, mask)
+        except (KeyError, OSError, ValueError, RuntimeError):  # (a chunk never stored, say)
+            return t  # the rows from here are copied through HDF5
+    return whole
 
 
 # ----------------------------------------------------------------------------- readers

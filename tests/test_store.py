@@ -941,6 +941,37 @@ def test_auto_compression_is_skipped_for_rows_it_barely_shrinks(tmp_path, compre
     assert (sizes.count(4 * 64 * 64 * 8) >= 9) == (compression == "auto")
 
 
+def test_resume_copies_stored_chunks_as_they_are(tmp_path, monkeypatch):
+    # a resume rebuilds the file: chunks within the kept rows are copied byte for byte (no
+    # decompressing and compressing again), unfiltered ones stay unfiltered; the last partial
+    # chunk goes through HDF5
+    pytest.importorskip("hdf5plugin")
+    spec = RunSpec({"noise": (64, 64), "smooth": (64, 64)})  # chunks of 4 rows
+    rng = np.random.default_rng(1)
+    noise = rng.standard_normal((41, 64, 64))
+    smooth = np.broadcast_to(np.arange(41.0)[:, None, None], (41, 64, 64)).copy()
+    path = tmp_path / "resume.h5"
+    with TrajectoryWriter(path, {"r": spec}) as w:
+        w.append_blocks("r", {"noise": noise, "smooth": smooth})
+    masks = {name: _chunk_masks(path, f"r/{name}") for name in ("noise", "smooth")}
+    assert masks["noise"].count(1) >= 8
+    copied = []
+    whole_chunks = store._copy_whole_chunks
+
+    def spy(src, dst, n):
+        copied.append((n, whole_chunks(src, dst, n)))
+        return copied[-1][1]
+
+    monkeypatch.setattr(store, "_copy_whole_chunks", spy)
+    with TrajectoryWriter(path, {"r": spec}, mode="resume") as w:
+        assert w.status("r") == "complete"
+    assert copied == [(41, 40), (41, 40)]
+    data = read_run(path, "r")
+    np.testing.assert_array_equal(data["noise"], noise)
+    np.testing.assert_array_equal(data["smooth"], smooth)
+    assert {name: _chunk_masks(path, f"r/{name}") for name in masks} == masks
+
+
 @settings(max_examples=25, deadline=None)
 @given(blocks=st.lists(st.tuples(st.integers(0, 23), st.booleans()), max_size=12),
        compression=st.sampled_from(["auto", "none"]))
