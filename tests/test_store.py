@@ -642,20 +642,44 @@ def test_sigkill_at_random_moments_leaves_every_flushed_row(tmp_path):
     assert most_rows > 0, "no trial flushed any rows before the kill; the test proved nothing"
 
 
-def test_a_killed_writers_file_that_looks_cut_still_opens(tmp_path):
-    # HDF5 checks a file's recorded end before its writer flag: a SWMR writer killed while
-    # extending the file leaves an end past the data. Such a file opens (as one a writer had
-    # open); a closed file cut short is refused at once (test_reading_a_missing_...).
+def test_a_killed_writers_file_cut_short_is_refused_at_once(tmp_path):
+    # a file cut short reads zeros where data is missing, and a SWMR open of cut metadata
+    # retries for minutes: it is refused (after looking again twice, for a writer that is
+    # extending it), also when its superblock says a writer had it open
     path = tmp_path / "cut.h5"
     proc = _spawn_writer(path, "w", 10**7, pace=0.0)
     _wait_ready(proc)
     _wait_flushed(proc)
     _kill(proc)
-    with open(path, "r+b") as fh:
-        fh.truncate(path.stat().st_size - 1000)
-    assert store._swmr_writer_flag(str(path))
-    assert list_runs(path) == ["sim"]
-    assert run_status(path, "sim") == "running"
+    with open(path, "r+b") as fh:  # 1000 bytes short of the end the superblock records
+        superblock = fh.read(36)  # (version 3: the end-of-file address at bytes 28-35)
+        assert superblock[8] == 3
+        fh.truncate(int.from_bytes(superblock[28:36], "little") - 1000)
+    start = time.monotonic()
+    with pytest.raises(StoreError, match="truncated"):
+        list_runs(path)
+    with pytest.raises(StoreError, match="truncated"):
+        TrajectoryWriter(path, {"sim": SIM_SPEC}, mode="resume")
+    assert time.monotonic() - start < 5
+
+
+def test_resume_refuses_chunks_past_the_end_of_the_file(tmp_path, monkeypatch):
+    # chunks are copied without being decoded: one lying past the end of the file (cut short
+    # in a way HDF5's own check missed) must not be copied as if it held data
+    path = tmp_path / "src.h5"
+    spec = RunSpec({"noise": (1024,)})
+    with TrajectoryWriter(path, {"r": spec}, compression="none") as w:
+        w.append_blocks("r", {"noise": np.ones((64, 1024))})
+    size = path.stat().st_size
+    real_getsize = os.path.getsize
+    monkeypatch.setattr(store.os.path, "getsize",
+                        lambda p: size // 2 if os.fspath(p) == str(path) else real_getsize(p))
+    with h5py.File(path, "r") as src, h5py.File(tmp_path / "dst.h5", "w") as f:
+        dst = f.create_dataset("noise", shape=(0, 1024), maxshape=(None, 1024),
+                               chunks=src["r/noise"].chunks, dtype="f8")
+        dst.resize(64, axis=0)
+        with pytest.raises(StoreError, match="past the end of the file"):
+            store._copy_whole_chunks(src["r/noise"], dst, 64)
 
 
 def test_resume_after_kills_gives_the_rows_of_an_uninterrupted_run(tmp_path, capsys):
