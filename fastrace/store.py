@@ -1251,7 +1251,8 @@ def _copy_whole_chunks(src: h5py.Dataset, dst: h5py.Dataset, n: int) -> int:
     chunk = src.chunks
     if chunk is None or chunk != dst.chunks or src.shape[1:] != dst.shape[1:] \
             or src.id.get_type() != dst.id.get_type() or _filters(src) != _filters(dst) \
-            or not hasattr(src.id, "get_chunk_info_by_coord"):
+            or not hasattr(src.id, "get_chunk_info_by_coord") \
+            or not hasattr(src.id, "read_direct_chunk"):
         return 0
     file_end = os.path.getsize(src.file.filename)
     whole = n - n % chunk[0]
