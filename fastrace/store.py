@@ -958,11 +958,11 @@ class TrajectoryWriter:
     def _gather(self, sb: _Series, block: np.ndarray, copy: bool = False) -> None:
         """Write ``block`` (rows of ``sb``), or keep it (a copy of it with ``copy``) with the
         series' other small blocks until they make a whole chunk (or ``_WRITE_BYTES`` if chunks
-        hold parts of rows). A big block is written
-        as it is, after the blocks waiting before it: never copied (but for the rows that
-        complete the chunk those blocks end in). Writes stop at a chunk boundary: the rows
-        after it wait (copied) for the next block or flush, so that no chunk is written
-        twice (a compressed one would be read back, decompressed and compressed again)."""
+        hold parts of rows). A big block is written as it is, after the blocks waiting before
+        it: never copied, but for the rows that complete the chunk those blocks end in. Writes
+        stop at a chunk boundary: the rows after it wait (copied) for the next block or flush,
+        so that no chunk is written twice (a compressed one would be read back, decompressed
+        and compressed again)."""
         key = (sb.run, sb.name)
         if block.nbytes >= _WRITE_BYTES:
             waiting = self._gathered.pop(key, [0])[1:]
