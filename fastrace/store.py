@@ -208,9 +208,8 @@ def _chunk_shape(row_shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
     return tuple(chunk)
 
 
-def _block_rows(row_shape: tuple[int, ...], itemsize: int, chunk_rows: int, max_rows: int) -> int:
+def _block_rows(row_bytes: int, chunk_rows: int, max_rows: int) -> int:
     """Rows per buffer block: at most ``max_rows`` and ``_BLOCK_BYTES``, whole chunks if possible."""
-    row_bytes = math.prod(row_shape) * itemsize
     rows = max(1, min(max_rows, _BLOCK_BYTES // row_bytes))
     if rows >= chunk_rows:
         rows -= rows % chunk_rows
@@ -393,7 +392,7 @@ class _Series:
         chunk = _chunk_shape(self.row_shape, self.dtype.itemsize)
         self.chunk = chunk
         self.row_bytes = math.prod(self.row_shape) * self.dtype.itemsize
-        self.block_rows = _block_rows(self.row_shape, self.dtype.itemsize, chunk[0], max_rows)
+        self.block_rows = _block_rows(self.row_bytes, chunk[0], max_rows)
         self.rows = rows  # appended so far (including rows kept from a resumed file)
         self.buffer: np.ndarray | None = None
         self.filled = 0
