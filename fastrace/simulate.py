@@ -63,6 +63,7 @@ BATCH_ROWS = 64  # save-point rows computed together (singular values in one bat
 # shrinking batches of a run), or SEND_SECONDS after the last hand-over: few large blocks, as
 # each block costs the writer a call per series.
 SEND_BYTES, SEND_SECONDS = 4 << 20, 1.0
+_MAX_SAVE_POINTS = 10**9  # more would not fit in memory as a schedule (8 GB), let alone rows
 DIVERGED = "failed: diverged"  # status prefix of a diverged run (resume refuses it)
 _ROOM_CHECK_BYTES = 16 << 20  # kept rows above this are checked against the memory available
 
@@ -282,13 +283,38 @@ def _positive(name: str, value: Any, integer: bool = False) -> Any:
         x = int(value) if integer else float(value)
         if integer and x != value:
             raise TypeError
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # (int(inf) overflows)
         kind = "a positive integer" if integer else "a positive number"
         raise ConfigError(f"{name} must be {kind}, got {value!r}") from None
     if not (math.isfinite(x) and x > 0):
         kind = "a positive integer" if integer else "a positive finite number"
         raise ConfigError(f"{name} must be {kind}, got {value!r}")
     return x
+
+
+def _number(name: str, value: Any) -> float:
+    """``value`` as a float (bool refused), or ConfigError naming ``name``."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+
+
+def _save_points(record: Any) -> np.ndarray:
+    """Explicit save points (steps or times) as a flat float array, or ConfigError."""
+    if isinstance(record, (set, frozenset, dict)):
+        raise ConfigError(f"record: save points must be an ordered sequence or array, "
+                          f"got a {type(record).__name__}")
+    try:
+        points = np.asarray(record, dtype=np.float64).ravel()
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"record: save points must be numbers, got {record!r} ({exc})") \
+            from None
+    if points.size > _MAX_SAVE_POINTS:
+        raise ConfigError(f"record: more than {_MAX_SAVE_POINTS} save points")
+    return points
 
 
 def _resolve_lr(lr: Any, n_runs: int) -> np.ndarray:
@@ -309,7 +335,7 @@ def _step_schedule(record: Any, record_every: int, n_records: int, steps: int) -
         if record != "log":
             raise ConfigError(f"record must be None, 'log' or an array of save points, "
                               f"got {record!r}")
-        points = np.unique(np.rint(np.geomspace(1, steps, max(n_records - 1, 1))).astype(np.int64))
+        points = np.unique(np.rint(_log_points(1, steps, n_records - 1)).astype(np.int64))
     else:
         raw = np.asarray(record, dtype=np.float64).ravel()
         if not np.all(np.isfinite(raw)) or np.any(raw != np.rint(raw)):
@@ -321,6 +347,11 @@ def _step_schedule(record: Any, record_every: int, n_records: int, steps: int) -
     return np.unique(np.concatenate([[0, steps], points])).astype(np.int64)
 
 
+def _log_points(first: float, last: float, n: int) -> np.ndarray:
+    """``n`` >= 1 log-spaced points from ``first`` to ``last`` (just ``last`` when n = 1)."""
+    return np.geomspace(first, last, n) if n > 1 else np.array([last], dtype=np.float64)
+
+
 def _time_schedule(record: Any, n_records: int, t_end: float) -> np.ndarray:
     """Save times in [0, t_end], always with 0 and ``t_end``."""
     if record is None:
@@ -329,7 +360,7 @@ def _time_schedule(record: Any, n_records: int, t_end: float) -> np.ndarray:
         if record != "log":
             raise ConfigError(f"record must be None, 'log' or an array of save times, "
                               f"got {record!r}")
-        points = np.geomspace(t_end * 1e-3, t_end, max(n_records - 1, 1))
+        points = _log_points(t_end * 1e-3, t_end, n_records - 1)
     else:
         points = np.asarray(record, dtype=np.float64).ravel()
         if not np.all(np.isfinite(points)):
@@ -835,6 +866,12 @@ def _drive_gd(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: np.
     """Advance every run to ``plan.steps``; runs at the same step move together."""
     steps, save, every = plan.steps, plan.save_steps, plan.checkpoint_every
     assert save is not None
+    # the starting weights face the test every step's weights face (as a flow run's do), so
+    # that weights above the threshold are reported at the step they are found, not the next
+    for r in runs:
+        if not r.done and _weights_bad(W[r.index:r.index + 1], plan.divergence_threshold)[0]:
+            raise _divergence(engine, plan, r, r.pos, float(plan.lr[r.index] * r.pos),
+                              "weights", W[r.index])
     snap_buffer = np.empty(0)
     while True:
         live = [r for r in runs if not r.done]
@@ -856,11 +893,18 @@ def _drive_gd(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: np.
                   if r.next_save < len(save) and save[r.next_save] == m]
 
         if m == steps:
+            # the engine computes each step's loss before the step: the loss at the end is
+            # new here, and it too must be finite
+            with np.errstate(all="ignore"):
+                final_loss = engine.loss(W[_as_index(idx.tolist())])
+            for k in np.flatnonzero(~np.isfinite(final_loss)).tolist()[:1]:
+                raise _divergence(engine, plan, active[k], m, float(plan.lr[idx[k]] * m),
+                                  "loss", W[idx[k]], float(final_loss[k]))
             if saving:
                 sel = idx[saving]
                 final = W[_as_index(sel.tolist())]  # a view when evenly spaced (no copy)
                 rec.record([active[k] for k in saving], final, plan.lr[sel] * m,
-                           np.full(len(sel), m), engine.loss(final))
+                           np.full(len(sel), m), final_loss[saving])
             # The final checkpoint holds every row: the file is then written in the order it
             # is read, and no chunk flushed by the checkpoint is written again at close.
             for k, r in enumerate(active):
@@ -907,7 +951,9 @@ def _drive_gd(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: np.
         # a run whose state went bad after k steps keeps only the save points before that
         status = engine.last_status
         last_good = np.where(status >= 0, status - 1, n).min() if len(status) else n
-        if saving:  # the save point at m: weights before the chunk, loss of its first step
+        # the save point at m: weights before the chunk, loss of its first step; kept, as the
+        # save points inside the chunk are, only if no run went bad at m (its loss not finite)
+        if saving and last_good >= 0:
             rec.record([active[k] for k in saving], before, plan.lr[idx[saving]] * m,
                        np.full(len(saving), m), losses[saving, 0])
         good = 0  # save points before any divergence in this chunk: their rows are kept
@@ -1382,10 +1428,10 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
     if engine not in ENGINES:
         raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
-    momentum = float(momentum)
+    momentum = _number("momentum", momentum)
     if not (0.0 <= momentum < 1.0):
         raise ConfigError(f"momentum must be in [0, 1), got {momentum}")
-    weight_decay = float(weight_decay)
+    weight_decay = _number("weight_decay", weight_decay)
     if not (math.isfinite(weight_decay) and weight_decay >= 0):
         raise ConfigError(f"weight_decay must be finite and >= 0, got {weight_decay}")
     record_every = _positive("record_every", record_every, integer=True)
@@ -1398,7 +1444,7 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
     if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
         raise ConfigError(f"max_steps must be a positive integer, got {max_steps!r}")
     atol = _positive("atol", atol)
-    divergence_threshold = float(divergence_threshold)
+    divergence_threshold = _number("divergence_threshold", divergence_threshold)
     if not divergence_threshold > 0:
         raise ConfigError(f"divergence_threshold must be positive (inf: only non-finite values "
                           f"count), got {divergence_threshold}")
@@ -1435,7 +1481,10 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
         steps = 0
         t_ends = np.full(n_runs, _positive("t_end", t_end))
     if _explicit(record):
-        record = np.asarray(record, dtype=np.float64).ravel()
+        record = _save_points(record)
+    if record is None and steps // record_every > _MAX_SAVE_POINTS:
+        raise ConfigError(f"steps={steps} with record_every={record_every} makes more than "
+                          f"{_MAX_SAVE_POINTS} save points; record less often")
 
     # ---- engine and weights (validated before anything is written)
     eng = GradientEngine.for_data(net, data, engine)

@@ -1,5 +1,6 @@
 """fr.simulate / fr.resume: gradient descent and gradient flow of full networks, HDF5 and resume."""
 
+import math
 import os
 import signal
 import subprocess
@@ -771,6 +772,15 @@ def test_sigkill_then_resume_is_bit_for_bit(tmp_path):
     (dict(method="flow", t_end=1.0, lr=0.1, steps=10), "either"),
     (dict(method="flow", t_end=1.0, record=[2.0]), "record"),
     (dict(method="flow", t_end=1.0, rtol=0.0), "rtol"),
+    # values that do not convert, or overflow, are named too (not a bare Python error)
+    (dict(lr=0.1, steps=math.inf), "steps"),
+    (dict(lr=0.1, steps=1e30), "save points"),
+    (dict(lr=0.1, steps=10, threads=math.inf), "threads"),
+    (dict(lr=0.1, steps=10, momentum=None), "momentum"),
+    (dict(lr=0.1, steps=10, weight_decay="x"), "weight_decay"),
+    (dict(lr=0.1, steps=10, divergence_threshold="x"), "divergence_threshold"),
+    (dict(lr=0.1, steps=10, record=["a"]), "record"),
+    (dict(lr=0.1, steps=10, record={1, 2}), "record"),
 ])
 def test_bad_arguments_raise_config_errors(kwargs, match):
     net, data, W0 = case(0)
@@ -822,6 +832,74 @@ def test_threshold_crossing_inside_a_chunk_is_divergence(tmp_path, checkpoint_ev
         fr.simulate(net, data, W, lr=0.95, steps=100, divergence_threshold=1.5,
                     save_weights=True, out=out, checkpoint_every=checkpoint_every)
     assert info.value.step == 1
+
+
+def _scalar_chain() -> tuple[fr.Network, fr.Dataset]:
+    net = fr.Network()
+    net.add_node("x", 1).add_node("h", 1).add_node("y", 1)
+    net.add_edge("x", "h").add_edge("h", "y")
+    return net, fr.Dataset({"x": np.ones((1, 1))}, {"y": np.ones((1, 1))})
+
+
+# w_x->h = w_h->y = 3 at lr = 1: the loss is 32, 96800, 3.6e15, 1.9e47, 2.7e142 at steps 0-4
+# and overflows to inf at step 5, while the weights stay finite (~1e107 at step 5)
+EXPLODING = {"x->h": np.array([[3.0]]), "h->y": np.array([[3.0]])}
+
+
+def test_a_loss_that_overflows_at_the_last_step_is_a_divergence(tmp_path):
+    # the engine computes each step's loss before the step; the loss at the end is computed
+    # apart, and a run whose final loss is inf must not end "complete"
+    net, data = _scalar_chain()
+    for engine in ("moments", "samples"):
+        with pytest.raises(fr.DivergenceError, match="step 5") as info:
+            simulate(net, data, EXPLODING, lr=1.0, steps=5, divergence_threshold=math.inf,
+                     engine=engine, progress=False)
+        assert info.value.step == 5 and info.value.quantity == "loss"
+        assert info.value.value == math.inf
+    path = tmp_path / "f.h5"
+    with pytest.raises(fr.DivergenceError):
+        simulate(net, data, EXPLODING, lr=1.0, steps=5, divergence_threshold=math.inf,
+                 out=path, progress=False)
+    assert store.run_status(path, "simulation").startswith("failed: diverged at step 5")
+    assert store.read_run(path, "simulation").series["step"].tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("checkpoint_every", [None, 1, 5])
+def test_the_row_of_a_diverged_step_is_never_kept(tmp_path, checkpoint_every):
+    # the loss at step 5 is inf: rows 0-4 are kept, whether step 5 starts an engine call (a
+    # checkpoint cuts the run there) or falls inside one
+    net, data = _scalar_chain()
+    path = tmp_path / "f.h5"
+    with pytest.raises(fr.DivergenceError, match="step 5"):
+        simulate(net, data, EXPLODING, lr=1.0, steps=10, divergence_threshold=math.inf,
+                 out=path, checkpoint_every=checkpoint_every, progress=False)
+    rows = store.read_run(path, "simulation").series
+    assert rows["step"].tolist() == [0, 1, 2, 3, 4]
+    assert np.all(np.isfinite(rows["loss"]))
+
+
+@pytest.mark.parametrize("method, kw", [("gd", dict(lr=1e-3, steps=10)),
+                                        ("flow", dict(t_end=0.01))])
+def test_starting_weights_above_the_threshold_diverge_at_step_0(tmp_path, method, kw):
+    net = fr.Network()
+    net.add_node("x", 1).add_node("y", 1).add_edge("x", "y")
+    data = fr.Dataset({"x": np.ones((1, 1))}, {"y": np.ones((1, 1))})
+    with pytest.raises(fr.DivergenceError, match="step 0") as info:
+        simulate(net, data, {"x->y": np.array([[5.0]])}, method=method,
+                 divergence_threshold=2.0, out=tmp_path / "f.h5", progress=False, **kw)
+    assert info.value.step == 0 and info.value.value == 5.0
+    assert store.run_status(tmp_path / "f.h5", "simulation").startswith("failed: diverged")
+
+
+@pytest.mark.parametrize("n_records", [2, 3, 5])
+def test_log_schedules_have_n_records_points(n_records):
+    net, data, W0 = case(0)
+    run = simulate(net, data, W0, lr=0.01, steps=1000, record="log", n_records=n_records,
+                   svals=False, progress=False)
+    assert run.step[0] == 0 and run.step[-1] == 1000 and len(run.step) == n_records
+    flow = simulate(net, data, W0, method="flow", t_end=1.0, record="log", n_records=n_records,
+                    svals=False, progress=False)
+    assert flow.t[0] == 0 and flow.t[-1] == 1.0 and len(flow.t) == n_records
 
 
 # ------------------------------------------------------------------ runs kept in their file only
