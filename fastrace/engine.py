@@ -19,7 +19,7 @@ from .data import Dataset
 from .gradient import (_loss_gradient_samples, check_edge_names, check_weights, choose_engine,
                        weight_array)
 from .network import Network
-from .stats import gated_moments
+from .stats import SampleFits, gated_moments, pinv
 
 #: below this much work per call (runs × steps × flops per step) the runs go serially
 PARALLEL_MIN_FLOPS = 2e7
@@ -175,13 +175,14 @@ class _Ops:
         self.coef.append([alpha, 0.0])
 
     def output(self, m: int, n: int, T: _Mat, Y: _Mat, XX: _Mat, E: _Mat) -> None:
-        """E (m, n) = Y − T XX (XX (n, n)), and the loss gains −½ <T, Y + E>, in one loop;
-        Y and XX are constants with leading dimension n."""
+        """E (m, n) = Y − T XX (XX (n, n)), and the loss gains ½ <E, T* − T>, in one loop;
+        Y and XX are constants with leading dimension n, and T* (m, n) is stored right after
+        Y (see ``MomentsPlan``)."""
         if T.t or E.t or Y.ld != n or XX.ld != n or Y.src != _CONST or XX.src != _CONST:
             raise AssertionError("output block operands must be row-major, constants with ld n")
         self.rows.append([_OUTPUT, m, n, Y.off, T.src, T.off, T.ld, XX.src, XX.off, XX.ld,
                           E.src, E.off, E.ld, 0, 1, 0, 0])
-        self.coef.append([-0.5, 0.0])
+        self.coef.append([0.5, 0.0])
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         ints = np.array(self.rows, dtype=np.int64).reshape(-1, 17)
@@ -314,6 +315,10 @@ class MomentsPlan:
             const_len += arr.size
             return _Mat(_CONST, const_len - arr.size, arr.shape[1])
 
+        def targets(yx: np.ndarray, best: np.ndarray) -> tuple[_Mat, _Mat]:
+            """Σyx and the least-squares map T* (same shape), stored one after the other."""
+            return constant(yx), constant(best)
+
         def gate(v, e, c):
             return float(ctx.edge_gates[c, edge_col[e]] * ctx.node_gates[c, node_col[v]])
 
@@ -343,8 +348,14 @@ class MomentsPlan:
                     ops.gemm(dv, net.dim(u), net.dim(s), weight(e),
                              t_cols(s, start[s][ks] + pos[s][ks][u]),
                              t_cols(v, start[v][k] + pos[v][k][u]), a, first(("T", v, k, u)))
-        # outputs: E = Σyx − T Σxx per group (moments summed over the group's contexts), loss
-        loss_const = 0.5 * float(m.yy.sum())
+        # outputs: E = Σyx − T Σxx per group (moments summed over the group's contexts). The
+        # loss of a group is ½ tr Σyy − <T, Σyx> + ½ <T, T Σxx> = L* + ½ <E, T* − T>, with T* =
+        # Σyx Σxx⁺ its least-squares map (T* Σxx = Σyx) and L* the loss at T*, summed over the
+        # samples once (``stats.SampleFits``): the loss is then exact to the rounding of E and T − T*
+        # (the moments' own form loses everything below eps · ½ tr Σyy, and near a perfect fit
+        # gave ~1e-16 where the loss is ~1e-32, or negative values)
+        fits = SampleFits(net, data)
+        loss_const = 0.0
         for w in net.outputs:
             dw = net.dim(w)
             rows = m.output_slices[w]
@@ -353,30 +364,35 @@ class MomentsPlan:
                 members = np.flatnonzero(group_of[w] == k)
                 idx = np.concatenate([np.arange(m.input_slices[u].start, m.input_slices[u].stop)
                                       for u in cols[w][k]])
-                blocks.append((k, m.yx[members][:, rows][:, :, idx].sum(axis=0),
-                               m.xx[members][:, idx][:, :, idx].sum(axis=0)))
+                yx = m.yx[members][:, rows][:, :, idx].sum(axis=0)
+                xx = m.xx[members][:, idx][:, :, idx].sum(axis=0)
+                best = yx @ pinv(xx)
+                loss_const += fits.loss(group_of[w] == k, w, idx, best)
+                blocks.append((k, yx, xx, best))
+            # samples of contexts no open path reaches: the output is 0 there
+            loss_const += fits.loss(~np.isin(group_of[w], list(cols[w])), w)
             if not blocks:
                 continue
             n0, xx0 = blocks[0][2].shape[0], blocks[0][2]
             if all(b[2].shape[0] == n0 and np.array_equal(b[2], xx0) for b in blocks):
                 # every group has the same input moments: the (dw, G·n) row-major block matrix
                 # read as (dw·G, n) holds one group row per row, so one product does them all
-                yx = constant(np.concatenate([b[1] for b in blocks], axis=1).reshape(-1, n0))
+                yx, best = targets(*(np.concatenate([b[i] for b in blocks], axis=1).reshape(-1, n0)
+                                     for i in (1, 3)))
                 pieces = [(dw * len(blocks), n0, _Mat(_STATE, T_off[w], n0),
-                           _Mat(_STATE, G_off[w], n0), yx, constant(xx0))]
+                           _Mat(_STATE, G_off[w], n0), yx, best, constant(xx0))]
             else:
                 pieces = [(dw, b[2].shape[0], t_cols(w, start[w][b[0]]),
-                           g_cols(w, start[w][b[0]]), constant(b[1]), constant(b[2]))
+                           g_cols(w, start[w][b[0]]), *targets(b[1], b[3]), constant(b[2]))
                           for b in blocks]
-            for rows_, n, T, E, yx, xx in pieces:
-                # loss terms: ½ tr Σyy − <T, Σyx> + ½ <T, T Σxx> = ½ tr Σyy − ½ <T, Σyx + E>
+            for rows_, n, T, E, yx, best, xx in pieces:
                 if n <= _FUSED_OUTPUT_MAX:
                     ops.output(rows_, n, T, yx, xx, E)
                     continue
                 ops.axpby(rows_, n, yx, E, 1.0, 0.0)
                 ops.gemm(rows_, n, n, T, xx, E, -1.0)
-                ops.dot(rows_, n, T, yx, -0.5)
-                ops.dot(rows_, n, T, E, -0.5)
+                ops.dot(rows_, n, E, best, 0.5)
+                ops.dot(rows_, n, E, T, -0.5)
         front = (list(map(list, ops.rows)), list(map(list, ops.coef)), set(written))
         #: the plan of the loss alone (forward and outputs)
         self.loss_i, self.loss_f = ops.arrays()

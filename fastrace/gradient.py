@@ -18,7 +18,7 @@ import numpy as np
 from .data import Dataset
 from .errors import WeightsError
 from .network import DEFAULT_PATH_LIMIT, Network
-from .stats import GatedMoments, gated_moments, path_correlations
+from .stats import GatedMoments, gated_moments, least_squares, path_correlations
 
 Weights = dict[str, np.ndarray]
 ENGINES = ("auto", "samples", "moments")
@@ -175,10 +175,15 @@ def _loss_gradient_moments(net: Network, data: Dataset, W: Weights, need_grad: b
     T = transfer_matrices(net, m, W)
     A = np.concatenate([T[w] for w in net.outputs], axis=1)  # (n_ctx, Dout, Din)
     AS = np.matmul(A, m.xx)
-    loss = float(0.5 * m.yy.sum() - np.sum(A * m.yx) + 0.5 * np.sum(AS * A))
+    E = m.yx - AS  # per context: Σ w (y - h) xᵀ, stacked outputs
+    # L = Σ_c L*_c + ½ <E_c, T*_c − A_c>: exact to the rounding of E and A − T* (see
+    # stats.least_squares), where ½ tr Σyy − <A, Σyx> + ½ <A, A Σxx> cancels near a fit
+    fit = least_squares(net, data)
+    loss = float(fit.loss.sum() + 0.5 * np.sum(E * (fit.best - A)))
+    if loss < 0.0:  # a loss is never negative: below 0 is rounding (NaN stays NaN)
+        loss = 0.0
     if not need_grad:
         return loss, None
-    E = m.yx - AS  # per context: Σ w (y - h) xᵀ, stacked outputs
     node_col = {v: i for i, v in enumerate(net.nodes)}
     edge_col = {e: i for i, e in enumerate(net.edges)}
     F = {w: np.ascontiguousarray(E[:, m.output_slices[w], :]) for w in net.outputs}

@@ -71,6 +71,84 @@ def gated_moments(net: Network, data: Dataset) -> GatedMoments:
     return moments
 
 
+class SampleFits:
+    """Losses of fixed linear maps of the inputs, summed over chosen samples (the data is
+    stacked once). A loss near its minimum is known to the rounding of the residuals this way,
+    where the moments' form ½ tr Σyy − <M, Σyx> + ½ <M, M Σxx> loses everything below
+    eps · ½ tr Σyy."""
+
+    def __init__(self, net: Network, data: Dataset) -> None:
+        self.net, self.data = net, data
+        ctx = data.contexts(net)
+        # the samples of context c: self.order[self.bounds[c]:self.bounds[c + 1]]
+        self.order = np.argsort(ctx.index, kind="stable")
+        self.bounds = np.searchsorted(ctx.index[self.order], np.arange(ctx.count + 1))
+        self._x: np.ndarray | None = None
+        self._y: np.ndarray | None = None
+        self.outputs = _slices(net, net.outputs)
+
+    def loss(self, contexts: np.ndarray, output: str | None = None,
+             inputs: np.ndarray | None = None, M: np.ndarray | None = None) -> float:
+        """½ Σ w_n |y_n − M x_n|² over the samples of ``contexts`` (n_contexts,) bool: y the
+        stacked targets or those of ``output``, x the stacked inputs or their columns
+        ``inputs``; ``M`` None is the zero map."""
+        chosen = np.flatnonzero(contexts)
+        if not chosen.size:
+            return 0.0
+        sel = np.concatenate([self.order[self.bounds[c]:self.bounds[c + 1]] for c in chosen])
+        return self._loss(sel, output, inputs, M)
+
+    def context_loss(self, c: int, M: np.ndarray) -> float:
+        """``loss`` over the samples of context ``c`` alone, all outputs and inputs."""
+        return self._loss(self.order[self.bounds[c]:self.bounds[c + 1]], None, None, M)
+
+    def _loss(self, sel: np.ndarray, output: str | None, inputs: np.ndarray | None,
+              M: np.ndarray | None) -> float:
+        if not sel.size:
+            return 0.0
+        if self._y is None:
+            self._x = self.data.stacked_inputs(self.net)
+            self._y = self.data.stacked_targets(self.net)
+        r = self._y[sel] if output is None else self._y[sel, self.outputs[output]]
+        if M is not None:
+            r = r - (self._x[sel] if inputs is None else self._x[np.ix_(sel, inputs)]) @ M.T
+        return 0.5 * float(np.dot(self.data.weights[sel], np.einsum("ij,ij->i", r, r)))
+
+
+def pinv(xx: np.ndarray) -> np.ndarray:
+    """Pseudo-inverse of symmetric positive semi-definite moments (..., n, n), directions below
+    1e-12 of the largest eigenvalue taken as null (rounding leaves ~1e-16 there, whose inverse
+    would be noise). Any map serves as the reference of ``LeastSquares``; this one is the
+    least-squares fit wherever the data has a direction."""
+    return np.linalg.pinv(xx, rcond=1e-12, hermitian=True)
+
+
+@dataclass(frozen=True)
+class LeastSquares:
+    """Per context c, the least-squares linear map from the stacked inputs to the stacked
+    outputs, ``best[c] = yx[c] xx[c]⁺`` (n_ctx, Dout, Din), and its loss over the context's
+    samples, ``loss[c]`` (n_ctx,). A network's loss is Σ_c loss[c] + ½ <E_c, best[c] − A_c>
+    with A_c its map in context c and E_c = yx[c] − A_c xx[c] (as best[c] xx[c] = yx[c])."""
+
+    best: np.ndarray
+    loss: np.ndarray
+
+
+def least_squares(net: Network, data: Dataset) -> LeastSquares:
+    """The per-context least-squares fits of ``data`` (cached on the data set)."""
+    key = ("least squares", net.signature())
+    cached = data._cache.get(key)
+    if cached is not None:
+        return cached  # type: ignore[return-value]
+    m = gated_moments(net, data)
+    fits = SampleFits(net, data)
+    best = np.matmul(m.yx, pinv(m.xx))
+    loss = np.array([fits.context_loss(c, best[c]) for c in range(m.n_contexts)])
+    result = LeastSquares(best, loss)
+    data._cache[key] = result
+    return result
+
+
 def path_gates(net: Network, ctx: Contexts, path: Path) -> np.ndarray:
     """g_p per context (n_ctx,): gate of the source node times each edge gate and target gate."""
     nodes = {v: i for i, v in enumerate(net.nodes)}

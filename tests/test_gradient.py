@@ -91,6 +91,66 @@ def test_engines_agree(seed, gates):
     assert err <= 1e-10
 
 
+def fitted_case(seed, gates, duplicate=False):
+    """A random gated network and data it fits exactly at weights W*: targets made by the
+    network itself, from 60 samples in at most 3 gate patterns (so each context's inputs span
+    their space, unless ``duplicate`` repeats an input in another input node)."""
+    rng = np.random.default_rng(seed)
+    net = random_dag(rng, n_inputs=int(rng.integers(1, 4)), n_hidden=int(rng.integers(1, 5)),
+                     extra_edges=int(rng.integers(0, 5)))
+    data = random_data(rng, net, n_samples=60, gates=gates, n_patterns=3)
+    inputs = dict(data.inputs)
+    if duplicate and len(net.inputs) > 1:
+        a, b = net.inputs[:2]
+        inputs[b] = inputs[b].copy()
+        inputs[b][:, 0] = inputs[a][:, 0]
+    W_star = fr.init.gaussian(net, std=0.6, seed=rng)
+    made = fr.forward(net, fr.Dataset(inputs, data.targets, node_gates=data.node_gates,
+                                      edge_gates=data.edge_gates), W_star)
+    data = fr.Dataset(inputs, {w: made[w] for w in net.outputs}, node_gates=data.node_gates,
+                      edge_gates=data.edge_gates, weights=data.weights)
+    return net, data, W_star, rng
+
+
+def moments_losses(net, data, W):
+    """The loss by both moments engines: fr.loss and the compiled plan of simulate."""
+    plan = fr.simulate(net, data, W, lr=1e-9, steps=1, engine="moments", svals=False,
+                       progress=False).loss[0]
+    return fr.loss(net, data, W, engine="moments"), plan
+
+
+@SETTINGS
+@given(seed=seeds, gates=st.sampled_from(["binary", "real", "none"]),
+       step=st.sampled_from([1e-4, 1e-7, 1e-10]))
+def test_the_loss_near_a_perfect_fit_keeps_its_digits(seed, gates, step):
+    # weights a small step from a perfect fit: the loss is ~step², far below the ½ Σ |y|² ~ 1
+    # of the data. The samples engine sums the tiny residuals; the moments engines must give
+    # it to many digits too (½ tr Σyy − <T, Σyx> + ½ <T, T Σxx> keeps no digit below
+    # eps · ½ tr Σyy ~ 1e-16: this failed for every case with step 1e-7 or 1e-10)
+    net, data, W_star, rng = fitted_case(seed, gates)
+    W = {e: a + step * rng.standard_normal(a.shape) for e, a in W_star.items()}
+    exact = fr.loss(net, data, W, engine="samples")
+    # (the residuals are differences of numbers ~1: even the samples' sum is known only to
+    # ~eps / step relative)
+    rel = max(1e-6, 1e3 * np.finfo(float).eps / step)
+    for got in moments_losses(net, data, W):
+        assert got == pytest.approx(exact, rel=rel, abs=1e-28)
+
+
+@SETTINGS
+@given(seed=seeds, gates=st.sampled_from(["binary", "none"]))
+def test_the_loss_is_never_negative(seed, gates):
+    # inputs that repeat one another leave directions the data does not span, where rounding
+    # still limits the loss to ~eps of the data's scale; it must not go below zero there
+    net, data, W_star, rng = fitted_case(seed, gates, duplicate=True)
+    W = {e: a + 1e-10 * rng.standard_normal(a.shape) for e, a in W_star.items()}
+    exact = fr.loss(net, data, W, engine="samples")
+    scale = sum(float(np.sum(data.weights[:, None] * y * y)) for y in data.targets.values())
+    for got in moments_losses(net, data, W):
+        assert got >= 0.0
+        assert abs(got - exact) <= 1e-13 * scale
+
+
 def test_loss_against_plain_loop():
     # an independent, deliberately naive forward pass sample by sample
     net, data, W = random_case(11, "real")
