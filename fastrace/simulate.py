@@ -63,6 +63,7 @@ BATCH_ROWS = 64  # save-point rows computed together (singular values in one bat
 # shrinking batches of a run), or SEND_SECONDS after the last hand-over: few large blocks, as
 # each block costs the writer a call per series.
 SEND_BYTES, SEND_SECONDS = 4 << 20, 1.0
+_MIN_RTOL = 100 * np.finfo(float).eps  # (scipy's solve_ivp raises smaller ones to it)
 _MAX_SAVE_POINTS = 10**9  # more would not fit in memory as a schedule (8 GB), let alone rows
 DIVERGED = "failed: diverged"  # status prefix of a diverged run (resume refuses it)
 _ROOM_CHECK_BYTES = 16 << 20  # kept rows above this are checked against the memory available
@@ -1070,20 +1071,36 @@ def _rms(x: np.ndarray) -> np.ndarray:
     return np.sqrt(np.mean(x * x, axis=1))
 
 
-def _initial_step(engine: GradientEngine, plan: _Plan, Y: np.ndarray, F: np.ndarray,
-                  t_left: np.ndarray) -> np.ndarray:
-    """Starting step sizes (n,) from the size of the field and its change (Hairer's HINIT)."""
+def _scaled_rms(x: np.ndarray) -> np.ndarray:
+    """``_rms`` of each row without overflow (entries past 1e154 overflow when squared)."""
+    with np.errstate(all="ignore"):
+        top = np.max(np.abs(x), axis=1)
+        safe = np.where((top > 0) & np.isfinite(top), top, 1.0)
+        return np.where(top > 0, top * _rms(x / safe[:, None]), 0.0)
+
+
+def _initial_step(engine: GradientEngine, plan: _Plan, runs: list[_RunState], Y: np.ndarray,
+                  F: np.ndarray, t_left: np.ndarray) -> np.ndarray:
+    """Starting step sizes (n,) from the size of the field and its change (Hairer's HINIT);
+    IntegrationError for a run where none can be found (a field too large to scale)."""
     sk = plan.atol + plan.rtol * np.abs(Y)
-    dnf = _rms(F / sk) ** 2
-    dny = _rms(Y / sk) ** 2
-    h = np.where((dnf > 1e-10) & (dny > 1e-10), np.sqrt(dny / np.maximum(dnf, 1e-300)) * 0.01, 1e-6)
-    h = np.minimum(h, t_left)
-    _, F1 = _flow_field(engine, Y + h[:, None] * F, plan.weight_decay)
-    der2 = _rms((F1 - F) / sk) / h
-    der12 = np.maximum(np.abs(der2), np.sqrt(dnf))
-    h1 = np.where(der12 <= 1e-15, np.maximum(1e-6, h * 1e-3),
-                  (0.01 / np.maximum(der12, 1e-300)) ** 0.2)
-    return np.minimum(np.minimum(100 * h, h1), t_left)
+    nf, ny = _scaled_rms(F / sk), _scaled_rms(Y / sk)
+    with np.errstate(all="ignore"):
+        h = np.where((nf > 1e-5) & (ny > 1e-5), ny / nf * 0.01, 1e-6)
+        h = np.minimum(h, t_left)
+        _, F1 = _flow_field(engine, Y + h[:, None] * F, plan.weight_decay)
+        der2 = _scaled_rms((F1 - F) / sk) / h
+        der12 = np.maximum(np.abs(der2), nf)
+        h1 = np.where(der12 <= 1e-15, np.maximum(1e-6, h * 1e-3),
+                      (0.01 / np.maximum(der12, 1e-300)) ** 0.2)
+        h = np.minimum(np.minimum(100 * h, h1), t_left)
+    for r, step, size in zip(runs, h.tolist(), nf.tolist()):
+        if not step > 0.0:  # (NaN included)
+            raise IntegrationError(
+                f"run {r.name!r}: gradient flow finds no starting step at t = {r.t:.6g}: the "
+                f"field is too large to integrate (scaled size {size:.3g}); check the weights "
+                "and divergence_threshold")
+    return h
 
 
 def _drive_flow(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: np.ndarray,
@@ -1105,8 +1122,9 @@ def _drive_flow(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: n
         if fresh:
             sel = idx[fresh]
             t_left = np.array([plan.t_end[r.index] - r.t for r in live])[fresh]
-            for r, h in zip([live[k] for k in fresh], _initial_step(engine, plan, W[sel], F[sel],
-                                                                     t_left)):
+            starting = [live[k] for k in fresh]
+            for r, h in zip(starting, _initial_step(engine, plan, starting, W[sel], F[sel],
+                                                    t_left)):
                 r.h = float(h)
         for r in live:
             if writer is not None and r.last_checkpoint != r.pos:
@@ -1120,6 +1138,14 @@ def _drive_flow(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: n
         idx = np.array([r.index for r in live])
         t0 = np.array([r.t for r in live])
         t_end = plan.t_end[idx]
+        # the budget is checked before a step, so that a run resumed at its limit stops there
+        # as the uninterrupted run did
+        for k, r in enumerate(live):
+            if r.pos + r.n_rejected >= plan.max_steps:
+                raise IntegrationError(
+                    f"run {r.name!r}: gradient flow took {plan.max_steps} steps and reached only "
+                    f"t = {r.t:.6g} of {t_end[k]:.6g} (step {r.h:.3g}): the flow is stiff here; "
+                    "raise max_steps, loosen rtol, or use method='gd'")
         h = np.array([r.h for r in live])
         last = (t0 + 1.01 * h - t_end) >= 0
         h = np.where(last, t_end - t0, h)
@@ -1154,7 +1180,8 @@ def _drive_flow(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: n
                 r.h = float(h[k] / min(1 / _FAC_MIN, fac11 / _SAFE))
                 r.rejected_last = True
                 r.n_rejected += 1
-                if r.h < 16 * np.finfo(float).eps * max(abs(r.t), 1.0):
+                # (relative to the run's time scale: a flow rescaled in time fails alike)
+                if not r.h >= 16 * np.finfo(float).eps * max(abs(r.t), float(t_end[k])):
                     raise IntegrationError(
                         f"run {r.name!r}: gradient flow step size underflow at t = {r.t:.6g} "
                         f"(error estimate {err[k]:.3g}); the field is not finite or too stiff — "
@@ -1175,12 +1202,6 @@ def _drive_flow(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: n
                     r.done = True
                 if writer is not None and (r.done or (every and r.pos % every == 0)):
                     _flow_checkpoint(rec, r, W)
-        for k, r in enumerate(live):
-            if not r.done and r.pos + r.n_rejected >= plan.max_steps:
-                raise IntegrationError(
-                    f"run {r.name!r}: gradient flow took {plan.max_steps} steps and reached only "
-                    f"t = {r.t:.6g} of {t_end[k]:.6g} (step {r.h:.3g}): the flow is stiff here; "
-                    "raise max_steps, loosen rtol, or use method='gd'")
         progress.update(float(sum(r.t for r in runs)))
 
 
@@ -1441,6 +1462,9 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
     if weights_dtype not in WEIGHT_DTYPES:
         raise ConfigError(f"weights_dtype must be one of {WEIGHT_DTYPES}, got {weights_dtype!r}")
     rtol = _positive("rtol", rtol)
+    if rtol < _MIN_RTOL:
+        raise ConfigError(f"rtol={rtol:g} is below what float64 can deliver; use at least "
+                          f"{_MIN_RTOL:.1e}")
     if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
         raise ConfigError(f"max_steps must be a positive integer, got {max_steps!r}")
     atol = _positive("atol", atol)
@@ -1472,7 +1496,10 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
     if lr is not None:
         lrs = _resolve_lr(lr, n_runs)
         steps = _positive("steps", steps, integer=True)
-        t_ends = lrs * steps
+        with np.errstate(over="ignore"):
+            t_ends = lrs * steps
+        if not np.isfinite(t_ends).all():
+            raise ConfigError(f"lr * steps overflows (lr up to {lrs.max():g}, steps={steps})")
     else:
         if record_every != 1:
             raise ConfigError("record_every counts steps; for a flow run given by t_end use "
@@ -1646,7 +1673,8 @@ def resume(path: str | os.PathLike, net: Network, data: Dataset, run: str | None
     must be the ones the run was started with (checked), and ``quantities`` the same callables
     if the run recorded any. The result equals, bit for bit, what the uninterrupted run gives.
     With ``run=None`` every simulation run in the file is resumed, and a list is returned when
-    there are several. Complete runs are only read back; a diverged run raises StoreError.
+    there are several. Complete runs are only read back; a diverged run raises StoreError (the
+    runs of its batch that it stopped are resumed one by one, by name).
     ``in_memory=False``: the returned trajectories read their weight snapshots from the file
     when indexed, as ``simulate(..., in_memory=False)`` does.
     """
@@ -1670,8 +1698,11 @@ def resume(path: str | os.PathLike, net: Network, data: Dataset, run: str | None
     for name in names:
         status, attrs = info[name]["status"], info[name]["attrs"]
         if status.startswith(DIVERGED):
+            others = [n for n in names if n != name]
+            hint = (f" (the other runs can be resumed by name: run={others[0]!r}, ...)"
+                    if run is None and others else "")
             raise StoreError(f"run {name!r} in {os.fspath(path)} {status[len('failed: '):]}; "
-                             "it cannot be resumed: start it again with other settings")
+                             f"it cannot be resumed: start it again with other settings{hint}")
         if attrs.get("kind") != "simulation":
             raise StoreError(f"run {name!r} in {os.fspath(path)} is not a simulation run")
         if attrs.get("data_hash") != _data_hash(data):

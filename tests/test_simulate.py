@@ -781,6 +781,8 @@ def test_sigkill_then_resume_is_bit_for_bit(tmp_path):
     (dict(lr=0.1, steps=10, divergence_threshold="x"), "divergence_threshold"),
     (dict(lr=0.1, steps=10, record=["a"]), "record"),
     (dict(lr=0.1, steps=10, record={1, 2}), "record"),
+    (dict(method="flow", t_end=1.0, rtol=1e-16), "rtol"),
+    (dict(method="flow", lr=1e300, steps=10**10, record="log"), "overflows"),
 ])
 def test_bad_arguments_raise_config_errors(kwargs, match):
     net, data, W0 = case(0)
@@ -817,6 +819,54 @@ def test_flow_gives_up_after_max_steps_instead_of_grinding(tmp_path):
         fr.simulate(net, data, W, method="flow", t_end=1e4, max_steps=20, out=tmp_path / "f.h5")
     from fastrace import store
     assert store.run_status(tmp_path / "f.h5", "simulation").startswith("failed")
+
+
+def test_flow_with_a_field_too_large_to_scale_stops_at_once():
+    # weights ~1e100 (allowed by an infinite threshold): the starting-step rule squared the
+    # scaled field (inf), took a NaN step and rejected it max_steps times ("stiff")
+    net = fr.Network.chain([1, 1, 1])
+    data = fr.Dataset({"h0": np.ones((1, 1))}, {"h2": np.ones((1, 1))})
+    W = {"h0->h1": np.full((1, 1), 1e-5), "h1->h2": np.full((1, 1), 1e100)}
+    start = time.perf_counter()
+    with pytest.raises(fr.IntegrationError, match="no starting step"):
+        simulate(net, data, W, method="flow", t_end=1.0, divergence_threshold=math.inf,
+                 max_steps=20_000, progress=False)
+    assert time.perf_counter() - start < 5.0
+
+
+def test_flow_on_a_short_time_scale_takes_the_same_steps():
+    # data scaled by c: the flow is W(c² t), so t_end = 20 / c² is the same problem; the
+    # step-size floor was absolute (3.6e-15) and failed it from c ~ 3e6 (t_end ~ 2e-12) on
+    net, data, _ = case(16)
+    W0 = fr.init.gaussian(net, std=2.0, seed=0)
+    steps = []
+    for c in (1.0, 1e8):
+        scaled = fr.Dataset({k: v * c for k, v in data.inputs.items()},
+                            {k: v * c for k, v in data.targets.items()},
+                            node_gates=data.node_gates, edge_gates=data.edge_gates,
+                            weights=data.weights)
+        run = simulate(net, scaled, W0, method="flow", t_end=20.0 / c**2, rtol=1e-6, atol=1e-8,
+                       svals=False, divergence_threshold=math.inf, progress=False)
+        steps.append(int(run.step[-1]))
+    assert steps[0] == steps[1]
+
+
+def test_a_flow_run_stopped_by_max_steps_stops_again_when_resumed(tmp_path):
+    net = fr.Network.chain([3, 4, 2])
+    rng = np.random.default_rng(0)
+    data = fr.Dataset({"h0": rng.standard_normal((10, 3))}, {"h2": rng.standard_normal((10, 2))})
+    W = fr.init.gaussian(net, std=0.3, seed=1)
+    needed = int(simulate(net, data, W, method="flow", t_end=1.0, progress=False).step[-1])
+    assert simulate(net, data, W, method="flow", t_end=1.0, max_steps=needed,
+                    progress=False).status == "complete"
+    path = tmp_path / "f.h5"
+    with pytest.raises(fr.IntegrationError, match=f"took {needed - 1} steps"):
+        simulate(net, data, W, method="flow", t_end=1.0, max_steps=needed - 1, out=path,
+                 checkpoint_every=1, progress=False)
+    # the last checkpoint is at the limit: the resumed run must not take one more step
+    with pytest.raises(fr.IntegrationError, match=f"took {needed - 1} steps"):
+        resume(path, net, data)
+    assert store.run_status(path, "simulation").startswith("failed: IntegrationError")
 
 
 @pytest.mark.parametrize("checkpoint_every", [None, 1, 50])
