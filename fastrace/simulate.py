@@ -1114,6 +1114,10 @@ def _drive_flow(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: n
         loss, F[idx] = _flow_field(engine, W[idx], plan.weight_decay)
         for k, r in enumerate(live):
             r.loss = float(loss[k])
+            # a bad start is a divergence at step 0 (no row kept, as in descent), found before
+            # a starting step is looked for (none can be, where the field is not finite)
+            _check_flow_state(engine, plan, r, W[r.index])
+        for k, r in enumerate(live):
             times = plan.save_times[r.index]
             if r.next_save < len(times) and times[r.next_save] == r.t:
                 rec.record([r], W[r.index][None], np.array([r.t]), np.array([r.pos]),
@@ -1129,7 +1133,6 @@ def _drive_flow(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: n
         for r in live:
             if writer is not None and r.last_checkpoint != r.pos:
                 _flow_checkpoint(rec, r, W)
-            _check_flow_state(engine, plan, r, W[r.index])
 
     while True:
         live = [r for r in runs if not r.done]

@@ -941,6 +941,19 @@ def test_starting_weights_above_the_threshold_diverge_at_step_0(tmp_path, method
     assert store.run_status(tmp_path / "f.h5", "simulation").startswith("failed: diverged")
 
 
+@pytest.mark.parametrize("method, kw", [("gd", dict(lr=1e-3, steps=10)),
+                                        ("flow", dict(t_end=0.01))])
+def test_a_start_whose_loss_overflows_diverges_at_step_0(method, kw):
+    # finite weights (no threshold) whose loss is inf: a divergence, not an integrator failure
+    net = fr.Network()
+    net.add_node("x", 1).add_node("y", 1).add_edge("x", "y")
+    data = fr.Dataset({"x": np.ones((1, 1))}, {"y": np.ones((1, 1))})
+    with pytest.raises(fr.DivergenceError, match="step 0") as info:
+        simulate(net, data, {"x->y": np.array([[1e200]])}, method=method,
+                 divergence_threshold=math.inf, progress=False, **kw)
+    assert info.value.quantity == "loss"
+
+
 @pytest.mark.parametrize("n_records", [2, 3, 5])
 def test_log_schedules_have_n_records_points(n_records):
     net, data, W0 = case(0)
