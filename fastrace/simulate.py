@@ -869,8 +869,12 @@ def _drive_gd(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: np.
     assert save is not None
     # the starting weights face the test every step's weights face (as a flow run's do), so
     # that weights above the threshold are reported at the step they are found, not the next
+    # (they are finite: packing checked them; the kernel's norm test makes no temporaries)
+    from ._kernels.plan import _checked_norm
+
     for r in runs:
-        if not r.done and _weights_bad(W[r.index:r.index + 1], plan.divergence_threshold)[0]:
+        if not r.done and math.isfinite(plan.divergence_threshold) \
+                and _checked_norm(W[r.index], plan.divergence_threshold) < 0.0:
             raise _divergence(engine, plan, r, r.pos, float(plan.lr[r.index] * r.pos),
                               "weights", W[r.index])
     snap_buffer = np.empty(0)
