@@ -1311,10 +1311,20 @@ def _load_trajectory(path: Any, run: str, weights_in_file: bool = False) -> Traj
     from . import store
 
     with store.open_run(path, run) as reader:
+        kind = reader.attrs.get("kind")
+        if kind != "simulation" or not {"t", "step", "loss"} <= set(reader.series_names):
+            raise StoreError(f"{os.fspath(path)}: run {run!r} is not a simulation run "
+                             f"(kind {kind!r}); read it with fastrace.store.read_run")
         names = [n for n in reader.series_names
                  if not (weights_in_file and n.startswith("weights/"))]
         data = reader.read(names)
-        stored = {n[len("weights/"):]: store.StoredSeries._of(reader, n)
+        # a run still being written: its series are read one after another while rows come
+        # in, so they are cut to the rows every series has
+        rows = min([len(v) for v in data.series.values()]
+                   + [n for name, n in reader.lengths.items() if name not in names])
+        if data.status != "complete":
+            data.series.update({k: v[:rows] for k, v in data.series.items()})
+        stored = {n[len("weights/"):]: store.StoredSeries._of(reader, n, rows)
                   for n in reader.series_names if n not in names}
         network_json, state, _ = _extras_of(reader._file, path, run)  # (one opening)
     try:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import datetime
 import functools
 import importlib
@@ -65,7 +66,8 @@ from typing import Any, NamedTuple, Self
 
 import h5py
 import numpy as np
-from h5py import h5d, h5p, h5s, h5t, h5z
+from h5py import h5d, h5f, h5p, h5s, h5t, h5z
+from h5py._objects import phil
 
 from fastrace.errors import StoreError
 
@@ -569,6 +571,10 @@ class TrajectoryWriter:
         now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         f.attrs["format"] = "fastrace"
         f.attrs["format_version"] = FORMAT_VERSION
+        # each file written anew (a resume too) gets its own id: readers holding rows of an
+        # earlier file at this path tell the two apart (the inode number may be the same:
+        # ext4 hands a freed one straight back)
+        f.attrs["file_id"] = os.urandom(16).hex()
         for pkg in ("fastrace", "numpy", "numba", "h5py"):
             f.attrs[f"{pkg}_version"] = _package_version(pkg)
         f.attrs["hdf5_version"] = h5py.version.hdf5_version
@@ -1305,7 +1311,7 @@ def _open_read(path: str | os.PathLike[str]) -> h5py.File:
             if "already open for write" not in str(exc):
                 raise StoreError(f"{p} is not a readable HDF5 file ({exc})") from exc
         try:  # a writer streams into the file, or was killed while it did
-            f = h5py.File(p, "r", libver="latest", swmr=True)
+            f = _open_swmr_read(p)
             break
         except OSError as exc:
             # For a few milliseconds at the end of a run the writer has the file open without
@@ -1320,7 +1326,7 @@ def _open_read(path: str | os.PathLike[str]) -> h5py.File:
     except (OSError, RuntimeError, KeyError) as exc:
         f.close()
         raise StoreError(f"{p} is damaged ({exc})") from exc
-    if fmt != "fastrace":
+    if not (isinstance(fmt, str) and fmt == "fastrace"):
         f.close()
         raise StoreError(f"{p} is not a fastrace file (no root attribute format='fastrace')")
     if not isinstance(version, int) or version > FORMAT_VERSION:
@@ -1328,6 +1334,54 @@ def _open_read(path: str | os.PathLike[str]) -> h5py.File:
         raise StoreError(f"{p} has format version {version}; this fastrace reads up to "
                          f"{FORMAT_VERSION}: upgrade fastrace")
     return f
+
+
+# A SWMR reader retries a metadata read that fails its checksum (a writer may be writing it),
+# pausing 1 ns, 2 ns, 4 ns, ... between attempts: HDF5's default of 100 attempts waits for hours
+# on a damaged file (a killed writer's, say). 24 attempts wait ~17 ms in all, ample for a live
+# writer's metadata, which takes microseconds to write.
+_SWMR_READ_ATTEMPTS = 24
+
+
+def _open_swmr_read(p: str) -> h5py.File:
+    """``h5py.File(p, "r", libver="latest", swmr=True)``, with _SWMR_READ_ATTEMPTS."""
+    lib = _hdf5_library()
+    if lib is None:  # (HDF5's default retries, then)
+        return h5py.File(p, "r", libver="latest", swmr=True)
+    from h5py._hl.files import make_fapl
+
+    fapl = make_fapl(None, libver="latest")
+    with phil:  # h5py's lock on the HDF5 library, which it calls from any thread
+        if lib.H5Pset_metadata_read_attempts(fapl.id, _SWMR_READ_ATTEMPTS) < 0:
+            return h5py.File(p, "r", libver="latest", swmr=True)
+    return h5py.File(h5f.open(os.fsencode(p), h5f.ACC_RDONLY | h5f.ACC_SWMR_READ, fapl=fapl))
+
+
+@functools.cache
+def _hdf5_library() -> ctypes.CDLL | None:
+    """The HDF5 library h5py runs on, for a call h5py does not wrap; None if it is not found
+    (found among the process's mapped files: Linux)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps if "/libhdf5" in line})
+    except OSError:
+        return None
+    for path in paths:
+        if "_hl" in os.path.basename(path):
+            continue
+        try:
+            lib = ctypes.CDLL(path)
+            fn = lib.H5Pset_metadata_read_attempts
+            version = (ctypes.c_uint(), ctypes.c_uint(), ctypes.c_uint())
+            lib.H5get_libversion(*(ctypes.byref(v) for v in version))
+        except (OSError, AttributeError):
+            continue
+        if tuple(v.value for v in version) != h5py.version.hdf5_version_tuple[:3]:
+            continue  # another HDF5 than h5py's
+        fn.argtypes = [ctypes.c_int64, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+        return lib
+    return None
 
 
 def _runs_of(f: h5py.File) -> list[str]:
@@ -1372,7 +1426,10 @@ class RunReader:
         except StoreError:
             self._file.close()
             raise
-        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+            if not (isinstance(self.series_names, list)
+                    and all(isinstance(n, str) for n in self.series_names)):
+                raise TypeError("its series attribute is not a list of names")
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
             self._file.close()
             raise StoreError(f"{self.path}: run {run!r} is damaged ({exc})") from exc
         except BaseException:
@@ -1447,8 +1504,21 @@ def _row_key(key: Any, n: int, name: str) -> Any:
     return first if rest is None else (first, *rest)
 
 
-def _read_rows(ds: h5py.Dataset, key: Any, path: str, run: str, name: str) -> np.ndarray:
-    key = _row_key(key, ds.shape[0], name)
+def _read_rows(ds: h5py.Dataset, key: Any, path: str, run: str, name: str,
+               rows: int) -> np.ndarray:
+    """Rows ``key`` of the first ``rows`` rows of ``ds`` (a series that is still growing)."""
+    if ds.shape[0] < rows:
+        raise StoreError(f"{path}: series {name!r} of run {run!r} has {ds.shape[0]} rows, "
+                         f"fewer than the {rows} it had")
+    key = _row_key(key, rows, name)
+    if key is Ellipsis or (isinstance(key, tuple) and not key):
+        key = slice(0, rows)
+    elif isinstance(key, tuple) and key[0] is Ellipsis:
+        key = (slice(0, rows), *key)
+    elif isinstance(key, slice):
+        key = slice(*key.indices(rows))
+    elif isinstance(key, tuple) and isinstance(key[0], slice):
+        key = (slice(*key[0].indices(rows)), *key[1:])
     try:
         return ds[key]
     except (TypeError, ValueError) as exc:  # the indices into the row
@@ -1473,20 +1543,24 @@ class StoredSeries:
             self._init(reader, name)
 
     @classmethod
-    def _of(cls, reader: RunReader, name: str) -> StoredSeries:
-        """The series ``name`` of the run open in ``reader`` (no second opening of the file)."""
+    def _of(cls, reader: RunReader, name: str, rows: int | None = None) -> StoredSeries:
+        """The series ``name`` of the run open in ``reader`` (no second opening of the file),
+        cut to its first ``rows`` rows if given."""
         series = cls.__new__(cls)
-        series._init(reader, name)
+        series._init(reader, name, rows)
         return series
 
-    def _init(self, reader: RunReader, name: str) -> None:
+    def _init(self, reader: RunReader, name: str, rows: int | None = None) -> None:
         if name not in reader.series_names:
             raise StoreError(f"run {reader.run!r} has no series {name!r}; it has "
                              f"{reader.series_names}")
         self.path = os.path.abspath(reader.path)
         self.run, self.name = reader.run, name
         ds = reader._datasets[name]
-        self.shape: tuple[int, ...] = tuple(ds.shape)
+        # the rows there are now: a series of a run still written does not change under its
+        # reader (len, shape and indexing agree)
+        n = ds.shape[0] if rows is None else min(rows, ds.shape[0])
+        self.shape: tuple[int, ...] = (n, *ds.shape[1:])
         self.dtype: np.dtype = ds.dtype
         self._identity = _file_identity(reader._file)
 
@@ -1516,17 +1590,18 @@ class StoredSeries:
                 f"shape={self.shape}, dtype={self.dtype})")
 
 
-def _file_identity(f: h5py.File) -> tuple[int, int]:
-    """(device, inode) of an open file: a file written anew at the same path has another."""
+def _file_identity(f: h5py.File) -> tuple[int, int, str]:
+    """(device, inode, file id) of an open file: a file written anew at the same path has
+    another id (files from before ids were written have none: the inode alone tells them)."""
     st = os.fstat(f.id.get_vfd_handle())
-    return st.st_dev, st.st_ino
+    return st.st_dev, st.st_ino, str(_plain(f.attrs.get("file_id", "")))
 
 
 def read_stored_rows(series: Sequence[StoredSeries], key: Any) -> list[np.ndarray]:
     """Rows ``key`` of each series, the file of each opened once (``Trajectory.weights`` reads
     every edge of a save point this way)."""
     out: list[Any] = [None] * len(series)
-    by_file: dict[tuple[str, tuple[int, int]], list[int]] = {}
+    by_file: dict[tuple[str, tuple[int, int, str]], list[int]] = {}
     for i, s in enumerate(series):
         by_file.setdefault((s.path, s._identity), []).append(i)
     for (path, identity), which in by_file.items():
@@ -1540,7 +1615,7 @@ def read_stored_rows(series: Sequence[StoredSeries], key: Any) -> list[np.ndarra
                     ds = f[s.run][s.name]
                 except KeyError as exc:
                     raise StoreError(f"{path}: run {s.run!r} has no series {s.name!r}") from exc
-                out[i] = _read_rows(ds, key, path, s.run, s.name)
+                out[i] = _read_rows(ds, key, path, s.run, s.name, len(s))
     return out
 
 
@@ -1593,5 +1668,5 @@ def run_info(path: str | os.PathLike[str]) -> dict[str, Any]:
                 }
             info["runs"] = runs
             return info
-        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
             raise StoreError(f"{os.fspath(path)} is damaged ({exc})") from exc

@@ -988,6 +988,32 @@ def test_a_run_kept_in_its_file_only_equals_the_in_memory_run(tmp_path):
             assert b.status == "complete" and b.attrs == a.attrs
 
 
+def test_a_trajectory_read_from_an_unfinished_run_has_series_of_one_length(tmp_path):
+    # a run read while it is written: its series are read one after another while rows come
+    # in (a reader saw t and loss differ by 50 rows); the trajectory holds the rows all have
+    net = fr.Network()
+    net.add_node("x", 4).add_node("h", 3).add_edge("x", "h")
+    spec = store.RunSpec({"t": (), "step": ((), np.int64), "loss": (), "weights/x->h": (3, 4)},
+                         attrs={"kind": "simulation"})
+    path = tmp_path / "f.h5"
+    with store.TrajectoryWriter(path, {"simulation": spec}, network_json=net.to_json()) as w:
+        w.append("simulation", {"t": np.arange(12.0), "step": np.arange(12),
+                                "loss": np.ones(10), "weights/x->h": np.zeros((11, 3, 4))})
+        w.set_status("simulation", "failed: killed")
+    for in_file in (False, True):
+        traj = SIM._load_trajectory(path, "simulation", weights_in_file=in_file)
+        assert len(traj.t) == len(traj.step) == len(traj.loss) == 10
+        assert len(traj.snapshots["x->h"]) == 10 and np.asarray(traj.snapshots["x->h"]).shape[0] == 10
+
+
+def test_a_run_that_is_not_a_simulation_is_not_read_as_one(tmp_path):
+    path = tmp_path / "f.h5"
+    with store.TrajectoryWriter(path, {"theory": store.RunSpec({"t": ()}, attrs={"kind": "theory"})}) as w:
+        w.append("theory", {"t": np.arange(3.0)})
+    with pytest.raises(fr.StoreError, match="not a simulation run"):
+        Trajectory.from_hdf5(path, "theory")
+
+
 def test_a_run_kept_in_its_file_only_holds_few_rows_in_memory(tmp_path, monkeypatch):
     import tracemalloc
 

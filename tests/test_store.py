@@ -882,6 +882,18 @@ def test_reading_a_missing_foreign_or_corrupt_file_raises_store_error(tmp_path):
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 3])
     with pytest.raises(StoreError):
         read_run(truncated, "sim")
+    # attributes of the wrong type: StoreError, not the ValueError or TypeError of using them
+    odd = tmp_path / "odd.h5"
+    with h5py.File(odd, "w") as f:
+        f.attrs["format"] = np.array([1, 2])
+    with pytest.raises(StoreError, match="not a fastrace file"):
+        list_runs(odd)
+    with h5py.File(good, "r+") as f:
+        f["sim"].attrs["series"] = 7
+    for read in (lambda: read_run(good, "sim"), lambda: run_info(good),
+                 lambda: store.StoredSeries(good, "sim", "t")):
+        with pytest.raises(StoreError, match="damaged"):
+            read()
 
 
 # ------------------------------------------------------------------ compression
@@ -1033,6 +1045,44 @@ def test_writes_end_on_chunk_boundaries_and_change_no_row(blocks, compression):
 
 
 # ------------------------------------------------------------------ series read on demand
+def test_a_stored_series_never_reads_a_later_file_at_its_path(tmp_path):
+    # every new file takes the place of the old one by a rename: ext4 then gives the freed
+    # inode number straight back, so every second file had the inode the series knew, and its
+    # rows were read as the series' own
+    path = tmp_path / "f.h5"
+    spec = RunSpec({"t": (), "w": (3,)})
+
+    def write(value):
+        with TrajectoryWriter(path, {"sim": spec}) as w:
+            w.append("sim", {"t": np.arange(10.0), "w": np.full((10, 3), float(value))})
+
+    write(1)
+    s = store.StoredSeries(path, "sim", "w")
+    assert s[0][0] == 1.0
+    for value in range(2, 6):
+        write(value)
+        with pytest.raises(StoreError, match="no longer the file"):
+            s[0]
+
+
+def test_a_stored_series_of_a_growing_run_keeps_its_rows(tmp_path):
+    # made while its run is written: its length, its shape, np.asarray and indexing all
+    # stay at the rows there were (indexing counted the rows written since)
+    path = tmp_path / "live.h5"
+    with TrajectoryWriter(path, {"sim": SIM_SPEC}) as w:
+        w.append("sim", **make_rows(0, 20))
+        w.flush()
+        s = store.StoredSeries(path, "sim", "t")
+        w.append("sim", **make_rows(20, 50))
+        w.flush()
+        assert len(s) == 20 and s.shape == (20,)
+        assert np.asarray(s).shape == (20,)
+        assert s[-1] == s[19] == make_rows(19, 20)["t"][0]
+        np.testing.assert_array_equal(s[10:], make_rows(10, 20)["t"])
+        with pytest.raises(IndexError, match="out of range"):
+            s[20]
+
+
 def test_a_stored_series_reads_rows_from_the_file_when_indexed(tmp_path):
     path = tmp_path / "stored.h5"
     with TrajectoryWriter(path, {"sim": SIM_SPEC}) as w:
