@@ -639,13 +639,17 @@ class TrajectoryWriter:
             mine["seed"] = int(stored["seed"])
         self._write_root(f, created=str(stored.get("created", "")) or None)
 
-        for name in src:  # runs of the old file this writer does not know are kept as they are
-            if name != "network" and name not in self._specs:
-                src.copy(src[name], f, name)
-        for run, spec in self._specs.items():
+        for run in self._specs:
             if run not in src or "series" not in src[run].attrs:
                 raise StoreError(f"cannot resume {self.path}: it has no run {run!r}")
-            old = src[run]
+        # in the old file's order (list_runs gives runs in the order they were made)
+        for run in src:
+            if run == "network":
+                continue
+            if run not in self._specs:  # a run this writer does not know is kept as it is
+                src.copy(src[run], f, run)
+                continue
+            spec, old = self._specs[run], src[run]
             _check_same_layout(self.path, run, old, spec)
             self._create_run(f, run, spec)
             status = _decode_status(old["live/status"][()])

@@ -1045,6 +1045,20 @@ def test_writes_end_on_chunk_boundaries_and_change_no_row(blocks, compression):
 
 
 # ------------------------------------------------------------------ series read on demand
+def test_a_resume_of_some_runs_keeps_the_order_of_the_runs(tmp_path):
+    path = tmp_path / "order.h5"
+    spec = RunSpec({"t": ()}, checkpoint={"x": ()})
+    with TrajectoryWriter(path, {"b": spec, "a": spec, "c": spec}) as w:
+        for run in "bac":
+            w.checkpoint(run, 0, {"x": 0.0})
+            w.append(run, t=1.0)
+        w.set_status("a", "failed: stopped")
+    assert list_runs(path) == ["b", "a", "c"]
+    with TrajectoryWriter(path, {"a": spec}, mode="resume") as w:  # (it came first)
+        w.append("a", t=2.0)
+    assert list_runs(path) == ["b", "a", "c"] and list(run_info(path)["runs"]) == ["b", "a", "c"]
+
+
 def test_a_stored_series_never_reads_a_later_file_at_its_path(tmp_path):
     # every new file takes the place of the old one by a rename: ext4 then gives the freed
     # inode number straight back, so every second file had the inode the series knew, and its
