@@ -663,6 +663,34 @@ def test_a_killed_writers_file_cut_short_is_refused_at_once(tmp_path):
     assert time.monotonic() - start < 5
 
 
+def test_a_killed_writers_file_with_damaged_metadata_is_refused_at_once(tmp_path):
+    # the plain open refuses a killed SWMR writer's file ("already open for write"), so it is
+    # opened as a SWMR reader, which retries a metadata read that fails its checksum with
+    # doubling pauses: with HDF5's default 100 attempts, each of these files took hours
+    path = tmp_path / "killed.h5"
+    proc = _spawn_writer(path, "w", 10**7, pace=0.0)
+    _wait_ready(proc)
+    _wait_flushed(proc)
+    _kill(proc)
+    rng = np.random.default_rng(0)
+    copies = []
+    for offset in (96, 200, 335, 800):  # in the metadata written first
+        damaged = tmp_path / f"damaged_{offset}.h5"
+        data = bytearray(path.read_bytes())
+        data[offset:offset + 16] = rng.bytes(16)
+        damaged.write_bytes(bytes(data))
+        copies.append(str(damaged))
+    code = ("import sys, time\nfrom fastrace import store\nfor p in sys.argv[1:]:\n"
+            "    t0 = time.monotonic()\n    try:\n        store.list_runs(p)\n"
+            "        print('read', round(time.monotonic() - t0, 2))\n"
+            "    except store.StoreError:\n        print('refused', round(time.monotonic() - t0, 2))\n")
+    out = subprocess.run([sys.executable, "-c", code, *copies], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    lines = out.stdout.split()
+    assert lines[0::2] == ["refused"] * len(copies), out.stdout + out.stderr
+    assert max(float(t) for t in lines[1::2]) < 5.0
+
+
 def test_resume_refuses_chunks_past_the_end_of_the_file(tmp_path, monkeypatch):
     # chunks are copied without being decoded: one lying past the end of the file (cut short
     # in a way HDF5's own check missed) must not be copied as if it held data
