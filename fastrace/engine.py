@@ -175,9 +175,9 @@ class _Ops:
         self.coef.append([alpha, 0.0])
 
     def output(self, m: int, n: int, T: _Mat, Y: _Mat, XX: _Mat, E: _Mat) -> None:
-        """E (m, n) = Y − T XX (XX (n, n)), and the loss gains ½ <E, T* − T>, in one loop;
-        Y and XX are constants with leading dimension n, and T* (m, n) is stored right after
-        Y (see ``MomentsPlan``)."""
+        """E (m, n) = Y − T XX (XX (n, n)), and the loss gains ½ <E, B − T> − ½ <E_B, T>, in
+        one loop; Y and XX are constants with leading dimension n, and B and E_B (m, n) are
+        stored right after Y (see ``MomentsPlan``)."""
         if T.t or E.t or Y.ld != n or XX.ld != n or Y.src != _CONST or XX.src != _CONST:
             raise AssertionError("output block operands must be row-major, constants with ld n")
         self.rows.append([_OUTPUT, m, n, Y.off, T.src, T.off, T.ld, XX.src, XX.off, XX.ld,
@@ -315,9 +315,10 @@ class MomentsPlan:
             const_len += arr.size
             return _Mat(_CONST, const_len - arr.size, arr.shape[1])
 
-        def targets(yx: np.ndarray, best: np.ndarray) -> tuple[_Mat, _Mat]:
-            """Σyx and the least-squares map T* (same shape), stored one after the other."""
-            return constant(yx), constant(best)
+        def targets(yx: np.ndarray, best: np.ndarray, miss: np.ndarray) -> tuple[_Mat, _Mat, _Mat]:
+            """Σyx, the reference map B and E_B = Σyx − B Σxx (same shapes), stored one after
+            the other (the OUTPUT opcode reads B and E_B after Σyx)."""
+            return constant(yx), constant(best), constant(miss)
 
         def gate(v, e, c):
             return float(ctx.edge_gates[c, edge_col[e]] * ctx.node_gates[c, node_col[v]])
@@ -348,12 +349,13 @@ class MomentsPlan:
                     ops.gemm(dv, net.dim(u), net.dim(s), weight(e),
                              t_cols(s, start[s][ks] + pos[s][ks][u]),
                              t_cols(v, start[v][k] + pos[v][k][u]), a, first(("T", v, k, u)))
-        # outputs: E = Σyx − T Σxx per group (moments summed over the group's contexts). The
-        # loss of a group is ½ tr Σyy − <T, Σyx> + ½ <T, T Σxx> = L* + ½ <E, T* − T>, with T* =
-        # Σyx Σxx⁺ its least-squares map (T* Σxx = Σyx) and L* the loss at T*, summed over the
-        # samples once (``stats.SampleFits``): the loss is then exact to the rounding of E and T − T*
-        # (the moments' own form loses everything below eps · ½ tr Σyy, and near a perfect fit
-        # gave ~1e-16 where the loss is ~1e-32, or negative values)
+        # outputs: E = Σyx − T Σxx per group (moments summed over the group's contexts). For any
+        # fixed map B of a group, its loss is L(T) = L(B) + ½ <E + E_B, B − T> with E_B = Σyx −
+        # B Σxx (the loss is quadratic in T). B is the group's least-squares fit Σyx Σxx⁺ (E_B ~ 0
+        # where the data spans its inputs), and L(B) is summed over the samples once
+        # (``stats.SampleFits``): the loss then keeps its digits near a fit, where the moments'
+        # own form ½ tr Σyy − <T, Σyx> + ½ <T, T Σxx> loses all below eps · ½ tr Σyy (it gave
+        # ~1e-16 where the loss was ~1e-32, or negative values)
         fits = SampleFits(net, data)
         loss_const = 0.0
         for w in net.outputs:
@@ -364,28 +366,35 @@ class MomentsPlan:
                 members = np.flatnonzero(group_of[w] == k)
                 idx = np.concatenate([np.arange(m.input_slices[u].start, m.input_slices[u].stop)
                                       for u in cols[w][k]])
-                yx = m.yx[members][:, rows][:, :, idx].sum(axis=0)
-                xx = m.xx[members][:, idx][:, :, idx].sum(axis=0)
-                best = yx @ pinv(xx)
-                loss_const += fits.loss(group_of[w] == k, w, idx, best)
-                blocks.append((k, yx, xx, best))
+                blocks.append([k, m.yx[members][:, rows][:, :, idx].sum(axis=0),
+                               m.xx[members][:, idx][:, :, idx].sum(axis=0), members, idx])
+            for n in {b[2].shape[0] for b in blocks}:  # the fits, one batched pinv per size
+                same = [b for b in blocks if b[2].shape[0] == n]
+                for b, inverse in zip(same, pinv(np.stack([b[2] for b in same]))):
+                    b.append(b[1] @ inverse)  # B
+                    b.append(b[1] - b[5] @ b[2])  # E_B
+            for k, yx, xx, members, idx, best, miss in blocks:
+                loss_const += fits.loss(members, w, idx, best)
             # samples of contexts no open path reaches: the output is 0 there
-            loss_const += fits.loss(~np.isin(group_of[w], list(cols[w])), w)
+            loss_const += fits.loss(np.flatnonzero(~np.isin(group_of[w], list(cols[w]))), w)
             if not blocks:
                 continue
             n0, xx0 = blocks[0][2].shape[0], blocks[0][2]
             if all(b[2].shape[0] == n0 and np.array_equal(b[2], xx0) for b in blocks):
                 # every group has the same input moments: the (dw, G·n) row-major block matrix
                 # read as (dw·G, n) holds one group row per row, so one product does them all
-                yx, best = targets(*(np.concatenate([b[i] for b in blocks], axis=1).reshape(-1, n0)
-                                     for i in (1, 3)))
+                yx, best, miss = targets(*(np.concatenate([b[i] for b in blocks],
+                                                          axis=1).reshape(-1, n0)
+                                           for i in (1, 5, 6)))
                 pieces = [(dw * len(blocks), n0, _Mat(_STATE, T_off[w], n0),
-                           _Mat(_STATE, G_off[w], n0), yx, best, constant(xx0))]
+                           _Mat(_STATE, G_off[w], n0), yx, best, miss, constant(xx0))]
             else:
                 pieces = [(dw, b[2].shape[0], t_cols(w, start[w][b[0]]),
-                           g_cols(w, start[w][b[0]]), *targets(b[1], b[3]), constant(b[2]))
-                          for b in blocks]
-            for rows_, n, T, E, yx, best, xx in pieces:
+                           g_cols(w, start[w][b[0]]), *targets(b[1], b[5], b[6]),
+                           constant(b[2])) for b in blocks]
+            for b in blocks:  # ½ <E_B, B>, the constant part of ½ <E_B, B − T>
+                loss_const += 0.5 * float(np.sum(b[6] * b[5]))
+            for rows_, n, T, E, yx, best, miss, xx in pieces:
                 if n <= _FUSED_OUTPUT_MAX:
                     ops.output(rows_, n, T, yx, xx, E)
                     continue
@@ -393,6 +402,7 @@ class MomentsPlan:
                 ops.gemm(rows_, n, n, T, xx, E, -1.0)
                 ops.dot(rows_, n, E, best, 0.5)
                 ops.dot(rows_, n, E, T, -0.5)
+                ops.dot(rows_, n, miss, T, -0.5)
         front = (list(map(list, ops.rows)), list(map(list, ops.coef)), set(written))
         #: the plan of the loss alone (forward and outputs)
         self.loss_i, self.loss_f = ops.arrays()

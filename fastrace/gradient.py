@@ -176,10 +176,10 @@ def _loss_gradient_moments(net: Network, data: Dataset, W: Weights, need_grad: b
     A = np.concatenate([T[w] for w in net.outputs], axis=1)  # (n_ctx, Dout, Din)
     AS = np.matmul(A, m.xx)
     E = m.yx - AS  # per context: Σ w (y - h) xᵀ, stacked outputs
-    # L = Σ_c L*_c + ½ <E_c, T*_c − A_c>: exact to the rounding of E and A − T* (see
-    # stats.least_squares), where ½ tr Σyy − <A, Σyx> + ½ <A, A Σxx> cancels near a fit
+    # L = Σ_c L(B_c) + ½ <E_c + E_Bc, B_c − A_c> for the least-squares fits B (exact for any
+    # B; see stats.least_squares), where ½ tr Σyy − <A, Σyx> + ½ <A, A Σxx> cancels near a fit
     fit = least_squares(net, data)
-    loss = float(fit.loss.sum() + 0.5 * np.sum(E * (fit.best - A)))
+    loss = float(fit.loss.sum() + 0.5 * np.sum((E + fit.miss) * (fit.best - A)))
     if loss < 0.0:  # a loss is never negative: below 0 is rounding (NaN stays NaN)
         loss = 0.0
     if not need_grad:

@@ -1078,9 +1078,9 @@ def _rms(x: np.ndarray) -> np.ndarray:
 def _scaled_rms(x: np.ndarray) -> np.ndarray:
     """``_rms`` of each row without overflow (entries past 1e154 overflow when squared)."""
     with np.errstate(all="ignore"):
-        top = np.max(np.abs(x), axis=1)
+        top = np.max(np.abs(x), axis=1)  # (NaN if the row has one: the result is NaN too)
         safe = np.where((top > 0) & np.isfinite(top), top, 1.0)
-        return np.where(top > 0, top * _rms(x / safe[:, None]), 0.0)
+        return np.where(top == 0, 0.0, top * _rms(x / safe[:, None]))
 
 
 def _initial_step(engine: GradientEngine, plan: _Plan, runs: list[_RunState], Y: np.ndarray,
@@ -1187,8 +1187,10 @@ def _drive_flow(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: n
                 r.h = float(h[k] / min(1 / _FAC_MIN, fac11 / _SAFE))
                 r.rejected_last = True
                 r.n_rejected += 1
-                # (relative to the run's time scale: a flow rescaled in time fails alike)
-                if not r.h >= 16 * np.finfo(float).eps * max(abs(r.t), float(t_end[k])):
+                # no progress: a step lost in the rounding of t (a stiff start at t = 0 may need
+                # steps far below t_end's scale; there the floor is 1e-30 of it, far below any
+                # step a stiff flow took here, but not 0: a NaN or zero step fails too)
+                if not r.h >= max(16 * np.finfo(float).eps * abs(r.t), 1e-30 * float(t_end[k])):
                     raise IntegrationError(
                         f"run {r.name!r}: gradient flow step size underflow at t = {r.t:.6g} "
                         f"(error estimate {err[k]:.3g}); the field is not finite or too stiff — "
@@ -1318,12 +1320,11 @@ def _load_trajectory(path: Any, run: str, weights_in_file: bool = False) -> Traj
         names = [n for n in reader.series_names
                  if not (weights_in_file and n.startswith("weights/"))]
         data = reader.read(names)
-        # a run still being written: its series are read one after another while rows come
-        # in, so they are cut to the rows every series has
+        # a run being written (or just finished) has its series read one after another while
+        # rows come in: they are cut to the rows every series has (all of them, once complete)
         rows = min([len(v) for v in data.series.values()]
                    + [n for name, n in reader.lengths.items() if name not in names])
-        if data.status != "complete":
-            data.series.update({k: v[:rows] for k, v in data.series.items()})
+        data.series.update({k: v[:rows] for k, v in data.series.items()})
         stored = {n[len("weights/"):]: store.StoredSeries._of(reader, n, rows)
                   for n in reader.series_names if n not in names}
         network_json, state, _ = _extras_of(reader._file, path, run)  # (one opening)
@@ -1474,8 +1475,9 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
         raise ConfigError(f"weight_decay must be finite and >= 0, got {weight_decay}")
     record_every = _positive("record_every", record_every, integer=True)
     n_records = _positive("n_records", n_records, integer=True)
-    if n_records < 2:
-        raise ConfigError(f"n_records must be at least 2, got {n_records}")
+    if not 2 <= n_records <= _MAX_SAVE_POINTS:
+        raise ConfigError(f"n_records must be at least 2 and at most {_MAX_SAVE_POINTS}, got "
+                          f"{n_records}")
     if weights_dtype not in WEIGHT_DTYPES:
         raise ConfigError(f"weights_dtype must be one of {WEIGHT_DTYPES}, got {weights_dtype!r}")
     rtol = _positive("rtol", rtol)

@@ -79,58 +79,68 @@ class SampleFits:
 
     def __init__(self, net: Network, data: Dataset) -> None:
         self.net, self.data = net, data
-        ctx = data.contexts(net)
+        self.ctx = data.contexts(net)
         # the samples of context c: self.order[self.bounds[c]:self.bounds[c + 1]]
-        self.order = np.argsort(ctx.index, kind="stable")
-        self.bounds = np.searchsorted(ctx.index[self.order], np.arange(ctx.count + 1))
+        self.order = np.argsort(self.ctx.index, kind="stable")
+        self.bounds = np.searchsorted(self.ctx.index[self.order], np.arange(self.ctx.count + 1))
         self._x: np.ndarray | None = None
         self._y: np.ndarray | None = None
         self.outputs = _slices(net, net.outputs)
 
-    def loss(self, contexts: np.ndarray, output: str | None = None,
-             inputs: np.ndarray | None = None, M: np.ndarray | None = None) -> float:
-        """½ Σ w_n |y_n − M x_n|² over the samples of ``contexts`` (n_contexts,) bool: y the
-        stacked targets or those of ``output``, x the stacked inputs or their columns
-        ``inputs``; ``M`` None is the zero map."""
-        chosen = np.flatnonzero(contexts)
-        if not chosen.size:
-            return 0.0
-        sel = np.concatenate([self.order[self.bounds[c]:self.bounds[c + 1]] for c in chosen])
-        return self._loss(sel, output, inputs, M)
-
-    def context_loss(self, c: int, M: np.ndarray) -> float:
-        """``loss`` over the samples of context ``c`` alone, all outputs and inputs."""
-        return self._loss(self.order[self.bounds[c]:self.bounds[c + 1]], None, None, M)
-
-    def _loss(self, sel: np.ndarray, output: str | None, inputs: np.ndarray | None,
-              M: np.ndarray | None) -> float:
-        if not sel.size:
-            return 0.0
-        if self._y is None:
+    def _stacked(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._x is None:
             self._x = self.data.stacked_inputs(self.net)
             self._y = self.data.stacked_targets(self.net)
-        r = self._y[sel] if output is None else self._y[sel, self.outputs[output]]
+        return self._x, self._y  # type: ignore[return-value]
+
+    def loss(self, contexts: np.ndarray, output: str | None = None,
+             inputs: np.ndarray | None = None, M: np.ndarray | None = None) -> float:
+        """½ Σ w_n |y_n − M x_n|² over the samples of the contexts ``contexts`` (indices): y
+        the stacked targets or those of ``output``, x the stacked inputs or their columns
+        ``inputs``; ``M`` None is the zero map."""
+        if not len(contexts):
+            return 0.0
+        sel = np.concatenate([self.order[self.bounds[c]:self.bounds[c + 1]] for c in contexts])
+        if not sel.size:
+            return 0.0
+        x, y = self._stacked()
+        r = y[sel] if output is None else y[sel, self.outputs[output]]
         if M is not None:
-            r = r - (self._x[sel] if inputs is None else self._x[np.ix_(sel, inputs)]) @ M.T
+            r = r - (x[sel] if inputs is None else x[np.ix_(sel, inputs)]) @ M.T
         return 0.5 * float(np.dot(self.data.weights[sel], np.einsum("ij,ij->i", r, r)))
+
+    def context_losses(self, M: np.ndarray, block: int = 1 << 14) -> np.ndarray:
+        """(n_ctx,) ½ Σ_{n∈c} w_n |y_n − M[c] x_n|² for per-context maps M (n_ctx, Dout, Din)
+        of all outputs and inputs, in blocks of samples (no Python work per context)."""
+        x, y = self._stacked()
+        index, weights = self.ctx.index, self.data.weights
+        out = np.zeros(self.ctx.count)
+        for a in range(0, len(index), block):
+            c = index[a:a + block]
+            r = y[a:a + block] - np.einsum("nij,nj->ni", M[c], x[a:a + block])
+            out += np.bincount(c, weights=weights[a:a + block] * np.einsum("ij,ij->i", r, r),
+                               minlength=len(out))
+        return 0.5 * out
 
 
 def pinv(xx: np.ndarray) -> np.ndarray:
     """Pseudo-inverse of symmetric positive semi-definite moments (..., n, n), directions below
     1e-12 of the largest eigenvalue taken as null (rounding leaves ~1e-16 there, whose inverse
-    would be noise). Any map serves as the reference of ``LeastSquares``; this one is the
-    least-squares fit wherever the data has a direction."""
+    would be noise). Any map serves as the reference of a loss (see ``LeastSquares``); this one
+    is the least-squares fit wherever the data has a direction."""
     return np.linalg.pinv(xx, rcond=1e-12, hermitian=True)
 
 
 @dataclass(frozen=True)
 class LeastSquares:
-    """Per context c, the least-squares linear map from the stacked inputs to the stacked
-    outputs, ``best[c] = yx[c] xx[c]⁺`` (n_ctx, Dout, Din), and its loss over the context's
-    samples, ``loss[c]`` (n_ctx,). A network's loss is Σ_c loss[c] + ½ <E_c, best[c] − A_c>
-    with A_c its map in context c and E_c = yx[c] − A_c xx[c] (as best[c] xx[c] = yx[c])."""
+    """Per context c, a reference linear map from the stacked inputs to the stacked outputs,
+    the least-squares fit ``best[c] = yx[c] pinv(xx[c])`` (n_ctx, Dout, Din), with
+    ``miss[c] = yx[c] − best[c] xx[c]`` (0 where the data spans its inputs) and its loss over
+    the context's samples, ``loss[c]`` (n_ctx,). The loss of any map A_c is, exactly,
+    loss[c] + ½ <E_c + miss[c], best[c] − A_c> with E_c = yx[c] − A_c xx[c]."""
 
     best: np.ndarray
+    miss: np.ndarray
     loss: np.ndarray
 
 
@@ -141,10 +151,9 @@ def least_squares(net: Network, data: Dataset) -> LeastSquares:
     if cached is not None:
         return cached  # type: ignore[return-value]
     m = gated_moments(net, data)
-    fits = SampleFits(net, data)
     best = np.matmul(m.yx, pinv(m.xx))
-    loss = np.array([fits.context_loss(c, best[c]) for c in range(m.n_contexts)])
-    result = LeastSquares(best, loss)
+    miss = m.yx - np.matmul(best, m.xx)
+    result = LeastSquares(best, miss, SampleFits(net, data).context_losses(best))
     data._cache[key] = result
     return result
 

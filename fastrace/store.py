@@ -1187,7 +1187,7 @@ def _write_all(ds: h5py.Dataset, value: Any) -> None:
 
 
 def _check_same_layout(path: Path, run: str, group: h5py.Group, spec: RunSpec) -> None:
-    stored = json.loads(_plain(group.attrs["series"]))
+    stored = _series_names(group)
     if list(stored) != list(spec.series):
         raise StoreError(f"cannot resume {path}: run {run!r} stores series {stored}, "
                          f"not {list(spec.series)}")
@@ -1388,6 +1388,14 @@ def _hdf5_library() -> ctypes.CDLL | None:
     return None
 
 
+def _series_names(group: h5py.Group) -> list[str]:
+    """The series names a run group lists (TypeError if its attribute is not such a list)."""
+    names = json.loads(_plain(group.attrs["series"]))
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise TypeError("its series attribute is not a list of names")
+    return names
+
+
 def _runs_of(f: h5py.File) -> list[str]:
     return [name for name, obj in f.items()
             if isinstance(obj, h5py.Group) and "series" in obj.attrs]
@@ -1421,7 +1429,7 @@ class RunReader:
                 raise StoreError(f"{self.path} has no run {run!r}; its runs are "
                                  f"{_runs_of(self._file)}")
             group = self._file[run]
-            self.series_names: list[str] = json.loads(_plain(group.attrs["series"]))
+            self.series_names: list[str] = _series_names(group)
             self._datasets = {name: group[name] for name in self.series_names}
             self._status = group["live/status"]
             self._steps = group["live/steps_done"]
@@ -1430,9 +1438,6 @@ class RunReader:
         except StoreError:
             self._file.close()
             raise
-            if not (isinstance(self.series_names, list)
-                    and all(isinstance(n, str) for n in self.series_names)):
-                raise TypeError("its series attribute is not a list of names")
         except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
             self._file.close()
             raise StoreError(f"{self.path}: run {run!r} is damaged ({exc})") from exc
@@ -1470,9 +1475,12 @@ class RunReader:
                              f"({exc})") from exc
 
     def read(self, names: Iterable[str] | None = None) -> RunData:
-        """The series ``names`` (default: all) with the run's attrs, status and steps done."""
+        """The series ``names`` (default: all) with the run's attrs, status and steps done.
+        The status is read first: a run it says is complete has all its rows in the series."""
+        status, steps = self.status, self.steps_done
+        self.refresh()
         series = {name: self[name] for name in (self.series_names if names is None else names)}
-        return RunData(self.run, series, dict(self.attrs), self.status, self.steps_done)
+        return RunData(self.run, series, dict(self.attrs), status, steps)
 
     def close(self) -> None:
         self._file.close()
@@ -1515,16 +1523,16 @@ def _read_rows(ds: h5py.Dataset, key: Any, path: str, run: str, name: str,
         raise StoreError(f"{path}: series {name!r} of run {run!r} has {ds.shape[0]} rows, "
                          f"fewer than the {rows} it had")
     key = _row_key(key, rows, name)
-    if key is Ellipsis or (isinstance(key, tuple) and not key):
-        key = slice(0, rows)
-    elif isinstance(key, tuple) and key[0] is Ellipsis:
-        key = (slice(0, rows), *key)
-    elif isinstance(key, slice):
-        key = slice(*key.indices(rows))
-    elif isinstance(key, tuple) and isinstance(key[0], slice):
-        key = (slice(*key[0].indices(rows)), *key[1:])
     try:
-        return ds[key]
+        if ds.shape[0] == rows:
+            return ds[key]
+        # the file has grown since: keep to the first ``rows`` rows
+        first, rest = (key[0], key[1:]) if isinstance(key, tuple) and key else (key, ())
+        if isinstance(first, slice):
+            return ds[(slice(*first.indices(rows)), *rest)]
+        if isinstance(first, int):
+            return ds[key]
+        return ds[0:rows][key]  # every row (an Ellipsis first): numpy indexes them
     except (TypeError, ValueError) as exc:  # the indices into the row
         raise IndexError(f"series {name!r}: cannot index it with {key!r} ({exc})") from exc
     except (OSError, RuntimeError) as exc:
@@ -1658,7 +1666,7 @@ def run_info(path: str | os.PathLike[str]) -> dict[str, Any]:
             runs = {}
             for run in _runs_of(f):
                 g = f[run]
-                names = json.loads(_plain(g.attrs["series"]))
+                names = _series_names(g)
                 slot = int(g["checkpoint/current"][()])
                 runs[run] = {
                     "status": _decode_status(g["live/status"][()]),

@@ -151,6 +151,22 @@ def test_the_loss_is_never_negative(seed, gates):
         assert abs(got - exact) <= 1e-13 * scale
 
 
+def test_the_loss_is_exact_where_the_data_is_ill_conditioned():
+    # a feature of scale 1e-7 (cond Σxx ~ 1e14): the least-squares reference drops that
+    # direction (its pinv cuts below 1e-12), so it does not fit Σyx exactly; the loss must not
+    # depend on it (it was off by 0.53, the whole loss, when it assumed T* Σxx = Σyx)
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal(200), rng.standard_normal(200)
+    net = fr.Network()
+    net.add_node("x", 2).add_node("y", 1).add_edge("x", "y")
+    data = fr.Dataset({"x": np.stack([a, 1e-7 * b], axis=1)}, {"y": (a + b)[:, None]})
+    for W, rel in [([[1.0 + 1e-6, 1e7]], 1e-2), ([[0.0, 0.0]], 1e-12), ([[1.0, 1.0]], 1e-12)]:
+        W = {"x->y": np.array(W)}
+        exact = fr.loss(net, data, W, engine="samples")
+        for got in moments_losses(net, data, W):
+            assert got == pytest.approx(exact, rel=rel)
+
+
 def test_loss_against_plain_loop():
     # an independent, deliberately naive forward pass sample by sample
     net, data, W = random_case(11, "real")

@@ -783,6 +783,7 @@ def test_sigkill_then_resume_is_bit_for_bit(tmp_path):
     (dict(lr=0.1, steps=10, record={1, 2}), "record"),
     (dict(method="flow", t_end=1.0, rtol=1e-16), "rtol"),
     (dict(method="flow", lr=1e300, steps=10**10, record="log"), "overflows"),
+    (dict(method="flow", t_end=1.0, n_records=10**12), "n_records"),
 ])
 def test_bad_arguments_raise_config_errors(kwargs, match):
     net, data, W0 = case(0)
@@ -849,6 +850,17 @@ def test_flow_on_a_short_time_scale_takes_the_same_steps():
                        svals=False, divergence_threshold=math.inf, progress=False)
         steps.append(int(run.step[-1]))
     assert steps[0] == steps[1]
+
+
+def test_a_stiff_start_of_a_long_flow_is_integrated():
+    # weights 1e3 relaxing to 0 with t_end = 1e9: the first steps are tiny against t_end, and
+    # a step floor scaled by t_end (not by t) refused them as an underflow at t = 0
+    net = fr.Network.chain([1, 1, 1])
+    data = fr.Dataset({"h0": np.ones((1, 1))}, {"h2": np.zeros((1, 1))})
+    W = {"h0->h1": np.array([[1e3]]), "h1->h2": np.array([[1e3]])}
+    run = simulate(net, data, W, method="flow", t_end=1e9, n_records=5, svals=False,
+                   progress=False)
+    assert run.status == "complete" and run.loss[-1] < 1e-12
 
 
 def test_a_flow_run_stopped_by_max_steps_stops_again_when_resumed(tmp_path):

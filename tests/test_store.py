@@ -917,7 +917,7 @@ def test_reading_a_missing_foreign_or_corrupt_file_raises_store_error(tmp_path):
     with pytest.raises(StoreError, match="not a fastrace file"):
         list_runs(odd)
     with h5py.File(good, "r+") as f:
-        f["sim"].attrs["series"] = 7
+        f["sim"].attrs["series"] = '{"t": 1}'
     for read in (lambda: read_run(good, "sim"), lambda: run_info(good),
                  lambda: store.StoredSeries(good, "sim", "t")):
         with pytest.raises(StoreError, match="damaged"):
@@ -1121,6 +1121,7 @@ def test_a_stored_series_of_a_growing_run_keeps_its_rows(tmp_path):
         assert np.asarray(s).shape == (20,)
         assert s[-1] == s[19] == make_rows(19, 20)["t"][0]
         np.testing.assert_array_equal(s[10:], make_rows(10, 20)["t"])
+        np.testing.assert_array_equal(s[..., 3], np.asarray(s)[3])
         with pytest.raises(IndexError, match="out of range"):
             s[20]
 

@@ -17,8 +17,8 @@ alpha, beta. Opcodes:
   b-th at a_off + b a_step and c_off + b c_step.
 - 5: the loss accumulates alpha <A, B> over (m, n).
 - 6: an output block: C (m, n) = Y − A B with B (n, n) and Y (m, n) constants at offset k with
-  leading dimension n, and the loss accumulates alpha <C, T* − A>, T* (m, n) the constants
-  right after Y.
+  leading dimension n, and the loss accumulates alpha (<C, B − A> − <E_B, A>), B and E_B
+  (m, n) the constants right after Y.
 """
 
 from __future__ import annotations
@@ -131,14 +131,16 @@ def _dot(m, n, a, a_off, a_ld, b, b_off, b_ld):
 
 @numba.njit(cache=True, nogil=True)
 def _output_block(m, n, t, t_off, t_ld, y, y_off, xx, xx_off, xx_ld, e, e_off, e_ld):
-    """E (m, n) = Y − T XX with XX (n, n), and Y (m, n) and then T* (m, n) of leading
-    dimension n stored from y_off; returns <E, T* − T>."""
+    """E (m, n) = Y − T XX with XX (n, n), and Y, then B, then E_B (each (m, n), leading
+    dimension n) stored from y_off; returns <E, B − T> − <E_B, T>."""
     s = 0.0
     best_off = y_off + m * n
+    miss_off = best_off + m * n
     for i in range(m):
         rt = t[t_off + i * t_ld:t_off + i * t_ld + n]
         ry = y[y_off + i * n:y_off + i * n + n]
         rb = y[best_off + i * n:best_off + i * n + n]
+        rm = y[miss_off + i * n:miss_off + i * n + n]
         re = e[e_off + i * e_ld:e_off + i * e_ld + n]
         for j in range(n):
             re[j] = ry[j]
@@ -148,7 +150,7 @@ def _output_block(m, n, t, t_off, t_ld, y, y_off, xx, xx_off, xx_ld, e, e_off, e
             for j in range(n):
                 re[j] -= tq * rx[j]
         for j in range(n):
-            s += re[j] * (rb[j] - rt[j])
+            s += re[j] * (rb[j] - rt[j]) - rm[j] * rt[j]
     return s
 
 
@@ -216,7 +218,7 @@ def _execute_rows(fn, ops_i, ops_f, first, stop, const, st, w, lr, bound_updates
                     growth += abs(alpha) * _norm(a, a_off + blk * ops_i[o, 15], a_ld, rows, cols)
         elif code == DOT:  # acc += alpha <A, B>
             acc += alpha * _dot(m, n, a, a_off, a_ld, b, b_off, b_ld)
-        else:  # OUTPUT: C = Y − A B, acc += alpha <C, T* − A> (T* after Y)
+        else:  # OUTPUT: C = Y − A B, acc += alpha (<C, B − A> − <E_B, A>)
             acc += alpha * _output_block(m, n, a, a_off, a_ld, const, k, b, b_off, b_ld, c,
                                          c_off, c_ld)
     return acc, growth
