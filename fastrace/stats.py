@@ -109,11 +109,13 @@ class SampleFits:
             r = r - (x[sel] if inputs is None else x[np.ix_(sel, inputs)]) @ M.T
         return 0.5 * float(np.dot(self.data.weights[sel], np.einsum("ij,ij->i", r, r)))
 
-    def context_losses(self, M: np.ndarray, block: int = 1 << 14) -> np.ndarray:
+    def context_losses(self, M: np.ndarray) -> np.ndarray:
         """(n_ctx,) ½ Σ_{n∈c} w_n |y_n − M[c] x_n|² for per-context maps M (n_ctx, Dout, Din)
-        of all outputs and inputs, in blocks of samples (no Python work per context)."""
+        of all outputs and inputs, in blocks of samples (no Python work per context; each
+        block gathers its samples' maps, ~32 MB)."""
         x, y = self._stacked()
         index, weights = self.ctx.index, self.data.weights
+        block = max(1, (4 << 20) // max(1, M.shape[1] * M.shape[2]))
         out = np.zeros(self.ctx.count)
         for a in range(0, len(index), block):
             c = index[a:a + block]
@@ -125,10 +127,11 @@ class SampleFits:
 
 def pinv(xx: np.ndarray) -> np.ndarray:
     """Pseudo-inverse of symmetric positive semi-definite moments (..., n, n), directions below
-    1e-12 of the largest eigenvalue taken as null (rounding leaves ~1e-16 there, whose inverse
-    would be noise). Any map serves as the reference of a loss (see ``LeastSquares``); this one
-    is the least-squares fit wherever the data has a direction."""
-    return np.linalg.pinv(xx, rcond=1e-12, hermitian=True)
+    1e-6 of the largest eigenvalue taken as null. Any map B serves as the reference of a loss
+    (see ``LeastSquares``), but the loss's rounding grows with |B|: an inverse of eigenvalues
+    near 1e-12 of the largest (nearly collinear inputs) cost it 7 of its digits, and the cut
+    keeps B within 1e6 of the data's scale (the least-squares fit where the data is not thin)."""
+    return np.linalg.pinv(xx, rcond=1e-6, hermitian=True)
 
 
 @dataclass(frozen=True)
