@@ -194,6 +194,16 @@ def _flops(ops_i: np.ndarray) -> float:
     return float(2 * np.sum(ops_i[gemm, 1] * ops_i[gemm, 2] * ops_i[gemm, 3]))
 
 
+class _OutputGroup:
+    """The contexts of one output that share its upstream gates: their moments summed (yx, xx)
+    over input columns ``idx``, and the reference map of the loss (best = B, miss = E_B)."""
+
+    def __init__(self, k: int, members: np.ndarray, idx: np.ndarray, yx: np.ndarray,
+                 xx: np.ndarray) -> None:
+        self.k, self.members, self.idx, self.yx, self.xx = k, members, idx, yx, xx
+        self.best = self.miss = np.empty(0)
+
+
 class MomentsPlan:
     """The moments engine compiled into flat operation tables (see ``_kernels/plan.py``).
 
@@ -351,8 +361,9 @@ class MomentsPlan:
                              t_cols(v, start[v][k] + pos[v][k][u]), a, first(("T", v, k, u)))
         # outputs: E = Σyx − T Σxx per group (moments summed over the group's contexts). For any
         # fixed map B of a group, its loss is L(T) = L(B) + ½ <E + E_B, B − T> with E_B = Σyx −
-        # B Σxx (the loss is quadratic in T). B is the group's least-squares fit Σyx Σxx⁺ (E_B ~ 0
-        # where the data spans its inputs), and L(B) is summed over the samples once
+        # B Σxx (the loss is quadratic in T). B is the group's least-squares fit Σyx pinv(Σxx)
+        # (``stats.pinv``; E_B ~ 0 where the data spans its inputs), and L(B) is summed over
+        # the samples once
         # (``stats.SampleFits``): the loss then keeps its digits near a fit, where the moments'
         # own form ½ tr Σyy − <T, Σyx> + ½ <T, T Σxx> loses all below eps · ½ tr Σyy (it gave
         # ~1e-16 where the loss was ~1e-32, or negative values)
@@ -361,39 +372,39 @@ class MomentsPlan:
         for w in net.outputs:
             dw = net.dim(w)
             rows = m.output_slices[w]
-            blocks = []
+            groups = []
             for k in sorted(cols[w], key=lambda k: start[w][k]):
                 members = np.flatnonzero(group_of[w] == k)
                 idx = np.concatenate([np.arange(m.input_slices[u].start, m.input_slices[u].stop)
                                       for u in cols[w][k]])
-                blocks.append([k, m.yx[members][:, rows][:, :, idx].sum(axis=0),
-                               m.xx[members][:, idx][:, :, idx].sum(axis=0), members, idx])
-            for n in {b[2].shape[0] for b in blocks}:  # the fits, one batched pinv per size
-                same = [b for b in blocks if b[2].shape[0] == n]
-                for b, inverse in zip(same, pinv(np.stack([b[2] for b in same]))):
-                    b.append(b[1] @ inverse)  # B
-                    b.append(b[1] - b[5] @ b[2])  # E_B
-            for k, yx, xx, members, idx, best, miss in blocks:
-                loss_const += fits.loss(members, w, idx, best)
+                groups.append(_OutputGroup(k, members, idx,
+                                           m.yx[members][:, rows][:, :, idx].sum(axis=0),
+                                           m.xx[members][:, idx][:, :, idx].sum(axis=0)))
+            for n in {g.xx.shape[0] for g in groups}:  # the fits: one batched pinv per size
+                same = [g for g in groups if g.xx.shape[0] == n]
+                for g, inverse in zip(same, pinv(np.stack([g.xx for g in same]))):
+                    g.best = g.yx @ inverse
+                    g.miss = g.yx - g.best @ g.xx
+                    # L(B) over the samples, and ½ <E_B, B>: the constant part of ½ <E_B, B − T>
+                    loss_const += fits.loss(g.members, w, g.idx, g.best) \
+                        + 0.5 * float(np.sum(g.miss * g.best))
             # samples of contexts no open path reaches: the output is 0 there
             loss_const += fits.loss(np.flatnonzero(~np.isin(group_of[w], list(cols[w]))), w)
-            if not blocks:
+            if not groups:
                 continue
-            n0, xx0 = blocks[0][2].shape[0], blocks[0][2]
-            if all(b[2].shape[0] == n0 and np.array_equal(b[2], xx0) for b in blocks):
+            n0, xx0 = groups[0].xx.shape[0], groups[0].xx
+            if all(g.xx.shape[0] == n0 and np.array_equal(g.xx, xx0) for g in groups):
                 # every group has the same input moments: the (dw, G·n) row-major block matrix
                 # read as (dw·G, n) holds one group row per row, so one product does them all
-                yx, best, miss = targets(*(np.concatenate([b[i] for b in blocks],
-                                                          axis=1).reshape(-1, n0)
-                                           for i in (1, 5, 6)))
-                pieces = [(dw * len(blocks), n0, _Mat(_STATE, T_off[w], n0),
+                yx, best, miss = targets(*(np.concatenate(arrays, axis=1).reshape(-1, n0)
+                                           for arrays in zip(*((g.yx, g.best, g.miss)
+                                                               for g in groups))))
+                pieces = [(dw * len(groups), n0, _Mat(_STATE, T_off[w], n0),
                            _Mat(_STATE, G_off[w], n0), yx, best, miss, constant(xx0))]
             else:
-                pieces = [(dw, b[2].shape[0], t_cols(w, start[w][b[0]]),
-                           g_cols(w, start[w][b[0]]), *targets(b[1], b[5], b[6]),
-                           constant(b[2])) for b in blocks]
-            for b in blocks:  # ½ <E_B, B>, the constant part of ½ <E_B, B − T>
-                loss_const += 0.5 * float(np.sum(b[6] * b[5]))
+                pieces = [(dw, g.xx.shape[0], t_cols(w, start[w][g.k]),
+                           g_cols(w, start[w][g.k]), *targets(g.yx, g.best, g.miss),
+                           constant(g.xx)) for g in groups]
             for rows_, n, T, E, yx, best, miss, xx in pieces:
                 if n <= _FUSED_OUTPUT_MAX:
                     ops.output(rows_, n, T, yx, xx, E)
