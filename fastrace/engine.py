@@ -19,7 +19,7 @@ from .data import Dataset
 from .gradient import (_loss_gradient_samples, check_edge_names, check_weights, choose_engine,
                        weight_array)
 from .network import Network
-from .stats import SampleFits, gated_moments, pinv
+from .stats import SampleFits, gated_moments, reference_maps
 
 #: below this much work per call (runs × steps × flops per step) the runs go serially
 PARALLEL_MIN_FLOPS = 2e7
@@ -361,8 +361,8 @@ class MomentsPlan:
                              t_cols(v, start[v][k] + pos[v][k][u]), a, first(("T", v, k, u)))
         # outputs: E = Σyx − T Σxx per group (moments summed over the group's contexts). For any
         # fixed map B of a group, its loss is L(T) = L(B) + ½ <E + E_B, B − T> with E_B = Σyx −
-        # B Σxx (the loss is quadratic in T). B is the group's least-squares fit Σyx pinv(Σxx)
-        # (``stats.pinv``; E_B ~ 0 where the data spans its inputs), and L(B) is summed over
+        # B Σxx (the loss is quadratic in T). B is the group's least-squares fit where its Σxx
+        # is well conditioned, else 0 (``stats.reference_maps``), and L(B) is summed over
         # the samples once
         # (``stats.SampleFits``): the loss then keeps its digits near a fit, where the moments'
         # own form ½ tr Σyy − <T, Σyx> + ½ <T, T Σxx> loses all below eps · ½ tr Σyy (it gave
@@ -380,11 +380,12 @@ class MomentsPlan:
                 groups.append(_OutputGroup(k, members, idx,
                                            m.yx[members][:, rows][:, :, idx].sum(axis=0),
                                            m.xx[members][:, idx][:, :, idx].sum(axis=0)))
-            for n in {g.xx.shape[0] for g in groups}:  # the fits: one batched pinv per size
+            for n in {g.xx.shape[0] for g in groups}:  # the maps: batched per size
                 same = [g for g in groups if g.xx.shape[0] == n]
-                for g, inverse in zip(same, pinv(np.stack([g.xx for g in same]))):
-                    g.best = g.yx @ inverse
-                    g.miss = g.yx - g.best @ g.xx
+                maps = reference_maps(np.stack([g.yx for g in same]),
+                                      np.stack([g.xx for g in same]))
+                for g, best, miss in zip(same, *maps):
+                    g.best, g.miss = best, miss
                     # L(B) over the samples, and ½ <E_B, B>: the constant part of ½ <E_B, B − T>
                     loss_const += fits.loss(g.members, w, g.idx, g.best) \
                         + 0.5 * float(np.sum(g.miss * g.best))

@@ -867,17 +867,8 @@ def _drive_gd(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: np.
     """Advance every run to ``plan.steps``; runs at the same step move together."""
     steps, save, every = plan.steps, plan.save_steps, plan.checkpoint_every
     assert save is not None
-    # the starting weights face the test every step's weights face (as a flow run's do), so
-    # that weights above the threshold are reported at the step they are found, not the next
-    # (they are finite: packing checked them; the kernel's norm test makes no temporaries)
-    from ._kernels.plan import _checked_norm
-
-    for r in runs:
-        if not r.done and math.isfinite(plan.divergence_threshold) \
-                and _checked_norm(W[r.index], plan.divergence_threshold) < 0.0:
-            raise _divergence(engine, plan, r, r.pos, float(plan.lr[r.index] * r.pos),
-                              "weights", W[r.index])
     snap_buffer = np.empty(0)
+    started = False
     while True:
         live = [r for r in runs if not r.done]
         if not live:
@@ -893,6 +884,13 @@ def _drive_gd(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: np.
             for r in active:
                 if r.last_checkpoint != m:
                     rec.checkpoint(r, {"w": W[r.index], "velocity": V[r.index]})
+        if not started:
+            # the starting weights face the test every step's weights face (as a flow run's
+            # do), so that weights above the threshold are reported at the step they are found,
+            # not the next (after the first checkpoints: the writer waits for them before the
+            # file takes its path; they are finite, as packing checked them)
+            _check_start(engine, plan, live, W)
+            started = True
 
         saving = [k for k, r in enumerate(active)
                   if r.next_save < len(save) and save[r.next_save] == m]
@@ -986,6 +984,20 @@ def _drive_gd(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: np.
         for r in active:
             r.pos = m + n
         progress.update(sum(r.pos for r in runs))
+
+
+def _check_start(engine: GradientEngine, plan: _Plan, runs: list[_RunState],
+                 W: np.ndarray) -> None:
+    """DivergenceError if a run's weights exceed the threshold (the kernel's norm test: no
+    temporaries, one pass)."""
+    from ._kernels.plan import _checked_norm
+
+    if not math.isfinite(plan.divergence_threshold):
+        return
+    for r in runs:
+        if _checked_norm(W[r.index], plan.divergence_threshold) < 0.0:
+            raise _divergence(engine, plan, r, r.pos, float(plan.lr[r.index] * r.pos),
+                              "weights", W[r.index])
 
 
 def _row_batches(n: int, size: int, taper: bool) -> list[tuple[int, int]]:

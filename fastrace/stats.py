@@ -125,21 +125,28 @@ class SampleFits:
         return 0.5 * out
 
 
-def pinv(xx: np.ndarray) -> np.ndarray:
-    """Pseudo-inverse of symmetric positive semi-definite moments (..., n, n), directions below
-    1e-6 of the largest eigenvalue taken as null. Any map B serves as the reference of a loss
-    (see ``LeastSquares``), but the loss's rounding grows with |B|: an inverse of eigenvalues
-    near 1e-12 of the largest (nearly collinear inputs) cost it 7 of its digits, and the cut
-    keeps B within 1e6 of the data's scale (the least-squares fit where the data is not thin)."""
-    return np.linalg.pinv(xx, rcond=1e-6, hermitian=True)
+def reference_maps(yx: np.ndarray, xx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reference maps B (..., Dout, Din) for moments yx (..., Dout, Din), xx (..., Din, Din),
+    and E_B = yx − B xx. The loss of any map T is L(B) + ½ <E + E_B, B − T> (E = yx − T xx),
+    exactly; its rounding is smallest with B the least-squares fit yx xx⁺ when xx is well
+    conditioned (every eigenvalue either above 1e-3 of the largest, or below 1e-12: a direction
+    the data does not have, left out). Otherwise (eigenvalues in between, whose inverses would
+    make B large and cost the loss digits) B = 0, which is the moments' own form
+    ½ Σ|y|² − <T, yx> + ½ <T, T xx>."""
+    lam = np.linalg.eigvalsh(xx)  # ascending, per matrix
+    top = lam[..., -1:]
+    thin = ((lam > 1e-12 * top) & (lam < 1e-3 * top)).any(axis=-1) | (top[..., 0] <= 0)
+    best = np.matmul(yx, np.linalg.pinv(xx, rcond=1e-6, hermitian=True))
+    best[thin] = 0.0
+    return best, yx - np.matmul(best, xx)
 
 
 @dataclass(frozen=True)
 class LeastSquares:
     """Per context c, a reference linear map from the stacked inputs to the stacked outputs,
-    the least-squares fit ``best[c] = yx[c] pinv(xx[c])`` (n_ctx, Dout, Din), with
-    ``miss[c] = yx[c] − best[c] xx[c]`` (0 where the data spans its inputs) and its loss over
-    the context's samples, ``loss[c]`` (n_ctx,). The loss of any map A_c is, exactly,
+    ``best[c]`` (n_ctx, Dout, Din; see ``reference_maps``: the least-squares fit where the
+    data is well conditioned), with ``miss[c] = yx[c] − best[c] xx[c]`` and its loss over the
+    context's samples, ``loss[c]`` (n_ctx,). The loss of any map A_c is, exactly,
     loss[c] + ½ <E_c + miss[c], best[c] − A_c> with E_c = yx[c] − A_c xx[c]."""
 
     best: np.ndarray
@@ -154,8 +161,7 @@ def least_squares(net: Network, data: Dataset) -> LeastSquares:
     if cached is not None:
         return cached  # type: ignore[return-value]
     m = gated_moments(net, data)
-    best = np.matmul(m.yx, pinv(m.xx))
-    miss = m.yx - np.matmul(best, m.xx)
+    best, miss = reference_maps(m.yx, m.xx)
     result = LeastSquares(best, miss, SampleFits(net, data).context_losses(best))
     data._cache[key] = result
     return result

@@ -119,7 +119,9 @@ _WRITE_BYTES = 256 << 10
 # as not filtered (HDF5's per-chunk filter mask: every reader decodes such a file).
 _MIN_SAVING = 0.2
 _COPY_BYTES = 64 << 20  # block size when copying rows during a resume
-_BUILD_WAIT = 0.05  # seconds the writer thread waits for the caller's first operation (see loop)
+_BUILD_WAIT = 0.25  # seconds the writer thread waits for the caller's first operation (see loop)
+# operations carried out in a new file before it takes its path (see _writer_loop)
+_EARLY_OPS = ("rows", "blocks", "checkpoint", "steps", "status")
 _STATUS_BYTES = 256
 _RESERVED_RUN_ATTRS = ("series", "status", "steps_done")
 _RESERVED_SERIES = ("live", "checkpoint")
@@ -883,10 +885,32 @@ class TrajectoryWriter:
             # Python code would slow both down (the two threads would take turns on the GIL).
             with contextlib.suppress(queue.Empty):
                 next_op = self._queue.get(timeout=_BUILD_WAIT)
+            # The operations already waiting (each run's first checkpoint, say, after the rows
+            # before it) go into the file before it takes its path: a file that is there holds
+            # them, so a run killed at any moment after can be resumed.
+            early = []
+            while next_op is not None and next_op[0] in _EARLY_OPS:
+                early.append(next_op)
+                try:
+                    next_op = self._queue.get_nowait()
+                except queue.Empty:
+                    next_op = None
+
+            def build(f: h5py.File) -> None:
+                self._build_new(f)
+                for op in early:  # (a failed one leaves the file with what came before it)
+                    try:
+                        self._apply(op)
+                    except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+                        self._error = exc
+                        return
+
             try:
-                self._publish(self._file, self._build_new)
+                self._publish(self._file, build)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
                 self._error = exc
+            for op in early:
+                self._op_done(op)
         last_flush = time.monotonic()
         dirty = False  # rows written since the last flush
         while True:
@@ -927,12 +951,18 @@ class TrajectoryWriter:
                         dirty = True
                 except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
                     self._error = exc
-            if kind == "rows":
-                self._done_with(op[2][: op[3]].nbytes)
-            elif kind == "blocks":
-                self._done_with(op[2])
-            elif kind == "flush":
-                op[1].set()
+            self._op_done(op)
+
+    def _op_done(self, op: tuple) -> None:
+        """What follows an operation, carried out or not: its rows leave the queue's count, a
+        flush's caller is woken."""
+        kind = op[0]
+        if kind == "rows":
+            self._done_with(op[2][: op[3]].nbytes)
+        elif kind == "blocks":
+            self._done_with(op[2])
+        elif kind == "flush":
+            op[1].set()
 
     def _apply(self, op: tuple) -> bool:
         """Carry out one queued operation; True if it flushed the file itself."""

@@ -742,6 +742,38 @@ def test_sigkill_then_resume_is_bit_for_bit(tmp_path):
         assert a.status == "complete" and a.n_saved == 801
 
 
+def test_a_run_killed_as_soon_as_its_file_appears_can_be_resumed(tmp_path):
+    # the file takes its path once it holds each run's first checkpoint (it used to appear
+    # ~0.1 s before: a kill then left a file that resume refused, "start it again")
+    net, data, _ = case(16)
+    inits = [fr.init.gaussian(net, std=0.5, seed=s) for s in range(2)]
+
+    def norm(W):
+        return np.float64(np.linalg.norm(W[net.edges[0]]))
+
+    path = tmp_path / "early.h5"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([PACKAGE_ROOT, TESTS]))
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(path)], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert path.exists()
+    info = store.run_info(path)["runs"]
+    assert all(r["checkpoint_step"] == 0 for r in info.values())
+    resumed = resume(path, net, data, quantities={"n": norm})
+    full = simulate(net, data, inits, lr=[0.05, 0.02], steps=4000, record_every=5,
+                    save_weights=True, quantities={"n": norm}, progress=False)
+    for a, b in zip(resumed, full):
+        same_trajectory(a, b)
+
+
 # ---------------------------------------------------------------------- argument checks
 @pytest.mark.parametrize("kwargs, match", [
     (dict(lr=0.0, steps=10), "lr"),
