@@ -1138,6 +1138,11 @@ def _drive_flow(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: n
             if r.next_save < len(times) and times[r.next_save] == r.t:
                 rec.record([r], W[r.index][None], np.array([r.t]), np.array([r.pos]),
                            loss[k:k + 1])
+        # checkpoint before the starting step is found (h = 0 there: a resume finds the same
+        # one again), so that it is in the file before the file takes its path
+        for r in live:
+            if writer is not None and r.last_checkpoint != r.pos:
+                _flow_checkpoint(rec, r, W)
         fresh = [k for k, r in enumerate(live) if r.h <= 0.0]
         if fresh:
             sel = idx[fresh]
@@ -1146,9 +1151,6 @@ def _drive_flow(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: n
             for r, h in zip(starting, _initial_step(engine, plan, starting, W[sel], F[sel],
                                                     t_left)):
                 r.h = float(h)
-        for r in live:
-            if writer is not None and r.last_checkpoint != r.pos:
-                _flow_checkpoint(rec, r, W)
 
     while True:
         live = [r for r in runs if not r.done]
