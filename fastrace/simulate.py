@@ -1133,16 +1133,17 @@ def _drive_flow(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: n
             # a bad start is a divergence at step 0 (no row kept, as in descent), found before
             # a starting step is looked for (none can be, where the field is not finite)
             _check_flow_state(engine, plan, r, W[r.index])
+        # checkpoint first (a new file takes its path once every run has its first): before
+        # the row at the start (a resume records it again) and before the starting step is
+        # found (h = 0 in it: a resume finds the same step again)
+        for r in live:
+            if writer is not None and r.last_checkpoint != r.pos:
+                _flow_checkpoint(rec, r, W)
         for k, r in enumerate(live):
             times = plan.save_times[r.index]
             if r.next_save < len(times) and times[r.next_save] == r.t:
                 rec.record([r], W[r.index][None], np.array([r.t]), np.array([r.pos]),
                            loss[k:k + 1])
-        # checkpoint before the starting step is found (h = 0 there: a resume finds the same
-        # one again), so that it is in the file before the file takes its path
-        for r in live:
-            if writer is not None and r.last_checkpoint != r.pos:
-                _flow_checkpoint(rec, r, W)
         fresh = [k for k, r in enumerate(live) if r.h <= 0.0]
         if fresh:
             sel = idx[fresh]

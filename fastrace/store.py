@@ -119,8 +119,10 @@ _WRITE_BYTES = 256 << 10
 # as not filtered (HDF5's per-chunk filter mask: every reader decodes such a file).
 _MIN_SAVING = 0.2
 _COPY_BYTES = 64 << 20  # block size when copying rows during a resume
-_BUILD_WAIT = 0.25  # seconds the writer thread waits for the caller's first operation (see loop)
-# operations carried out in a new file before it takes its path (see _writer_loop)
+_BUILD_WAIT = 0.05  # seconds the writer thread waits for the caller's first operation (see loop)
+# ... or, if its runs checkpoint, for their first checkpoints, which go into a new file before it
+# takes its path (with the operations before them, of these kinds; see _writer_loop)
+_FIRST_WAIT = 2.0
 _EARLY_OPS = ("rows", "blocks", "checkpoint", "steps", "status")
 _STATUS_BYTES = 256
 _RESERVED_RUN_ATTRS = ("series", "status", "steps_done")
@@ -883,34 +885,38 @@ class TrajectoryWriter:
             # typically) usually comes right before a stretch of compute that leaves the GIL free
             # (numba, BLAS), so wait for it, or a moment: building alongside the caller's own
             # Python code would slow both down (the two threads would take turns on the GIL).
+            # The operations that come first (each run's first checkpoint, after the rows before
+            # it) go into the file before it takes its path, until every run that checkpoints
+            # has had its first (or a flush or close asks for the file, or _FIRST_WAIT has
+            # passed): a file that is there can be resumed, whenever it is killed. Each is
+            # counted done at once, so that a caller waiting for room in the queue goes on.
+            waiting = {run for run, spec in self._specs.items() if spec.checkpoint}
+            deadline = time.monotonic() + _FIRST_WAIT
             with contextlib.suppress(queue.Empty):
-                next_op = self._queue.get(timeout=_BUILD_WAIT)
-            # The operations already waiting (each run's first checkpoint, say, after the rows
-            # before it) go into the file before it takes its path: a file that is there holds
-            # them, so a run killed at any moment after can be resumed.
-            early = []
-            while next_op is not None and next_op[0] in _EARLY_OPS:
-                early.append(next_op)
-                try:
-                    next_op = self._queue.get_nowait()
-                except queue.Empty:
-                    next_op = None
+                next_op = self._queue.get(timeout=_FIRST_WAIT if waiting else _BUILD_WAIT)
 
             def build(f: h5py.File) -> None:
+                nonlocal next_op
                 self._build_new(f)
-                for op in early:  # (a failed one leaves the file with what came before it)
-                    try:
-                        self._apply(op)
-                    except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-                        self._error = exc
+                while next_op is not None and next_op[0] in _EARLY_OPS:
+                    op, next_op = next_op, None
+                    if self._error is None:  # (a failed one leaves what came before it)
+                        try:
+                            self._apply(op)
+                        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+                            self._error = exc
+                    self._op_done(op)
+                    if op[0] == "checkpoint":
+                        waiting.discard(op[1])
+                    if not waiting or self._error is not None:
                         return
+                    with contextlib.suppress(queue.Empty):
+                        next_op = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
 
             try:
                 self._publish(self._file, build)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
                 self._error = exc
-            for op in early:
-                self._op_done(op)
         last_flush = time.monotonic()
         dirty = False  # rows written since the last flush
         while True:
