@@ -93,12 +93,12 @@ def test_engines_agree(seed, gates):
 
 def fitted_case(seed, gates, duplicate=False):
     """A random gated network and data it fits exactly at weights W*: targets made by the
-    network itself, from 60 samples in at most 3 gate patterns (so each context's inputs span
+    network itself, from 120 samples in at most 2 gate patterns (so each context's inputs span
     their space, unless ``duplicate`` repeats an input in another input node)."""
     rng = np.random.default_rng(seed)
     net = random_dag(rng, n_inputs=int(rng.integers(1, 4)), n_hidden=int(rng.integers(1, 5)),
                      extra_edges=int(rng.integers(0, 5)))
-    data = random_data(rng, net, n_samples=60, gates=gates, n_patterns=3)
+    data = random_data(rng, net, n_samples=120, gates=gates, n_patterns=2)
     inputs = dict(data.inputs)
     if duplicate and len(net.inputs) > 1:
         a, b = net.inputs[:2]
