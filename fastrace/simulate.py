@@ -64,6 +64,8 @@ BATCH_ROWS = 64  # save-point rows computed together (singular values in one bat
 # each block costs the writer a call per series.
 SEND_BYTES, SEND_SECONDS = 4 << 20, 1.0
 _MIN_RTOL = 100 * np.finfo(float).eps  # (scipy's solve_ivp raises smaller ones to it)
+_EPS = float(np.finfo(float).eps)
+_MAX_STEPS = 2**53  # steps and times are exact float64 integers (t = lr * step) below it
 _MAX_SAVE_POINTS = 10**9  # more would not fit in memory as a schedule (8 GB), let alone rows
 DIVERGED = "failed: diverged"  # status prefix of a diverged run (resume refuses it)
 _ROOM_CHECK_BYTES = 16 << 20  # kept rows above this are checked against the memory available
@@ -129,7 +131,9 @@ class Trajectory:
         Needs ``save_weights=True``, except for the last index of a complete run, which is the
         final state.
         """
-        n = self.n_saved
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+            raise ConfigError(f"saved index must be an integer, got {i!r}")
+        i, n = int(i), self.n_saved
         if not -n <= i < n:
             raise IndexError(f"saved index {i} out of range for {n} save points")
         if self.snapshots is not None:
@@ -309,10 +313,13 @@ def _save_points(record: Any) -> np.ndarray:
         raise ConfigError(f"record: save points must be an ordered sequence or array, "
                           f"got a {type(record).__name__}")
     try:
-        points = np.asarray(record, dtype=np.float64).ravel()
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"record: save points must be numbers, got {record!r} ({exc})") \
-            from None
+        given = np.asarray(record)
+        if given.dtype.kind not in "iuf":  # a boolean mask, strings, complex, mixed objects
+            raise TypeError(f"dtype {given.dtype}")
+        points = given.astype(np.float64).ravel()
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ConfigError(f"record: save points must be integer steps or real times, got "
+                          f"{record!r:.80} ({exc})") from None
     if points.size > _MAX_SAVE_POINTS:
         raise ConfigError(f"record: more than {_MAX_SAVE_POINTS} save points")
     return points
@@ -336,7 +343,7 @@ def _step_schedule(record: Any, record_every: int, n_records: int, steps: int) -
         if record != "log":
             raise ConfigError(f"record must be None, 'log' or an array of save points, "
                               f"got {record!r}")
-        points = np.unique(np.rint(_log_points(1, steps, n_records - 1)).astype(np.int64))
+        points = _log_steps(steps, min(n_records, steps + 1))
     else:
         raw = np.asarray(record, dtype=np.float64).ravel()
         if not np.all(np.isfinite(raw)) or np.any(raw != np.rint(raw)):
@@ -346,6 +353,28 @@ def _step_schedule(record: Any, record_every: int, n_records: int, steps: int) -
                               f"got {raw.min():g} .. {raw.max():g}")
         points = raw.astype(np.int64)
     return np.unique(np.concatenate([[0, steps], points])).astype(np.int64)
+
+
+def _log_steps(steps: int, n: int) -> np.ndarray:
+    """``n`` distinct steps (2 <= n <= steps + 1): 0, then 1 .. ``steps`` log-spaced. Where
+    log spacing is finer than a step (the start of a long run) every step is taken, and the
+    points after them are log-spaced at least a step apart, so that none merge (the plain
+    rounded log spacing is kept when none of its points merge)."""
+    plain = np.unique(np.rint(_log_points(1, steps, n - 1)).astype(np.int64))
+    if len(plain) == n - 1:
+        return np.concatenate([[0], plain])
+
+    def spaced(m: int) -> bool:  # from step m on, n - m log-spaced points are a step apart
+        left = n - m
+        return left < 2 or m * ((steps / m) ** (1.0 / (left - 1)) - 1.0) >= 1.0
+
+    lo, hi = 1, n - 1  # the first m >= 1 with spaced(m) (it holds for all m past it)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if spaced(mid) else (mid + 1, hi)
+    tail = _log_points(lo, steps, n - lo)
+    # (floor(x + 1/2), not rint: values a step apart never round to the same integer)
+    return np.concatenate([np.arange(lo), np.floor(tail + 0.5)]).astype(np.int64)
 
 
 def _log_points(first: float, last: float, n: int) -> np.ndarray:
@@ -366,9 +395,10 @@ def _time_schedule(record: Any, n_records: int, t_end: float) -> np.ndarray:
         points = np.asarray(record, dtype=np.float64).ravel()
         if not np.all(np.isfinite(points)):
             raise ConfigError("record: save times must be finite")
-        if points.size and (points.min() < 0 or points.max() > t_end):
-            raise ConfigError(f"record: save times must lie in [0, t_end={t_end:g}], "
-                              f"got {points.min():g} .. {points.max():g}")
+        # (a few ulps past t_end is t_end: lr * steps rounds, 0.87 can be 0.8699999999999999)
+        if points.size and (points.min() < 0 or points.max() > t_end * (1 + 8 * _EPS)):
+            raise ConfigError(f"record: save times must lie in [0, t_end={t_end!r}], "
+                              f"got {points.min()!r} .. {points.max()!r}")
     points = np.clip(points, 0.0, t_end)
     return np.unique(np.concatenate([[0.0, t_end], points]))
 
@@ -799,10 +829,13 @@ def _call_quantity(name: str, fn: Quantity, weights: Weights) -> np.ndarray:
     except Exception as exc:
         raise ConfigError(f"quantities[{name!r}] raised {type(exc).__name__}: {exc}") from exc
     try:
-        return np.array(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ConfigError(f"quantities[{name!r}] must return numbers (an array or a float), "
-                          f"got {type(value).__name__}") from None
+        array = np.asarray(value)
+        if array.dtype.kind not in "biuf":  # (None, str, complex, Python ints past int64 ...)
+            raise TypeError
+        return np.array(array, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"quantities[{name!r}] must return real numbers (an array or a "
+                          f"float), got {value!r:.80}") from None
 
 
 def _check_quantities(quantities: Any, engine: GradientEngine,
@@ -1375,7 +1408,7 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
              method: str = "gd", t_end: float | None = None, momentum: float = 0.0,
              weight_decay: float = 0.0, engine: str = "auto",
              record: None | str | Sequence[float] | np.ndarray = None, record_every: int = 1,
-             n_records: int = 101, svals: bool = True, save_weights: bool = False,
+             n_records: int | None = None, svals: bool = True, save_weights: bool = False,
              weights_dtype: str = "float64", quantities: Mapping[str, Quantity] | None = None,
              out: str | os.PathLike | None = None, run_name: str = "simulation",
              run_names: Sequence[str] | None = None, checkpoint_every: int | None = None,
@@ -1402,9 +1435,11 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
         ``dW/dt = −∇L − weight_decay·W`` integrated by Dormand–Prince 5(4) to ``rtol``/``atol``.
     record, record_every, n_records
         Save points: every ``record_every`` steps (default); ``record="log"``: ``n_records``
-        log-spaced points; or an array of step indices (gd) / times (flow). A flow run given by
-        ``t_end`` saves ``n_records`` equally spaced times by default. Step (time) 0 and the last
-        step (``t_end``) are always saved.
+        (default 101) log-spaced points (for gd at most ``steps + 1``: every step where log
+        spacing is finer than a step); or an array of step indices (gd) / times (flow). A flow
+        run given by ``t_end`` saves ``n_records`` equally spaced times by default. Step (time)
+        0 and the last step (``t_end``) are always saved. A setting the schedule would ignore
+        (``record_every`` with ``record``, ``n_records`` with a step schedule) is refused.
     svals, save_weights, weights_dtype, quantities
         What to record at each save point besides t and loss: singular values of each weight,
         full weight snapshots (float64 or float32), and ``{name: f(weights) -> array}``.
@@ -1489,12 +1524,20 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
     if not (math.isfinite(weight_decay) and weight_decay >= 0):
         raise ConfigError(f"weight_decay must be finite and >= 0, got {weight_decay}")
     record_every = _positive("record_every", record_every, integer=True)
-    n_records = _positive("n_records", n_records, integer=True)
+    if record_every != 1 and record is not None:
+        raise ConfigError("record_every is for the default schedule (every k steps); with "
+                          "record= the save points are those of record")
+    n_records_given = n_records is not None
+    n_records = _positive("n_records", 101 if n_records is None else n_records, integer=True)
     if not 2 <= n_records <= _MAX_SAVE_POINTS:
         raise ConfigError(f"n_records must be at least 2 and at most {_MAX_SAVE_POINTS}, got "
                           f"{n_records}")
     if weights_dtype not in WEIGHT_DTYPES:
         raise ConfigError(f"weights_dtype must be one of {WEIGHT_DTYPES}, got {weights_dtype!r}")
+    for flag, value in (("svals", svals), ("save_weights", save_weights),
+                        ("in_memory", in_memory)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise ConfigError(f"{flag} must be True or False, got {value!r}")
     rtol = _positive("rtol", rtol)
     if rtol < _MIN_RTOL:
         raise ConfigError(f"rtol={rtol:g} is below what float64 can deliver; use at least "
@@ -1506,6 +1549,11 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
     if not divergence_threshold > 0:
         raise ConfigError(f"divergence_threshold must be positive (inf: only non-finite values "
                           f"count), got {divergence_threshold}")
+    if save_weights and weights_dtype == "float32" and \
+            divergence_threshold > np.finfo(np.float32).max:
+        raise ConfigError(f"weights_dtype='float32' snapshots hold weights up to "
+                          f"{np.finfo(np.float32).max:.3g}: set divergence_threshold at most "
+                          f"that (got {divergence_threshold:g}), or keep float64 snapshots")
     every = 0 if checkpoint_every is None else _positive("checkpoint_every", checkpoint_every,
                                                          integer=True)
     if every and out is None:
@@ -1530,6 +1578,9 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
     if lr is not None:
         lrs = _resolve_lr(lr, n_runs)
         steps = _positive("steps", steps, integer=True)
+        if steps > _MAX_STEPS:
+            raise ConfigError(f"steps must be at most 2**53 (t = lr * step must count every "
+                              f"step), got {steps}")
         with np.errstate(over="ignore"):
             t_ends = lrs * steps
         if not np.isfinite(t_ends).all():
@@ -1541,6 +1592,12 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
         lrs = np.full(n_runs, math.nan)
         steps = 0
         t_ends = np.full(n_runs, _positive("t_end", t_end))
+    # n_records sets the number of points of record="log" and of a flow run given by t_end;
+    # elsewhere it would be silently ignored
+    if n_records_given and not (isinstance(record, str) or (method == "flow" and lr is None
+                                                             and record is None)):
+        raise ConfigError("n_records is for record='log' and for a flow run given by t_end; "
+                          "gradient descent saves every record_every steps, or at record=")
     if _explicit(record):
         record = _save_points(record)
     if record is None and steps // record_every > _MAX_SAVE_POINTS:

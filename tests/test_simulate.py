@@ -830,7 +830,7 @@ def test_a_new_file_takes_its_path_with_every_runs_first_checkpoint(tmp_path, mo
     (dict(method="flow", t_end=1.0, rtol=0.0), "rtol"),
     # values that do not convert, or overflow, are named too (not a bare Python error)
     (dict(lr=0.1, steps=math.inf), "steps"),
-    (dict(lr=0.1, steps=1e30), "save points"),
+    (dict(lr=0.1, steps=1e30), "steps must be at most"),
     (dict(lr=0.1, steps=10, threads=math.inf), "threads"),
     (dict(lr=0.1, steps=10, momentum=None), "momentum"),
     (dict(lr=0.1, steps=10, weight_decay="x"), "weight_decay"),
@@ -1022,6 +1022,27 @@ def test_a_start_whose_loss_overflows_diverges_at_step_0(method, kw):
     assert info.value.quantity == "loss"
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 10**7), st.integers(2, 3000))
+def test_log_steps_are_n_records_distinct_steps(steps, n_records):
+    """record="log" for gradient descent: min(n_records, steps + 1) distinct steps from 0 to
+    steps (rounding used to merge up to half of them); where plain log spacing keeps its points
+    apart it is unchanged."""
+    from fastrace.simulate import _step_schedule
+
+    points = _step_schedule("log", 1, n_records, steps)
+    n = min(n_records, steps + 1)
+    assert len(points) == n and points[0] == 0 and points[-1] == steps
+    assert np.all(np.diff(points) > 0)
+    plain = np.unique(np.rint(np.geomspace(1, steps, n - 1)).astype(np.int64)) if n > 2 \
+        else np.array([steps])
+    if len(plain) == n - 1:
+        np.testing.assert_array_equal(points[1:], plain)
+    # spacing grows (log spacing, steps of 1 first): a gap is never much below the one before
+    gaps = np.diff(points[1:])
+    assert np.all(gaps[1:] >= gaps[:-1] - 1)
+
+
 @pytest.mark.parametrize("n_records", [2, 3, 5])
 def test_log_schedules_have_n_records_points(n_records):
     net, data, W0 = case(0)
@@ -1169,3 +1190,62 @@ def test_no_weight_snapshots_are_taken_when_no_row_needs_them(monkeypatch):
     assert all(taken)
     np.testing.assert_array_equal(plain.loss, full.loss)
     np.testing.assert_array_equal(plain.t, full.t)
+
+
+# ------------------------------------------------------------------ input checks of recording
+def test_a_saved_index_must_be_an_integer(tmp_path):
+    net, data, W0 = case(3)
+    for kw in ({}, {"out": tmp_path / "r.h5", "in_memory": False}):
+        run = simulate(net, data, W0, lr=0.01, steps=3, save_weights=True, progress=False, **kw)
+        assert all(w.ndim == 2 for w in run.weights(np.int64(-1)).values())
+        for bad in (True, np.array([1]), np.array(1), slice(0, 2), [0, 1], None, 1.0):
+            with pytest.raises(fr.ConfigError, match="saved index must be an integer"):
+                run.weights(bad)
+
+
+@pytest.mark.parametrize("value", [None, [None, 1.0], np.array([1 + 2j]), 10**400, "1.5"])
+def test_a_quantity_must_return_real_numbers(value):
+    net, data, W0 = case(3)
+    with pytest.raises(fr.ConfigError, match="must return real numbers"):
+        simulate(net, data, W0, lr=0.01, steps=3, quantities={"q": lambda w: value},
+                 progress=False)
+
+
+@pytest.mark.parametrize("record", [np.arange(11) % 5 == 0, True, ["3", "7"], np.array([2 + 5j]),
+                                    [1, None]])
+def test_save_points_must_be_numbers(record):
+    net, data, W0 = case(3)
+    with pytest.raises(fr.ConfigError, match="save points must be integer steps or real times"):
+        simulate(net, data, W0, lr=0.01, steps=10, record=record, progress=False)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(record="log", record_every=7), "record_every is for the default schedule"),
+    (dict(record=[3], record_every=7), "record_every is for the default schedule"),
+    (dict(n_records=5), "n_records is for record='log'"),
+    (dict(record=[3], n_records=5), "n_records is for record='log'"),
+    (dict(svals="no"), "svals must be True or False"),
+    (dict(save_weights="False"), "save_weights must be True or False"),
+    (dict(in_memory=None), "in_memory must be True or False"),
+    (dict(steps=2**63), "steps must be at most 2\\*\\*53"),
+    (dict(save_weights=True, weights_dtype="float32", divergence_threshold=math.inf),
+     "float32"),
+])
+def test_settings_that_would_be_ignored_or_misread_are_refused(kw, match):
+    net, data, W0 = case(3)
+    settings_ = dict(lr=0.01, steps=10, progress=False)
+    settings_.update(kw)
+    with pytest.raises(fr.ConfigError, match=match):
+        simulate(net, data, W0, **settings_)
+
+
+def test_a_flow_save_time_at_a_rounded_end_is_the_end():
+    net, data, W0 = case(3)
+    lr, steps = 0.0087, 100  # lr * steps = 0.8699999999999999
+    assert lr * steps != 0.87
+    run = simulate(net, data, W0, method="flow", lr=lr, steps=steps, record=[0.5, 0.87],
+                   svals=False, progress=False)
+    np.testing.assert_array_equal(run.t, [0.0, 0.5, lr * steps])
+    with pytest.raises(fr.ConfigError, match="must lie in"):
+        simulate(net, data, W0, method="flow", lr=lr, steps=steps, record=[0.871],
+                 svals=False, progress=False)
