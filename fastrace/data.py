@@ -15,20 +15,51 @@ import numpy as np
 from .errors import DataError
 from .network import Network
 
+_KINDS = {"c": "complex", "U": "str", "S": "bytes", "O": "object", "M": "datetime",
+          "m": "timedelta", "V": "structured"}
+
+
+def real_numbers(value: object) -> np.ndarray:
+    """``value`` as an array in its own dtype (not copied if it is one). TypeError unless it
+    holds real numbers (bool, integer or float): complex values would lose their imaginary
+    part, strings would be parsed, objects could be anything."""
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "biuf":
+        kind = _KINDS.get(arr.dtype.kind, "non-numeric")
+        raise TypeError(f"holds {kind} values (dtype {arr.dtype}), not real numbers")
+    return arr
+
+
+def real_array(value: object) -> np.ndarray:
+    """``value`` as a float64 array of real numbers (not copied if it is one); TypeError or
+    ValueError otherwise (see ``real_numbers``)."""
+    return real_numbers(value).astype(np.float64, copy=False)
+
+
+def _real(name: str, value) -> np.ndarray:
+    """``real_numbers(value)``, or a DataError naming ``name``."""
+    try:
+        return real_numbers(value)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{name}: cannot be read as a float array: {exc}") from None
+
 
 def _as_float_array(name: str, value, ndim: int) -> np.ndarray:
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise DataError(f"{name}: cannot be read as a float array ({exc})") from None
+    """``value`` as a read-only float64 copy with ``ndim`` dimensions (a 1-d array is one column
+    when ``ndim`` is 2), or a DataError naming ``name``."""
+    arr = _real(name, value)
     if ndim == 2 and arr.ndim == 1:
         arr = arr[:, None]
     if arr.ndim != ndim:
         raise DataError(f"{name}: expected a {ndim}-d array, got shape {arr.shape}")
+    # a copy of our own (the one copy of the data set), read-only: the contexts, moments and
+    # engines cached on the Dataset stay true to its arrays
+    arr = arr.astype(np.float64, order="C")
     if not np.all(np.isfinite(arr)):
         bad = np.argwhere(~np.isfinite(arr))[0]
         raise DataError(f"{name}: contains NaN or inf (first at index {tuple(int(i) for i in bad)})")
-    return np.ascontiguousarray(arr)
+    arr.flags.writeable = False
+    return arr
 
 
 def _distinct_rows(patterns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -91,6 +122,11 @@ class Dataset:
     node_gates : {node: (P,) array or scalar}, optional; missing nodes have gate 1
     edge_gates : {edge: (P,) array or scalar}, optional; missing edges have gate 1
     weights : (P,) non-negative sample weights, default ``1/P``
+
+    Every value must be a real number (bool, integer or float; not complex, str or object).
+    The arrays are copied and read-only: changing the caller's arrays afterwards changes
+    nothing, and the contexts, moments and engines cached on the data set stay valid. For other
+    data, build another Dataset.
     """
 
     def __init__(self, inputs: Mapping[str, object], targets: Mapping[str, object],
@@ -118,6 +154,7 @@ class Dataset:
                            for k, v in (edge_gates or {}).items()}
         if weights is None:
             self.weights = np.full(n, 1.0 / n)
+            self.weights.flags.writeable = False
         else:
             w = _as_float_array("weights", weights, 1)
             if w.shape != (n,):
@@ -127,10 +164,26 @@ class Dataset:
             self.weights = w
         self._cache: dict[tuple, object] = {}
 
+    def _arrays(self) -> list[np.ndarray]:
+        return [*self.inputs.values(), *self.targets.values(), *self.node_gates.values(),
+                *self.edge_gates.values(), self.weights]
+
+    def __getstate__(self) -> dict:
+        """Pickled and deep-copied without the cache (engines hold thread-local state; the
+        copy rebuilds what it needs)."""
+        return {k: v for k, v in self.__dict__.items() if k != "_cache"}
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickled and deep-copied arrays are fresh and writable: make them read-only again."""
+        self.__dict__.update(state)
+        self._cache = {}
+        for arr in self._arrays():
+            arr.flags.writeable = False
+
     def _gate(self, name: str, value) -> np.ndarray:
-        arr = np.asarray(value, dtype=np.float64) if np.ndim(value) else None
-        if arr is None:
-            arr = np.full(self.n_samples, float(value))
+        arr = _real(name, value)
+        if arr.ndim == 0:  # a scalar: the same gate for every sample
+            arr = np.broadcast_to(arr, (self.n_samples,))
         arr = _as_float_array(name, arr, 1)
         if arr.shape != (self.n_samples,):
             raise DataError(f"{name}: expected shape ({self.n_samples},), got {arr.shape}")
@@ -195,6 +248,8 @@ class Dataset:
             n_nodes = g_nodes.shape[1]
             cached = Contexts(np.ascontiguousarray(unique[:, :n_nodes]),
                               np.ascontiguousarray(unique[:, n_nodes:]), index, weight)
+            for arr in (cached.node_gates, cached.edge_gates, cached.index, cached.weight):
+                arr.flags.writeable = False  # shared by every user of the cache
             self._cache[key] = cached
         return cached  # type: ignore[return-value]
 

@@ -15,8 +15,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .data import Dataset
-from .errors import WeightsError
+from .data import Dataset, real_array
+from .errors import ConfigError, WeightsError
 from .network import DEFAULT_PATH_LIMIT, Network
 from .stats import GatedMoments, gated_moments, least_squares, path_correlations
 
@@ -51,11 +51,11 @@ def check_edge_names(net: Network, weights: Mapping[str, object]) -> None:
 
 def weight_array(net: Network, weights: Mapping[str, object], e: str) -> np.ndarray:
     """``weights[e]`` as a float64 array of edge ``e``'s shape (not copied if it is one; not
-    checked for NaN or inf)."""
+    checked for NaN or inf). Complex, str and object arrays are refused (see ``real_array``)."""
     try:
-        arr = np.asarray(weights[e], dtype=np.float64)
+        arr = real_array(weights[e])
     except (TypeError, ValueError) as exc:
-        raise WeightsError(f"weights[{e!r}]: not a float array ({exc})") from None
+        raise WeightsError(f"weights[{e!r}]: not a float array: {exc}") from None
     if arr.shape != net.weight_shape(e):
         raise WeightsError(f"weights[{e!r}]: expected shape {net.weight_shape(e)} "
                            f"(dim target, dim source), got {arr.shape}")
@@ -66,7 +66,7 @@ def choose_engine(net: Network, data: Dataset, engine: str = "auto") -> str:
     """The engine to use: ``"moments"`` when the contexts carry no more input columns in all
     (each context counts the dimensions of its open input nodes) than there are samples."""
     if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine != "auto":
         return engine
     ctx = data.contexts(net)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .data import real_array
 from .errors import WeightsError
 from .network import Network
 
@@ -22,6 +23,17 @@ def as_generator(seed: Seed) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+def _real_scalar(name: str, value) -> float:
+    """``value`` as a float, or a WeightsError naming ``name`` (complex, str, arrays...)."""
+    try:
+        arr = real_array(value)
+    except (TypeError, ValueError) as exc:
+        raise WeightsError(f"{name}: not a real number: {exc}") from None
+    if arr.ndim != 0:
+        raise WeightsError(f"{name}: must be a number, got shape {arr.shape}")
+    return float(arr)
+
+
 def random_orthogonal(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
     """A (rows, cols) matrix with orthonormal rows or columns (whichever are fewer), Haar-random."""
     n, k = max(rows, cols), min(rows, cols)
@@ -32,7 +44,7 @@ def random_orthogonal(rows: int, cols: int, rng: np.random.Generator) -> np.ndar
 
 def orthogonal(net: Network, gain: float = 1.0, seed: Seed = None) -> dict[str, np.ndarray]:
     """Each weight a random (semi-)orthogonal matrix times ``gain``: all singular values = gain."""
-    gain = float(gain)
+    gain = _real_scalar("orthogonal: gain", gain)
     if not np.isfinite(gain):
         raise WeightsError(f"orthogonal: gain must be finite, got {gain}")
     rng = as_generator(seed)
@@ -41,7 +53,7 @@ def orthogonal(net: Network, gain: float = 1.0, seed: Seed = None) -> dict[str, 
 
 def gaussian(net: Network, std: float = 1.0, seed: Seed = None) -> dict[str, np.ndarray]:
     """Each weight entry i.i.d. normal with standard deviation ``std``."""
-    std = float(std)
+    std = _real_scalar("gaussian: std", std)
     if not np.isfinite(std) or std < 0:
         raise WeightsError(f"gaussian: std must be finite and non-negative, got {std}")
     rng = as_generator(seed)

@@ -70,7 +70,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .data import Dataset
+from .data import Dataset, real_array
 from .errors import ConfigError, NetworkError, ReductionError, WeightsError
 from .gradient import check_weights
 from .init import Seed, as_generator, random_orthogonal
@@ -418,6 +418,15 @@ def reduce(net: Network, data: Dataset, tol: float = 1e-8, approximate: bool = F
                      loss_constant=constant)
 
 
+def _real_weights(name: str, value) -> np.ndarray:
+    """``value`` as a float64 array of real numbers, or a WeightsError naming ``name`` (complex
+    values would lose their imaginary part)."""
+    try:
+        return real_array(value)
+    except (TypeError, ValueError) as exc:
+        raise WeightsError(f"{name}: not a float array: {exc}") from None
+
+
 class Reduction:
     """The result of :func:`reduce`: bases, reduced system, and maps to and from full weights.
 
@@ -483,7 +492,7 @@ class Reduction:
     def expand_b(self, b0) -> np.ndarray:
         """Mode strengths (n_modes, n_edges) from a scalar, a per-edge (n_edges,) array or a
         (n_modes, n_edges) array; entries outside ``mode_mask`` are set to 0."""
-        arr = np.asarray(b0, dtype=np.float64)
+        arr = _real_weights("b0", b0)
         shape = (self.n_modes, self.system.n_edges)
         if arr.ndim == 0 or arr.shape == (shape[1],):
             arr = np.broadcast_to(arr, shape)
@@ -512,7 +521,7 @@ class Reduction:
             for v in self.network.hidden:
                 if v not in hidden_bases:
                     raise WeightsError(f"hidden_bases: missing hidden node {v!r}")
-                R = np.asarray(hidden_bases[v], dtype=np.float64)
+                R = _real_weights(f"hidden_bases[{v!r}]", hidden_bases[v])
                 n = self.network.dim(v)
                 if R.shape != (n, n) or not np.allclose(R.T @ R, np.eye(n), atol=1e-10):
                     raise WeightsError(f"hidden_bases[{v!r}] must be a ({n}, {n}) orthogonal "
@@ -528,7 +537,7 @@ class Reduction:
     def reconstruct(self, b) -> dict[str, np.ndarray]:
         """Full weights from mode strengths: b (n_modes, n_edges) -> {edge: (dim t, dim s)};
         time-first b (n_t, n_modes, n_edges) -> {edge: (n_t, dim t, dim s)}."""
-        arr = np.asarray(b, dtype=np.float64)
+        arr = _real_weights("b", b)
         shape = (self.n_modes, self.system.n_edges)
         if arr.ndim not in (2, 3) or arr.shape[-2:] != shape:
             raise WeightsError(f"b must have shape {shape} or (n_t, *{shape}), got {arr.shape}")
@@ -575,7 +584,7 @@ class Reduction:
 
         Entries outside ``mode_mask`` are ignored (taken as 0), as in :meth:`reconstruct`.
         """
-        arr = np.asarray(b, dtype=np.float64)
+        arr = _real_weights("b", b)
         if arr.ndim < 2 or arr.shape[-2:] != self.mode_mask.shape:
             raise WeightsError(f"b must have shape (..., {self.n_modes}, {self.system.n_edges}), "
                                f"got {arr.shape}")

@@ -85,3 +85,120 @@ def test_scalar_gates_broadcast(net):
     b = fr.Dataset(X, Y, node_gates={"h": np.full(5, 0.5)})
     w = W(net)
     assert fr.loss(net, a, w) == fr.loss(net, b, w)
+
+
+def test_the_dataset_keeps_read_only_copies_of_its_arrays(net):
+    """Changing the caller's arrays after building a Dataset changes nothing: the moments engine
+    (cached on the data set) and the samples engine keep agreeing on the data as it was."""
+    X, Y = good()
+    gate = np.array([1.0, 0.0, 1.0, 1.0, 0.5])
+    weights = np.full(5, 0.2)
+    data = fr.Dataset(X, Y, node_gates={"h": gate}, edge_gates={"h->y": gate.copy()},
+                      weights=weights)
+    w = W(net)
+    before = fr.loss(net, data, w, engine="moments")
+    X["x"] *= 3.0
+    Y["y"][0, 0] = np.nan
+    gate[:] = 0.0
+    weights[:] = 7.0
+    assert fr.loss(net, data, w, engine="moments") == before
+    assert fr.loss(net, data, w, engine="samples") == pytest.approx(before, rel=1e-12)
+    arrays = [*data.inputs.values(), *data.targets.values(), *data.node_gates.values(),
+              *data.edge_gates.values(), data.weights]
+    for arr in arrays:
+        assert not arr.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            arr[0] = 1.0
+    for arr in arrays + [*data.subset([0, 2]).inputs.values(), data.subset([0, 2]).weights]:
+        assert not arr.flags.writeable
+    default = fr.Dataset(*good())
+    assert not default.weights.flags.writeable
+    assert not default.node_gates and not default.edge_gates
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda X, Y: fr.Dataset({"x": X["x"] + 1j}, Y), r"inputs\['x'\]: .*complex128"),
+    (lambda X, Y: fr.Dataset(X, {"y": Y["y"].astype(np.complex64)}), r"targets\['y'\]: .*complex64"),
+    (lambda X, Y: fr.Dataset(X, Y, node_gates={"h": np.ones(5) + 0.5j}),
+     r"node_gates\['h'\]: .*complex"),
+    (lambda X, Y: fr.Dataset(X, Y, node_gates={"h": 1 + 1j}), r"node_gates\['h'\]: .*complex"),
+    (lambda X, Y: fr.Dataset(X, Y, node_gates={"h": np.complex128(1 + 1j)}),
+     r"node_gates\['h'\]: .*complex"),
+    (lambda X, Y: fr.Dataset(X, Y, edge_gates={"x->h": "1"}), r"edge_gates\['x->h'\]: .*str"),
+    (lambda X, Y: fr.Dataset(X, Y, edge_gates={"x->h": None}), r"edge_gates\['x->h'\]: .*object"),
+    (lambda X, Y: fr.Dataset(X, Y, weights=np.full(5, 0.2 + 0j)), r"weights: .*complex"),
+    (lambda X, Y: fr.Dataset(X, Y, weights=["0.2"] * 5), r"weights: .*str"),
+    (lambda X, Y: fr.Dataset({"x": X["x"].astype(object)}, Y), r"inputs\['x'\]: .*object"),
+])
+def test_data_must_be_real_numbers(make, message):
+    """Complex values would lose their imaginary part, strings would be parsed: both refused."""
+    X, Y = good()
+    with pytest.raises(fr.DataError, match=message):
+        make(X, Y)
+
+
+def test_integer_and_boolean_data_are_accepted(net):
+    X, Y = good()
+    gate = np.array([True, False, True, True, True])
+    a = fr.Dataset({"x": np.round(X["x"] * 10).astype(np.int32)}, Y, node_gates={"h": gate},
+                   edge_gates={"x->h": 1})
+    b = fr.Dataset({"x": np.round(X["x"] * 10)}, Y, node_gates={"h": gate.astype(float)})
+    assert fr.loss(net, a, W(net)) == fr.loss(net, b, W(net))
+
+
+@pytest.mark.parametrize("value, message", [
+    (np.ones((4, 3)) + 1j, r"weights\['x->h'\]: .*complex128"),
+    (np.ones((4, 3), dtype=np.complex64), r"weights\['x->h'\]: .*complex64"),
+    (np.full((4, 3), "1.0"), r"weights\['x->h'\]: .*str"),
+    (np.ones((4, 3)).astype(object), r"weights\['x->h'\]: .*object"),
+])
+def test_weights_must_be_real_numbers(net, value, message):
+    """Complex weights would lose their imaginary part (numpy only warns): refused, by every
+    entry point, naming the edge."""
+    X, Y = good()
+    data = fr.Dataset(X, Y)
+    weights = {**W(net), "x->h": value}
+    for call in (lambda: fr.loss(net, data, weights), lambda: fr.gradient(net, data, weights),
+                 lambda: fr.simulate(net, data, [W(net), weights], lr=0.01, steps=2,
+                                     progress=False)):
+        with pytest.raises(fr.WeightsError, match=message):
+            call()
+
+
+def test_initialisers_and_mode_strengths_must_be_real_numbers():
+    """The other ways in for weights: initialiser scales and a reduction's mode strengths."""
+    net = fr.Network()
+    for v in ("x", "h", "y"):
+        net.add_node(v, 3)
+    net.add_edge("x", "h").add_edge("h", "y")
+    eye = np.eye(3)
+    red = fr.reduce(net, fr.Dataset({"x": eye}, {"y": 2 * eye}))
+    b = np.full((red.n_modes, len(net.edges)), 0.1)
+    for call, message in [
+        (lambda: fr.init.gaussian(net, std=np.complex128(0.5 + 1j)), r"gaussian: std: .*complex"),
+        (lambda: fr.init.gaussian(net, std="0.5"), r"gaussian: std: .*str"),
+        (lambda: fr.init.orthogonal(net, gain=1 + 1j), r"orthogonal: gain: .*complex"),
+        (lambda: fr.init.orthogonal(net, gain=[1.0, 2.0]), r"orthogonal: gain: must be a number"),
+        (lambda: red.aligned_init(0.1 + 0.1j), r"b0: .*complex"),
+        (lambda: red.aligned_init(0.1, hidden_bases={"h": eye + 0j}), r"hidden_bases\['h'\]: .*complex"),
+        (lambda: red.reconstruct(b + 1j), r"b: .*complex"),
+        (lambda: red.loss(b.astype(str)), r"b: .*str"),
+    ]:
+        with pytest.raises(fr.WeightsError, match=message):
+            call()
+    assert fr.init.gaussian(net, std=np.float32(0.5), seed=0)["x->h"].dtype == np.float64
+    red.reconstruct(b.astype(np.float32))
+
+
+def test_copied_and_pickled_datasets_stay_read_only(net):
+    """A deep copy or an unpickled Dataset (as sent to a worker process) gets fresh arrays:
+    they are read-only again, and the cache (engines with thread-local state) is rebuilt."""
+    import copy
+    import pickle
+
+    data = fr.Dataset(*good(), node_gates={"h": [1.0, 0.0, 1.0, 1.0, 1.0]})
+    before = fr.loss(net, data, W(net), engine="moments")
+    fr.simulate(net, data, W(net), lr=0.01, steps=2, engine="moments", progress=False)
+    for other in (copy.deepcopy(data), pickle.loads(pickle.dumps(data))):
+        assert all(not arr.flags.writeable for arr in other._arrays())
+        assert fr.loss(net, other, W(net), engine="moments") == before

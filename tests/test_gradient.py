@@ -274,6 +274,17 @@ def test_initialisers():
         fr.init.gaussian(net, std=-1)
 
 
+@pytest.mark.parametrize("call", [fr.loss, fr.gradient, fr.loss_and_gradient])
+def test_an_unknown_engine_is_a_config_error(call):
+    net = fr.Network.chain([3, 2])
+    rng = np.random.default_rng(0)
+    data = fr.Dataset({net.inputs[0]: rng.standard_normal((8, 3))},
+                      {net.outputs[0]: rng.standard_normal((8, 2))})
+    with pytest.raises(fr.ConfigError, match=r"engine must be one of .*'auto', 'samples', "
+                                             r"'moments'.*got 'moment'"):
+        call(net, data, fr.init.gaussian(net, 0.3, seed=0), engine="moment")
+
+
 def test_report_discrepancy():
     """Runs last in this module: prints the largest discrepancies the tests above saw."""
     print("\nlargest relative gradient discrepancies:", WORST)
