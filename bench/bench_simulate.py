@@ -234,7 +234,8 @@ def same_shape_products(task, threads=2):
 
     def one_step():
         # lr scales alpha of the update products: not 0, or BLAS would skip their work
-        kernels.execute(fn, ops_i, ops_f, plan.const, state, weights, 1e-12, False, *scratch)
+        kernels.execute(fn, ops_i, ops_f, plan.const, state, weights, 1e-12, False, *scratch,
+                        kernels.WHOLE)
 
     return Fastest(one_step, threads)
 

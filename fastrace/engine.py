@@ -8,14 +8,17 @@ edge order, each edge's matrix row-major; a batch of runs is an array (n_runs, n
 
 from __future__ import annotations
 
+import contextvars
+import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .data import Dataset
+from .errors import WeightsError
 from .gradient import (_loss_gradient_samples, check_edge_names, check_weights, choose_engine,
                        weight_array)
 from .network import Network
@@ -500,22 +503,79 @@ def _lanes(n_runs: int) -> int:
     return max(1, min(numba.get_num_threads(), n_runs))
 
 
-_blas_controller = None
+_blas_lock = threading.Lock()
+_blas_holders = 0  # blocks inside one_blas_thread, on any thread
+_blas_restore: Any = None  # what restores the limits the first of them found
 
 
 @contextmanager
-def _blas_threads(n: int) -> Iterator[None]:
-    """Limit the BLAS that the kernels call (scipy's) to ``n`` threads for the block."""
-    global _blas_controller
-    if _blas_controller is None:
-        from threadpoolctl import ThreadpoolController
+def one_blas_thread() -> Iterator[None]:
+    """BLAS (numpy's and scipy's, every library threadpoolctl finds) at one thread for the
+    block. Every product and LAPACK call of a computation runs single-threaded, whatever the
+    thread count: OpenBLAS's threads cut the work differently with 1 and 2 of them (the inner
+    dimension of a product too), which changes the rounding, and fastrace gives the same numbers
+    with any thread count. The threads go to fastrace's own split of the work instead.
 
-        from ._kernels.plan import dgemm_pointer
+    Blocks may nest and run concurrently on several threads (a sweep on a thread pool): the
+    first to enter sets the limit, the last to leave restores what it found."""
+    global _blas_holders, _blas_restore
+    with _blas_lock:
+        if _blas_holders == 0:
+            from threadpoolctl import ThreadpoolController
 
-        dgemm_pointer()  # scipy's BLAS is loaded by now
-        _blas_controller = ThreadpoolController().select(user_api="blas")
-    with _blas_controller.limit(limits=n):
+            from ._kernels.plan import dgemm_pointer
+
+            dgemm_pointer()  # scipy's BLAS is loaded by now
+            _blas_restore = ThreadpoolController().select(user_api="blas").limit(limits=1)
+        _blas_holders += 1
+    try:
         yield
+    finally:
+        with _blas_lock:
+            _blas_holders -= 1
+            if _blas_holders == 0:
+                _blas_restore.restore_original_limits()
+                _blas_restore = None
+
+
+_parallel_lock = threading.Lock()
+_pool: Any = None
+_pool_lock = threading.Lock()
+
+
+def _run_pool() -> Any:
+    """The threads that share a samples-engine batch (made once, as many as numba's)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            import numba
+            from concurrent.futures import ThreadPoolExecutor
+
+            _pool = ThreadPoolExecutor(numba.config.NUMBA_NUM_THREADS,
+                                       thread_name_prefix="fastrace-samples")
+        return _pool
+
+
+def _forget_run_pool() -> None:
+    # a forked child inherits the pool object but not its threads: it makes its own
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_run_pool)
+
+
+def _parallel_guard() -> Any:
+    """A lock around numba's parallel regions when its threading layer is "workqueue" (or not
+    known yet): that layer aborts the process when two threads enter it at once. The OpenMP and
+    TBB layers take concurrent callers."""
+    import numba
+
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel region has run yet
+        layer = None
+    return _parallel_lock if layer in (None, "workqueue") else nullcontext()
 
 
 class GradientEngine:
@@ -556,21 +616,36 @@ class GradientEngine:
         """{edge: array} -> flat (n_params,) vector (validated)."""
         return self.pack_many([weights])[0]
 
-    def pack_many(self, runs: Sequence[Mapping[str, object]]) -> np.ndarray:
-        """A list of weight dicts -> (n_runs, n_params) (validated).
+    def pack_many(self, runs: Sequence[Mapping[str, object]],
+                  names: Sequence[str] | None = None) -> np.ndarray:
+        """A list of weight dicts -> (n_runs, n_params) (validated; an error names the run,
+        by ``names`` if given, in a batch of more than one).
 
         Each weight is copied once, straight into its place: wide layers make these copies
         (and the page faults of fresh memory) a visible part of a short simulation."""
         flat = np.empty((len(runs), self.n_params))
-        for row, weights in zip(flat, runs):
-            check_edge_names(self.net, weights)
-            for e in self.edges:
-                o, shape = self.offsets[e], self.shapes[e]
-                row[o:o + shape[0] * shape[1]].reshape(shape)[...] = \
-                    weight_array(self.net, weights, e)
+
+        def named(i: int, exc: WeightsError) -> WeightsError:
+            if len(runs) == 1:
+                return exc
+            run = f"run {i}" + (f" ({names[i]!r})" if names is not None else "")
+            return WeightsError(f"{run}: {exc}")
+
+        for i, (row, weights) in enumerate(zip(flat, runs)):
+            try:
+                check_edge_names(self.net, weights)
+                for e in self.edges:
+                    o, shape = self.offsets[e], self.shapes[e]
+                    row[o:o + shape[0] * shape[1]].reshape(shape)[...] = \
+                        weight_array(self.net, weights, e)
+            except WeightsError as exc:
+                raise named(i, exc) from None
         if not np.isfinite(flat).all():  # (one test of all the values: a batch has many runs)
-            for weights in runs:
-                check_weights(self.net, weights)  # raises, naming the edge
+            for i, weights in enumerate(runs):
+                try:
+                    check_weights(self.net, weights)  # raises, naming the edge
+                except WeightsError as exc:
+                    raise named(i, exc) from None
         return flat
 
     def unpack(self, flat: np.ndarray) -> dict[str, np.ndarray]:
@@ -611,17 +686,21 @@ class GradientEngine:
         if parallel is None:
             parallel = n_runs > 1 and n_runs * n_steps * plan.flops >= PARALLEL_MIN_FLOPS
         run = kernels.descend_parallel if parallel else kernels.descend_serial
+        # one run: its big products in blocks on numba's threads (a batch: the runs on them)
+        import numba
+
+        mode = kernels.THREADED_BLOCKS if numba.get_num_threads() > 1 else kernels.BLOCKS
         fused = bool(update) and momentum == 0.0 and weight_decay == 0.0
         if loss_only:
             ops_i, ops_f = plan.loss_i, plan.loss_f
         else:
             ops_i, ops_f = (plan.step_i, plan.step_f) if fused else (plan.ops_i, plan.ops_f)
-        # runs on numba threads call BLAS single-threaded: more would oversubscribe the cores
-        with _blas_threads(1) if parallel else nullcontext():
+        with one_blas_thread(), _parallel_guard():
             run(kernels.dgemm_pointer(), ops_i, ops_f, fused, plan.const, state, w, v,
                 plan.layout, np.array(lr, dtype=np.float64), float(momentum),
                 float(weight_decay), int(n_steps), plan.loss_const, float(max_abs), bool(update),
-                losses, status, snapshot_steps, snapshots, _lanes(n_runs) if parallel else 1)
+                losses, status, snapshot_steps, snapshots, _lanes(n_runs) if parallel else 1,
+                mode)
         return state, losses, status
 
     @property
@@ -642,11 +721,35 @@ class GradientEngine:
             return losses[:, 0], state[:, g_off:g_off + self.n_params].copy()
         losses = np.empty(w.shape[0])
         grads = np.empty_like(w)
-        for i in range(w.shape[0]):
+
+        def one(i: int) -> None:
             L, G = _loss_gradient_samples(self.net, self.data, self.unpack(w[i]), True)
             losses[i] = L
             grads[i] = np.concatenate([G[e].ravel() for e in self.edges])
+
+        self._each_run(one, w.shape[0])
         return losses, grads
+
+    def _each_run(self, task: Any, n_runs: int) -> None:
+        """``task(i)`` for every run i, the samples engine's way: numpy (BLAS at one thread),
+        the runs of a batch shared by numba's thread count of Python threads (numpy leaves the
+        GIL free in its products). Each run's numbers are those it gets alone."""
+        import numba
+
+        threads = min(numba.get_num_threads(), n_runs)
+        with one_blas_thread():
+            if threads < 2:
+                for i in range(n_runs):
+                    task(i)
+                return
+            # runs dealt in turn to the threads, as the moments engine's lanes are; each in a
+            # copy of the caller's context, which holds numpy's error state (np.errstate)
+            def lane(t: int, context: contextvars.Context) -> None:
+                for i in range(t, n_runs, threads):
+                    context.run(task, i)
+
+            list(_run_pool().map(lane, range(threads),  # (list: re-raises a run's error)
+                                 [contextvars.copy_context() for _ in range(threads)]))
 
     def loss(self, w: np.ndarray) -> np.ndarray:
         """Loss (n_runs,) of weights (n_runs, n_params)."""
@@ -654,8 +757,13 @@ class GradientEngine:
         if self.plan is not None:
             return self._run_plan(w, None, np.zeros(w.shape[0]), 1, 0.0, 0.0, False, np.inf,
                                   loss_only=True)[1][:, 0]
-        return np.array([_loss_gradient_samples(self.net, self.data, self.unpack(w[i]), False)[0]
-                         for i in range(w.shape[0])])
+        losses = np.empty(w.shape[0])
+
+        def one(i: int) -> None:
+            losses[i] = _loss_gradient_samples(self.net, self.data, self.unpack(w[i]), False)[0]
+
+        self._each_run(one, w.shape[0])
+        return losses
 
     def descend(self, w: np.ndarray, velocity: np.ndarray, lr: np.ndarray, n_steps: int,
                 momentum: float = 0.0, weight_decay: float = 0.0,

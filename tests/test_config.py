@@ -85,8 +85,9 @@ def test_orthogonal_experiment_equals_direct_simulate(tmp_path):
 
 
 def test_an_experiment_keeps_its_rows_in_the_file_only(tmp_path, monkeypatch):
-    # however little memory is free, `fastrace run` does not hold the rows: they go to the file
-    monkeypatch.setattr(sys.modules["fastrace.simulate"], "_available_memory", lambda: 1000)
+    # however little memory is free (room for the runs' weights and state, ~21 kB here),
+    # `fastrace run` does not hold the rows: they go to the file
+    monkeypatch.setattr(sys.modules["fastrace.simulate"], "_available_memory", lambda: 30_000)
     monkeypatch.setattr(sys.modules["fastrace.simulate"], "_ROOM_CHECK_BYTES", 0)
     out = tmp_path / "small_memory.h5"
     summary = run_experiment(load_experiment(ORTHOGONAL), out, threads=1)
@@ -95,7 +96,7 @@ def test_an_experiment_keeps_its_rows_in_the_file_only(tmp_path, monkeypatch):
     with pytest.raises(fr.ConfigError, match="in_memory=False"):  # while keeping them would not
         task = fr.tasks.routing(M=3, K=2, hidden=6)
         fr.simulate(task.network, task.data, fr.init.orthogonal(task.network, 0.3, seed=0),
-                    lr=0.05, steps=40, record_every=2, out=tmp_path / "kept.h5")
+                    lr=0.05, steps=4000, record_every=2, out=tmp_path / "kept.h5")
 
 
 def test_aligned_experiment_with_theory(tmp_path):

@@ -380,3 +380,114 @@ def test_last_status_is_per_thread():
     t.join()
     assert seen[0][0] == -1  # the other thread: its own, healthy run
     assert eng.last_status[0] >= 0  # this thread's status is untouched
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), code=st.integers(0, 3), m=st.integers(1, 40),
+       n=st.integers(1, 40), k=st.integers(1, 12), n_blk=st.integers(2, 7),
+       beta=st.sampled_from([0.0, 1.0, -0.5]))
+def test_products_in_blocks_equal_numpy(seed, code, m, n, k, n_blk, beta):
+    """Every block of a product (rows of C when m >= n, else columns), for each storage
+    orientation and leading dimensions wider than the matrices, at offsets into flat vectors:
+    together they are C = beta C + alpha op(A) op(B), and nothing outside C is written."""
+    from fastrace._kernels import plan as kernels
+
+    rng = np.random.default_rng(seed)
+    ta, tb = code >> 1, code & 1
+    a_shape, b_shape = ((k, m) if ta else (m, k)), ((n, k) if tb else (k, n))
+    a_ld, b_ld, c_ld = a_shape[1] + 3, b_shape[1] + 1, n + 2
+    a_off, b_off, c_off = 5, 2, 7
+
+    def flat(shape, ld, off):
+        buf = rng.standard_normal(off + shape[0] * ld + 4)
+        return buf, buf[off:off + shape[0] * ld].reshape(shape[0], ld)[:, :shape[1]]
+
+    a, A = flat(a_shape, a_ld, a_off)
+    b, B = flat(b_shape, b_ld, b_off)
+    c, C = flat((m, n), c_ld, c_off)
+    expected_c = c.copy()
+    expected_c[c_off:c_off + m * c_ld].reshape(m, c_ld)[:, :n] = \
+        beta * C + 0.7 * (A.T if ta else A) @ (B.T if tb else B)
+    fn, (ints, flts, chars) = kernels.dgemm_pointer(), kernels._scratch()
+    for blk in range(n_blk):
+        kernels._gemm_block(fn, code, m, n, k, 0.7, a, a_off, a_ld, b, b_off, b_ld, beta, c, c_off,
+                            c_ld, blk, n_blk, ints, flts, chars)
+    np.testing.assert_allclose(c, expected_c, rtol=1e-13, atol=1e-13)
+
+
+def test_a_big_run_gives_the_same_bits_with_any_thread_count_and_in_a_batch():
+    """A run's big products go in blocks shared by the threads; the blocks, and so the numbers,
+    do not depend on the thread count, nor on the run being part of a batch. (OpenBLAS's own
+    threads changed the last bits of products such as 64 x 64 x 3000, and so the trajectory.)"""
+    from fastrace._kernels import plan as kernels
+
+    task = fr.tasks.routing(M=16, K=4, hidden=512)
+    eng = GradientEngine(task.network, task.data, "moments")
+    assert max(kernels._n_blocks(*row[1:4]) for row in eng.plan.step_i if row[0] <= 3) > 1
+    starts = np.stack([eng.pack(fr.init.orthogonal(task.network, 0.3, seed=i)) for i in range(2)])
+    results = {}
+    for threads in (1, 2):
+        previous = numba.get_num_threads()
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        try:
+            w = starts[:1].copy()
+            results[threads] = w, eng.descend(w, np.zeros_like(w), np.array([0.02]), 5)
+            batch = starts.copy()
+            results[threads, "batch"] = batch, eng.descend(batch, np.zeros_like(batch),
+                                                           np.full(2, 0.02), 5, parallel=True)
+        finally:
+            numba.set_num_threads(previous)
+    for key in (2, (1, "batch"), (2, "batch")):
+        assert np.array_equal(results[key][0][0], results[1][0][0])
+        assert np.array_equal(results[key][1][0], results[1][1][0])
+    # and the blocks compute the product: the gradient equals the samples engine's
+    W = fr.init.orthogonal(task.network, 0.3, seed=0)
+    L, G = fr.loss_and_gradient(task.network, task.data, W, engine="samples")
+    loss, grad = eng.loss_and_gradient(eng.pack(W))
+    ref = eng.pack(G)
+    assert abs(loss[0] - L) <= 1e-12 * L
+    assert np.abs(grad[0] - ref).max() <= 1e-12 * np.abs(ref).max()
+
+
+def _random_sample_gates_case(P=3000):
+    """x(100) -> h1(64) -> h2(64) -> y(8), P samples, h1 gated by one of 30 values: the gradient
+    of h1 -> h2 is a 64 x 64 x P product, whose last bits OpenBLAS's threads used to change."""
+    rng = np.random.default_rng(0)
+    net = fr.Network.chain([100, 64, 64, 8], ["x", "h1", "h2", "y"])
+    data = fr.Dataset({"x": rng.standard_normal((P, 100))}, {"y": rng.standard_normal((P, 8))},
+                      node_gates={"h1": rng.integers(1, 31, P) / 30.0})
+    return net, data, [fr.init.gaussian(net, 0.1, seed=s) for s in range(2)]
+
+
+def test_runs_give_the_same_bits_with_any_thread_count_for_both_engines():
+    net, data, inits = _random_sample_gates_case()
+    for engine in ("moments", "samples"):
+        runs = {threads: fr.simulate(net, data, inits[0], lr=0.01, steps=4, engine=engine,
+                                     svals=False, threads=threads, progress=False)
+                for threads in (1, 2)}
+        runs["batch"] = fr.simulate(net, data, inits, lr=0.01, steps=4, engine=engine,
+                                    svals=False, threads=2, progress=False)[0]
+        for key in (2, "batch"):
+            assert np.array_equal(runs[key].loss, runs[1].loss), (engine, key)
+            for e in net.edges:
+                assert np.array_equal(runs[key].final_weights[e], runs[1].final_weights[e])
+
+
+def test_concurrent_calls_restore_the_blas_threads():
+    """Calls on several threads (a sweep on a thread pool) each pin BLAS to one thread; the
+    limits found before the first are back after the last, whatever their order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    net, data, inits = _random_sample_gates_case(P=400)
+
+    def blas():
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    with threadpool_limits(2, user_api="blas"):
+        before = blas()
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(lambda i: fr.simulate(net, data, inits[i % 2], lr=0.01, steps=30,
+                                                svals=False, progress=False), range(6)))
+        assert blas() == before

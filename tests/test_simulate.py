@@ -1249,3 +1249,62 @@ def test_a_flow_save_time_at_a_rounded_end_is_the_end():
     with pytest.raises(fr.ConfigError, match="must lie in"):
         simulate(net, data, W0, method="flow", lr=lr, steps=steps, record=[0.871],
                  svals=False, progress=False)
+
+
+# ------------------------------------------------------------------ batches
+def test_an_error_in_one_run_of_a_batch_names_the_run():
+    net, data, W0 = case(3)
+    edge = net.edges[0]
+    bad = [dict(W0, **{edge: W0[edge].T.copy() if W0[edge].shape[0] != W0[edge].shape[1]
+                       else np.full_like(W0[edge], np.nan)}),
+           {e: w for e, w in W0.items() if e != edge}]
+    for broken in bad:
+        with pytest.raises(fr.WeightsError, match=r"run 2 \('c'\)"):
+            simulate(net, data, [W0, W0, broken], lr=0.01, steps=2, run_names=["a", "b", "c"],
+                     progress=False)
+
+
+def test_run_names_of_a_batch_are_checked():
+    net, data, W0 = case(3)
+    with pytest.raises(fr.ConfigError, match="run_name is for one run"):
+        simulate(net, data, [W0, W0], lr=0.01, steps=2, run_name="sweep", progress=False)
+    with pytest.raises(fr.ConfigError, match="run_names must be a list"):
+        simulate(net, data, [W0, W0], lr=0.01, steps=2, run_names="ab", progress=False)
+    assert simulate(net, data, W0, lr=0.01, steps=2, progress=False).run == "simulation"
+
+
+def test_a_batch_too_big_for_memory_is_refused_before_it_starts(monkeypatch):
+    simulate_module = sys.modules["fastrace.simulate"]
+    net, data, W0 = case(3)
+    monkeypatch.setattr(simulate_module, "_ROOM_CHECK_BYTES", 0)
+    monkeypatch.setattr(simulate_module, "_available_memory", lambda: 10_000)
+    with pytest.raises(fr.ConfigError, match="1000 runs need .* split the batch"):
+        simulate(net, data, [W0] * 1000, lr=0.01, steps=2, svals=False, progress=False)
+
+
+def test_concurrent_calls_do_not_abort_numbas_workqueue_layer():
+    """numba's fallback threading layer aborts the process when two threads enter parallel
+    regions at once; the engines take turns there."""
+    script = """
+import threading, numpy as np, fastrace as fr
+task = fr.tasks.routing(M=16, K=4, hidden=512)
+inits = [fr.init.orthogonal(task.network, 0.2, seed=s) for s in range(2)]
+errors = []
+def work(i):
+    try:
+        fr.simulate(task.network, task.data, inits[i], lr=0.01, steps=5, svals=False,
+                    threads=2, progress=False)
+        fr.simulate(task.network, task.data, inits, lr=0.01, steps=5, svals=False, threads=2,
+                    progress=False)
+    except Exception as exc:
+        errors.append(exc)
+threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+[t.start() for t in threads]; [t.join() for t in threads]
+import numba
+print(numba.threading_layer(), errors)
+"""
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue", NUMBA_NUM_THREADS="2")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["workqueue", "[]"]

@@ -75,6 +75,76 @@ def _gemm(fn, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, ints, flts, 
        c.ctypes, ints[5:].ctypes)
 
 
+# A product this big is computed in blocks of rows (or columns) of C, one single-threaded
+# dgemm call each, so that several threads can share it: the blocks depend on the shape only,
+# never on the thread count, and so do the results (OpenBLAS's own threading cuts the inner
+# dimension into different blocks with 1 and 2 threads, which changes the rounding).
+_SPLIT_FLOPS = float(1 << 24)  # at least this many flops per block (~0.2 ms): forks pay off
+_SPLIT_ROWS = 256  # at least this many rows (columns) per block: dgemm keeps its rate
+_MAX_BLOCKS = 16
+
+#: how the kernels run the products: WHOLE, one dgemm call each (BLAS threads as set, for
+#: measuring BLAS alone); BLOCKS, big ones in blocks one after the other; THREADED_BLOCKS, the
+#: blocks of a product on numba's threads (the same calls, the same numbers)
+WHOLE, BLOCKS, THREADED_BLOCKS = 0, 1, 2
+
+
+@numba.njit(cache=True, nogil=True)
+def _n_blocks(m, n, k):
+    """Blocks of a product C (m, n) = op(A) (m, k) op(B) (k, n): along its longer side."""
+    flops = 2.0 * m * n * k
+    if flops < 2.0 * _SPLIT_FLOPS:
+        return 1
+    return max(1, min(_MAX_BLOCKS, max(m, n) // _SPLIT_ROWS, int(flops / _SPLIT_FLOPS)))
+
+
+@numba.njit(cache=True, nogil=True)
+def _gemm_block(fn, code, m, n, k, alpha, a, a_off, a_ld, b, b_off, b_ld, beta, c, c_off, c_ld,
+                blk, n_blk, ints, flts, chars):
+    """Block ``blk`` of ``n_blk`` of C = beta C + alpha op(A) op(B) (row-major): a band of rows
+    of C (rows of op(A)) when m >= n, else a band of columns (columns of op(B))."""
+    span = m if m >= n else n
+    size = ((span + n_blk - 1) // n_blk + 7) // 8 * 8
+    lo = blk * size
+    hi = min(span, lo + size)
+    if lo >= hi:
+        return
+    ta, tb = code >> 1, code & 1
+    if m >= n:  # rows lo..hi of op(A): columns of A when stored transposed
+        _gemm(fn, ta, tb, hi - lo, n, k, alpha, a[a_off + (lo if ta else lo * a_ld):], a_ld,
+              b[b_off:], b_ld, beta, c[c_off + lo * c_ld:], c_ld, ints, flts, chars)
+    else:  # columns lo..hi of op(B): rows of B when stored transposed
+        _gemm(fn, ta, tb, m, hi - lo, k, alpha, a[a_off:], a_ld,
+              b[b_off + (lo * b_ld if tb else lo):], b_ld, beta, c[c_off + lo:], c_ld, ints,
+              flts, chars)
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _gemm_blocks_threaded(fn, code, m, n, k, alpha, a, a_off, a_ld, b, b_off, b_ld, beta, c,
+                          c_off, c_ld, n_blk):
+    for blk in numba.prange(n_blk):
+        ints, flts, chars = _scratch()  # each thread its own argument buffers
+        _gemm_block(fn, code, m, n, k, alpha, a, a_off, a_ld, b, b_off, b_ld, beta, c, c_off,
+                    c_ld, blk, n_blk, ints, flts, chars)
+
+
+@numba.njit(cache=True, nogil=True)
+def _product(fn, code, m, n, k, alpha, a, a_off, a_ld, b, b_off, b_ld, beta, c, c_off, c_ld,
+             mode, ints, flts, chars):
+    """C = beta C + alpha op(A) op(B), as ``mode`` says (WHOLE, BLOCKS, THREADED_BLOCKS)."""
+    n_blk = 1 if mode == WHOLE else _n_blocks(m, n, k)
+    if n_blk == 1:
+        _gemm(fn, code >> 1, code & 1, m, n, k, alpha, a[a_off:], a_ld, b[b_off:], b_ld, beta,
+              c[c_off:], c_ld, ints, flts, chars)
+    elif mode == THREADED_BLOCKS:
+        _gemm_blocks_threaded(fn, code, m, n, k, alpha, a, a_off, a_ld, b, b_off, b_ld, beta,
+                              c, c_off, c_ld, n_blk)
+    else:
+        for blk in range(n_blk):
+            _gemm_block(fn, code, m, n, k, alpha, a, a_off, a_ld, b, b_off, b_ld, beta, c,
+                        c_off, c_ld, blk, n_blk, ints, flts, chars)
+
+
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _norm(x, off, ld, rows, cols):
     """Frobenius norm of the (rows, cols) block of x at off with leading dimension ld."""
@@ -155,7 +225,7 @@ def _output_block(m, n, t, t_off, t_ld, y, y_off, xx, xx_off, xx_ld, e, e_off, e
 
 
 @numba.njit(cache=True, nogil=True)
-def execute(fn, ops_i, ops_f, const, st, w, lr, bound_updates, ints, flts, chars):
+def execute(fn, ops_i, ops_f, const, st, w, lr, bound_updates, ints, flts, chars, mode=BLOCKS):
     """Run every operation of a plan on one run (state ``st``, weights ``w``).
 
     Returns the accumulated DOT terms (the loss less its constant) and, with
@@ -164,12 +234,12 @@ def execute(fn, ops_i, ops_f, const, st, w, lr, bound_updates, ints, flts, chars
     a product is at most the product of the norms; inf when an update is not of that form.
     """
     return _execute_rows(fn, ops_i, ops_f, 0, ops_i.shape[0], const, st, w, lr, bound_updates,
-                         ints, flts, chars)
+                         ints, flts, chars, mode)
 
 
 @numba.njit(cache=True, nogil=True)
 def _execute_rows(fn, ops_i, ops_f, first, stop, const, st, w, lr, bound_updates, ints, flts,
-                  chars):
+                  chars, mode):
     """``execute`` for the operations ``first`` .. ``stop`` - 1 of the plan."""
     acc = 0.0
     growth = 0.0
@@ -196,8 +266,8 @@ def _execute_rows(fn, ops_i, ops_f, first, stop, const, st, w, lr, bound_updates
         c = st if ops_i[o, 10] == 0 else w
         if code <= 3:
             if m > 0 and n > 0 and k > 0:
-                _gemm(fn, code >> 1, code & 1, m, n, k, alpha, a[a_off:], a_ld, b[b_off:], b_ld,
-                      beta, c[c_off:], c_ld, ints, flts, chars)
+                _product(fn, code, m, n, k, alpha, a, a_off, a_ld, b, b_off, b_ld, beta, c,
+                         c_off, c_ld, mode, ints, flts, chars)
                 if scaled and bound_updates:
                     if beta != 1.0:
                         growth = np.inf
@@ -253,7 +323,7 @@ _SLACK = 1e-6
 
 @numba.njit(cache=True, nogil=True)
 def descend_one(fn, ops_i, ops_f, fused, const, st, w, v, layout, lr, momentum, weight_decay,
-                n_steps, loss_const, max_abs, update, losses, snap_steps, snaps):
+                n_steps, loss_const, max_abs, update, losses, snap_steps, snaps, mode):
     """``n_steps`` evaluations (and, with ``update``, descent steps) of one run, in place.
 
     w, v: the run's weights and velocity (v is read and written only with momentum).
@@ -283,7 +353,7 @@ def descend_one(fn, ops_i, ops_f, fused, const, st, w, v, layout, lr, momentum, 
     snap = 0
     for s in range(n_steps):
         acc, growth = _execute_rows(fn, ops_i, ops_f, 0, n_loss, const, st, w, lr, track, ints,
-                                    flts, chars)
+                                    flts, chars, mode)
         loss = loss_const + acc
         if loss < 0.0:  # a loss is never negative: below 0 is rounding (NaN stays NaN)
             loss = 0.0
@@ -294,7 +364,7 @@ def descend_one(fn, ops_i, ops_f, fused, const, st, w, v, layout, lr, momentum, 
         # by lr). An evaluation alone (not update) computes the gradient even when the loss
         # overflowed: it may well be finite, as the samples engine finds it
         acc, growth = _execute_rows(fn, ops_i, ops_f, n_loss, n_ops, const, st, w, lr, track,
-                                    ints, flts, chars)
+                                    ints, flts, chars, mode)
         if not np.isfinite(loss):
             return s
         if update:
@@ -325,19 +395,19 @@ def descend_one(fn, ops_i, ops_f, fused, const, st, w, v, layout, lr, momentum, 
 @numba.njit(cache=True, nogil=True)
 def descend_serial(fn, ops_i, ops_f, fused, const, state, W, V, layout, lr, momentum,
                    weight_decay, n_steps, loss_const, max_abs, update, losses, status,
-                   snap_steps, snaps, n_lanes):
+                   snap_steps, snaps, n_lanes, mode):
     # n_lanes is unused: the signature is descend_parallel's
     for r in range(state.shape[0]):
         status[r] = descend_one(fn, ops_i, ops_f, fused, const, state[r], W[r], V[r], layout,
                                 lr[r], momentum, weight_decay, n_steps, loss_const, max_abs,
-                                update, losses[r], snap_steps, snaps[r])
+                                update, losses[r], snap_steps, snaps[r], mode)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def descend_parallel(fn, ops_i, ops_f, fused, const, state, W, V, layout, lr, momentum,
                      weight_decay, n_steps, loss_const, max_abs, update, losses, status,
-                     snap_steps, snaps, n_lanes):
-    # the runs are dealt out in turn to ``n_lanes`` lanes, one per thread (lane t takes runs
+                     snap_steps, snaps, n_lanes, mode):
+    # (mode: BLOCKS; the lanes are the threads.) The runs are dealt out in turn to ``n_lanes`` lanes, one per thread (lane t takes runs
     # t, t + n_lanes, ...), not in contiguous blocks: batches are often ordered by learning
     # rate or scale, and runs that stop early (diverged) would otherwise all fall to one
     # thread, leaving it idle
@@ -346,4 +416,4 @@ def descend_parallel(fn, ops_i, ops_f, fused, const, state, W, V, layout, lr, mo
         for r in range(lane, n_runs, n_lanes):
             status[r] = descend_one(fn, ops_i, ops_f, fused, const, state[r], W[r], V[r],
                                     layout, lr[r], momentum, weight_decay, n_steps, loss_const,
-                                    max_abs, update, losses[r], snap_steps, snaps[r])
+                                    max_abs, update, losses[r], snap_steps, snaps[r], BLOCKS)
