@@ -1458,9 +1458,9 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
         flow) so that ``resume`` can continue the run after a crash. The start and the end are
         always checkpointed.
     threads : int, optional
-        Threads for numba (default all cores); BLAS is limited so the two never oversubscribe.
-        The recorded singular values of big weights are shared between as many threads (the
-        same numbers with any count).
+        Threads (default all cores): a batch's runs, or a single run's big products (in fixed
+        blocks), and the recorded singular values are shared between them; BLAS and LAPACK
+        run at one thread each, so the numbers are the same bits with any thread count.
     divergence_threshold : float
         A run whose loss is not finite or whose weights exceed this in magnitude (``inf``: only
         non-finite values count) raises DivergenceError naming the run, step, edge and value
