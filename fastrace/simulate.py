@@ -1358,12 +1358,18 @@ def _extras_of(f: Any, path: Any, run: str) -> tuple[str, dict[str, np.ndarray] 
         raise StoreError(f"{os.fspath(path)}: run {run!r} is damaged ({exc})") from exc
 
 
-def _load_trajectory(path: Any, run: str, weights_in_file: bool = False) -> Trajectory:
+def _load_trajectory(path: Any, run: str, weights_in_file: bool = False,
+                     file_id: str | None = None) -> Trajectory:
     """Run ``run`` of the file; with ``weights_in_file`` its weight snapshots stay in the file
-    (``store.StoredSeries``, read when indexed) and only the other series are read."""
+    (``store.StoredSeries``, read when indexed) and only the other series are read. With
+    ``file_id`` (a writer's ``TrajectoryWriter.file_id``), StoreError unless the file at path
+    is the one that writer wrote."""
     from . import store
 
     with store.open_run(path, run) as reader:
+        if file_id is not None and reader.file_id != file_id:
+            raise StoreError(f"{os.fspath(path)} was replaced by another file after this run "
+                             "wrote it: its rows are lost")
         kind = reader.attrs.get("kind")
         if kind != "simulation" or not {"t", "step", "loss"} <= set(reader.series_names):
             raise StoreError(f"{os.fspath(path)}: run {run!r} is not a simulation run "
@@ -1649,7 +1655,8 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
         result = [_trajectory(plan, rec, r, W[r.index], "complete", copy=n_runs > 1)
                   for r in runs]
     else:
-        result = [_load_trajectory(out, r.name, weights_in_file=True) for r in runs]
+        result = [_load_trajectory(out, r.name, weights_in_file=True, file_id=writer.file_id)
+                  for r in runs]
     return result if batch else result[0]
 
 
@@ -1818,16 +1825,19 @@ def resume(path: str | os.PathLike, net: Network, data: Dataset, run: str | None
         _refuse_if_no_room(need, "pass in_memory=False to read the weight snapshots from the "
                                  "file when indexed")
     todo = [n for n in names if info[n]["status"] != "complete"]
+    file_id = None
     if todo:
-        _resume_runs(path, net, data, todo, [info[n]["attrs"] for n in todo], n_threads,
-                     quantities, progress)
-    results = [_load_trajectory(path, name, weights_in_file=not in_memory) for name in names]
+        file_id = _resume_runs(path, net, data, todo, [info[n]["attrs"] for n in todo],
+                               n_threads, quantities, progress)
+    results = [_load_trajectory(path, name, weights_in_file=not in_memory, file_id=file_id)
+               for name in names]
     return results[0] if len(results) == 1 else results
 
 
 def _resume_runs(path: Any, net: Network, data: Dataset, names: list[str],
                  attrs: list[dict[str, Any]], threads: int,
-                 quantities: Mapping[str, Quantity] | None, progress: bool | None) -> None:
+                 quantities: Mapping[str, Quantity] | None, progress: bool | None) -> str:
+    """Resume the runs ``names`` of the file at ``path``; the file id of the file written."""
     from . import store
 
     plan = _Plan.from_attrs(names, attrs)
@@ -1879,3 +1889,4 @@ def _resume_runs(path: Any, net: Network, data: Dataset, names: list[str],
         writer.close()
         raise
     _execute(engine, plan, runs, W, V, rec, writer, threads, progress)
+    return writer.file_id

@@ -38,6 +38,24 @@ How the writer stays safe while it streams:
   to the rows it had at the last checkpoint. A file left by a killed SWMR writer cannot be
   opened for writing again without clearing its consistency flags, and its superblock's
   end-of-file address is stale, so writing into it in place is not safe; rewriting is.
+
+How it fails (StoreError, never a crash or rows that were never written):
+
+- HDF5 does not recover from a write that fails for want of room: rows it could not write read
+  back as zeros, and once a metadata write has failed it can neither flush nor close the file
+  (the process then crashes when it exits). So the writer checks that the disk, and the
+  process's file size limit (RLIMIT_FSIZE), leave room for each write and for what HDF5 may
+  write beyond it (cached chunks, metadata), and stops short with StoreError when they do not;
+  that room is also reserved on disk (posix_fallocate), which catches disk quotas and other
+  processes filling the disk. A file without room for its layout fails before any compute.
+- Should a write fail all the same, each series is cut back to the rows of the last flush
+  before the failure, the failure is recorded in ``live/status`` if the file takes it, and the
+  file is closed with what HDF5 cannot write sent to a scratch file (so HDF5 can close it).
+- Each flush checks that path still holds the file written (device and inode): an output
+  removed or replaced while a run writes it is a StoreError at the next flush, and a file
+  that is not this writer's (root attribute ``file_id``) is never written into.
+- An output path naming a symlink writes its target; one naming a FIFO, a device or other
+  non-regular file is refused, as is a path whose ``.partial`` sibling cannot be made.
 """
 
 from __future__ import annotations
@@ -46,6 +64,7 @@ import atexit
 import contextlib
 import ctypes
 import datetime
+import errno
 import functools
 import importlib
 import importlib.metadata
@@ -55,6 +74,7 @@ import math
 import os
 import queue
 import shlex
+import stat
 import sys
 import threading
 import time
@@ -125,6 +145,11 @@ _BUILD_WAIT = 0.05  # seconds the writer thread waits for the caller's first ope
 _FIRST_WAIT = 2.0
 _EARLY_OPS = ("rows", "blocks", "checkpoint", "steps", "status")
 _STATUS_BYTES = 256
+# Room the writer keeps free, on the disk and below the process's file size limit, for what HDF5
+# may still write beyond the rows of an operation: its cached chunks, and metadata
+# (_ROOM_PER_DATASET per dataset, and _ROOM_SLACK); see TrajectoryWriter._check_room
+_ROOM_PER_DATASET = 8 << 10
+_ROOM_SLACK = 1 << 20
 _RESERVED_RUN_ATTRS = ("series", "status", "steps_done")
 _RESERVED_SERIES = ("live", "checkpoint")
 
@@ -331,12 +356,33 @@ def _check_status(status: Any) -> str:
 
 def check_writable(path: str | os.PathLike[str]) -> None:
     """Raise StoreError unless a fastrace file can be created at ``path`` (call before compute)."""
-    _check_writable(Path(path))
+    _check_writable(_output_path(path))
+
+
+def _output_path(path: str | os.PathLike[str]) -> Path:
+    """The path a file written at ``path`` goes to: a symlink's target (the file is built beside
+    it and renamed onto it), so that the link stays a link."""
+    p = os.fspath(path)
+    return Path(os.path.realpath(p) if os.path.islink(p) else p)
+
+
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
 def _check_writable(path: Path) -> None:
     if path.is_dir():
         raise StoreError(f"cannot write {path}: it is a directory")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:
+        raise StoreError(f"cannot write {path}: {exc.strerror}") from exc
+    if mode is not None and not stat.S_ISREG(mode):
+        # the file is renamed onto path: a FIFO or a device node there would be replaced
+        kind = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
+        raise StoreError(f"cannot write {path}: it is not a regular file ({kind})")
     parent = path.parent
     if not parent.is_dir():
         raise StoreError(f"cannot write {path}: directory {parent} does not exist")
@@ -431,6 +477,11 @@ class TrajectoryWriter:
     every reader decodes), ``"blosc-lz4"`` (every chunk) or ``"none"``. ``swmr=False`` turns
     off concurrent reading and kill safety (for file systems without POSIX write ordering,
     e.g. NFS). Use the writer from one thread.
+
+    ``path`` may be a symlink (its target is written); ``self.path`` is the file written, and
+    ``self.file_id`` its root attribute ``file_id``. A full disk (or file size limit), or an
+    output removed or replaced while the run writes it, raise StoreError (see the module
+    docstring, "How it fails").
     """
 
     def __init__(
@@ -448,7 +499,7 @@ class TrajectoryWriter:
         flush_interval: float = 1.0,
         swmr: bool = True,
     ):
-        self.path = Path(os.fspath(path))
+        self.path = _output_path(path)
         if mode not in ("w", "resume"):
             raise StoreError(f"mode must be 'w' or 'resume', got {mode!r}")
         if not isinstance(runs, Mapping) or not runs:
@@ -488,6 +539,14 @@ class TrajectoryWriter:
         self._ckpt: dict[str, tuple[h5py.Dataset, list[dict[str, h5py.Dataset]]]] = {}
         self._ckpt_slot = {run: -1 for run in self._specs}
         self._partial = Path(f"{self.path}.partial")
+        # the root attribute file_id of the file written here, and (device, inode) of that file
+        # once it is at path: each flush checks that path still holds it (see _check_at_path)
+        self.file_id = os.urandom(16).hex()
+        self._identity: tuple[int, int] | None = None
+        self._size_limit = _file_size_limit()
+        self._headroom = _headroom(self._specs)
+        self._layout_bytes = _layout_bytes(self._specs)
+        self._room_left = 0  # bytes that may be written before the room left is measured again
         try:
             if mode == "resume" and self.path.exists():
                 self._file = self._resume_build()
@@ -532,12 +591,26 @@ class TrajectoryWriter:
 
     def _open_partial(self) -> h5py.File:
         """A new, empty HDF5 file at ``<path>.partial``."""
-        self._partial.unlink(missing_ok=True)
         try:
-            return h5py.File(self._partial, "w", libver=_LIBVER, track_order=True)
+            self._partial.unlink(missing_ok=True)  # left by a killed writer
+        except OSError as exc:  # e.g. a directory, or a name too long (path itself is not)
+            raise StoreError(f"cannot write {self.path}: its temporary file {self._partial} "
+                             f"cannot be made ({exc.strerror})") from exc
+        try:
+            f = h5py.File(self._partial, "w", libver=_LIBVER, track_order=True)
         except (OSError, ValueError) as exc:
-            self._partial.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self._partial.unlink(missing_ok=True)
             raise StoreError(f"cannot write {self.path}: {exc}") from exc
+        try:  # room for the layout, checked before any compute and reserved
+            self._check_room(self._layout_bytes, f)
+            self._reserve(self._layout_bytes, f)
+        except StoreError:
+            _close_file(f, discard=True)
+            with contextlib.suppress(OSError):
+                self._partial.unlink(missing_ok=True)
+            raise
+        return f
 
     def _resume_build(self) -> h5py.File:
         """The file rebuilt from the one at path (each unfinished run cut to its checkpoint)."""
@@ -556,20 +629,25 @@ class TrajectoryWriter:
 
     def _publish(self, f: h5py.File, fill: Any) -> None:
         """Fill ``f`` (at ``<path>.partial``), switch SWMR on and rename it onto path, so that
-        path only ever holds a complete layout; on failure the partial file is removed."""
+        path only ever holds a complete layout; on failure ``f`` is closed and removed."""
         try:
             fill(f)
+            self._check_room(0, f)
+            # Written before SWMR is switched on: HDF5 cannot close a file whose switch to
+            # SWMR failed (on a full disk, say), and the switch only writes the superblock then.
+            f.flush()
             if self._swmr:
                 f.swmr_mode = True
-            f.flush()
+            st = os.fstat(f.id.get_vfd_handle())
             os.replace(self._partial, self.path)
         except BaseException as exc:
-            with contextlib.suppress(Exception):
-                f.close()
-            self._partial.unlink(missing_ok=True)
+            _close_file(f, discard=True)  # (it may not flush: the disk may be full)
+            with contextlib.suppress(OSError):
+                self._partial.unlink(missing_ok=True)
             if isinstance(exc, StoreError) or not isinstance(exc, Exception):
                 raise
             raise StoreError(f"cannot write {self.path}: {exc}") from exc
+        self._identity = (st.st_dev, st.st_ino)
 
     def _write_root(self, f: h5py.File, created: str | None) -> None:
         now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
@@ -578,7 +656,7 @@ class TrajectoryWriter:
         # each file written anew (a resume too) gets its own id: readers holding rows of an
         # earlier file at this path tell the two apart (the inode number may be the same:
         # ext4 hands a freed one straight back)
-        f.attrs["file_id"] = os.urandom(16).hex()
+        f.attrs["file_id"] = self.file_id
         for pkg in ("fastrace", "numpy", "numba", "h5py"):
             f.attrs[f"{pkg}_version"] = _package_version(pkg)
         f.attrs["hdf5_version"] = h5py.version.hdf5_version
@@ -668,7 +746,8 @@ class TrajectoryWriter:
                 self._resumed[run] = checkpoint
             self._status[run] = status
             self._kept_rows[run] = rows
-            for name in spec.series:
+            for name, (shape, dtype) in spec.series.items():
+                self._check_room(rows[name] * math.prod(shape) * dtype.itemsize, f)
                 _copy_rows(old[name], self._datasets[(run, name)], rows[name])
             if checkpoint is not None:
                 rows_array = np.array([checkpoint.rows[n] for n in spec.series], dtype=np.int64)
@@ -917,6 +996,7 @@ class TrajectoryWriter:
                 self._publish(self._file, build)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
                 self._error = exc
+                self._file = None  # closed and removed: nothing is at path
         last_flush = time.monotonic()
         dirty = False  # rows written since the last flush
         while True:
@@ -1070,6 +1150,7 @@ class TrajectoryWriter:
         """Write ``block`` at row ``start`` of series ``key``: its whole chunks directly and
         unfiltered if the series' compression does not pay (see _MIN_SAVING)."""
         n = len(block)
+        self._check_room(block.nbytes)
         ds = self._datasets[key]
         dsid = ds.id
         dsid.set_extent((start + n, *block.shape[1:]))
@@ -1114,8 +1195,92 @@ class TrajectoryWriter:
     def _flush_file(self) -> None:
         for key in list(self._gathered):
             self._write_gathered(key)
+        self._check_room(0)
         self._file.flush()
+        self._check_at_path()
         self._flushed.update(self._written)
+        # the room HDF5 may need for what it writes beyond the rows, reserved: HDF5 cannot flush
+        # or close a file whose metadata it could not write
+        self._reserve(self._headroom)
+
+    def _check_room(self, nbytes: int, f: h5py.File | None = None) -> None:
+        """StoreError unless the disk, and this process's file size limit (RLIMIT_FSIZE, as set
+        by ``ulimit -f`` or a batch system), leave room for ``nbytes`` more and then for all
+        HDF5 may still write (``_headroom``). HDF5 does not recover from a write that fails for
+        want of room: it may then be unable to flush or close the file at all (and the process
+        crashes when it exits), so the writer stops short, leaving a complete file. The room
+        is measured (a statvfs) again once half the room measured is used."""
+        need = nbytes + self._headroom
+        if need > self._room_left:
+            f = f or self._file
+            fd, allocated = f.id.get_vfd_handle(), f.id.get_filesize()
+            # (the disk's free room, and that reserved past what HDF5 allocated: see _reserve)
+            room = _free_bytes(fd) + max(0, os.fstat(fd).st_size - allocated)
+            full = "the disk holding it is full"
+            if self._size_limit is not None:
+                below_limit = self._size_limit - allocated
+                if below_limit < room:
+                    room, full = below_limit, ("it would outgrow this process's file size "
+                                               f"limit of {self._size_limit} bytes "
+                                               "(RLIMIT_FSIZE; see `ulimit -f`)")
+            if need > room:
+                raise StoreError(f"cannot write {self.path} further: {full} ({max(room, 0)} "
+                                 f"bytes left; {need} needed to go on)")
+            # (what HDF5 writes beyond the rows counted here, and what other files take, are
+            # caught by measuring again long before the room runs out)
+            self._room_left = max(need, room // 2)
+        self._room_left -= nbytes
+
+    def _reserve(self, nbytes: int, f: h5py.File | None = None) -> None:
+        """Make sure ``nbytes`` of disk are reserved past the space HDF5 has allocated, so that
+        its next writes of that size cannot fail for want of room, which a statvfs does not
+        tell (a disk quota, another process filling the disk); StoreError if there is no room.
+        Reserves twice that when it must, so that most calls cost an fstat. HDF5 gives back
+        what it did not use when it closes the file (it truncates it to the space it
+        allocated; some flushes do too)."""
+        if not hasattr(os, "posix_fallocate"):  # pragma: no cover - macOS, Windows
+            return
+        f = f or self._file
+        fd, allocated = f.id.get_vfd_handle(), f.id.get_filesize()
+        if os.fstat(fd).st_size >= allocated + nbytes:
+            return
+        size = 2 * nbytes
+        if self._size_limit is not None:  # (past it, the kernel kills the process: SIGXFSZ)
+            size = min(size, self._size_limit - allocated)
+            if size < nbytes:
+                raise StoreError(f"cannot write {self.path} further: it would outgrow this "
+                                 f"process's file size limit of {self._size_limit} bytes "
+                                 "(RLIMIT_FSIZE; see `ulimit -f`)")
+        for attempt in sorted({size, nbytes}, reverse=True):
+            try:
+                os.posix_fallocate(fd, allocated, attempt)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                    return  # (e.g. EOPNOTSUPP: cannot reserve here; HDF5 extends the file)
+                if attempt == nbytes:
+                    raise StoreError(f"cannot write {self.path} further: no room for the "
+                                     f"next {nbytes} bytes ({exc.strerror})") from exc
+
+    def _check_at_path(self) -> None:
+        """StoreError if path no longer holds this writer's file (removed or replaced). The
+        rows go on into the file this writer has open, which nothing can reach then."""
+        if self._identity is None:  # not yet at path (being built at <path>.partial)
+            return
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        except OSError as exc:  # e.g. a directory on the way replaced by a file
+            raise StoreError(f"{self.path} can no longer be reached while this run writes it "
+                             f"({exc.strerror}): the run's rows are not at that path") from exc
+        if st is None:
+            raise StoreError(f"{self.path} was removed (or moved away) while this run wrote "
+                             "it: the run's rows are not at that path")
+        if (st.st_dev, st.st_ino) != self._identity:
+            raise StoreError(f"{self.path} was replaced by another file while this run wrote "
+                             "it: the run's rows are not at that path (the other file was left "
+                             "as it is)")
 
     # -- closing -----------------------------------------------------------------------------
 
@@ -1138,9 +1303,24 @@ class TrajectoryWriter:
             if final:
                 self._finish()
             else:  # abandoned at interpreter exit: rows are flushed, statuses stay as they are
-                self._file.close()
+                self._close_after_flush()
         finally:
             self._lock.release()
+
+    def _close_after_flush(self) -> None:
+        """Flush and close the file; should the flush fail, close it dropping what it holds
+        (see _close_file)."""
+        f, self._file = self._file, None
+        try:
+            f.flush()
+        except (OSError, RuntimeError, ValueError) as exc:
+            _close_file(f, discard=True)
+            raise StoreError(f"closing {self.path} failed: {exc}") from exc
+        _give_back_reserve(f)
+        try:
+            f.close()
+        except (OSError, RuntimeError, ValueError) as exc:  # pragma: no cover - flushed above
+            raise StoreError(f"closing {self.path} failed: {exc}") from exc
 
     def _finish(self) -> None:
         final = {run: ("complete" if s == "running" else s) for run, s in self._status.items()}
@@ -1152,18 +1332,28 @@ class TrajectoryWriter:
                 steps_ds[()] = self._steps[run]
             if not self._swmr:
                 self._write_final_attrs(self._file, final)
-            self._file.close()
         except (OSError, RuntimeError, ValueError, KeyError) as exc:
+            _close_file(self._file, discard=True)
+            self._file = None
             raise StoreError(f"closing {self.path} failed: {exc}") from exc
+        self._close_after_flush()
         if self._swmr:
             # Attributes cannot change under SWMR: the file is closed (which ends SWMR) and
             # reopened. Live SWMR readers hold a shared lock on it; this writer holds its own
             # lock against other writers, so HDF5's lock is not needed. If the file cannot be
             # reopened (e.g. a reader in this very process), the live datasets, which every
-            # reader here uses, still hold the final status.
+            # reader here uses, still hold the final status. Only this writer's own file is
+            # reopened: path is checked, then the file id of what opened.
+            self._check_at_path()
             try:
                 with h5py.File(self.path, "r+", libver=_LIBVER, locking=False) as f:
+                    if _plain(f.attrs.get("file_id", "")) != self.file_id:
+                        raise StoreError(f"{self.path} was replaced by another file while this "
+                                         "run wrote it: the run's rows are not at that path "
+                                         "(the other file was left as it is)")
                     self._write_final_attrs(f, final)
+            except StoreError:
+                raise
             except OSError as exc:
                 warnings.warn(f"{self.path}: the final status attributes were not written "
                               f"({exc}); live/status holds the final status", stacklevel=4)
@@ -1174,28 +1364,127 @@ class TrajectoryWriter:
             f[run].attrs["steps_done"] = self._steps[run]
 
     def _mark_failed_after_error(self) -> None:
-        # Best effort only: the file may be what failed, and the original error is raised.
+        """After an error in the writer thread: cut each series to the rows really in the file
+        (flushed), record the failure if the file still takes writes, and close it whatever
+        happens. Best effort only: the file may be what failed, and the original error is
+        raised."""
+        f, self._file = self._file, None
+        if f is None:  # never at path (or closed already)
+            return
         reason = f"failed: write error: {self._error}"
-        with contextlib.suppress(Exception):  # the rows still waiting in the thread, if it can
-            for key in list(self._gathered):
-                self._write_gathered(key)
-        with contextlib.suppress(Exception):  # a failed write may have left fill rows behind
+        # After a write that failed in HDF5, a later flush that succeeds does not mean the rows
+        # written before it are in the file: HDF5 drops a chunk it could not write. Rows go on
+        # being written only if none were waiting in HDF5 then, or if the writer itself
+        # stopped (its own StoreError: HDF5 had no error).
+        waiting = any(self._written[key] > n for key, n in self._flushed.items())
+        if not waiting or isinstance(self._error, StoreError):
+            with contextlib.suppress(Exception):  # the rows still waiting in the thread
+                for key in list(self._gathered):
+                    self._write_gathered(key)
+            with contextlib.suppress(Exception):
+                f.flush()
+                self._flushed.update(self._written)
+        # Rows not flushed may be missing from the file (their chunks could not be written)
+        # even where a failed flush wrote the series' new lengths: they would read as zeros.
+        with contextlib.suppress(Exception):
             for key, ds in self._datasets.items():
-                if ds.id.shape[0] > self._written[key]:
-                    ds.id.set_extent((self._written[key], *ds.id.shape[1:]))
+                if ds.id.shape[0] > self._flushed[key]:
+                    ds.id.set_extent((self._flushed[key], *ds.id.shape[1:]))
         with contextlib.suppress(Exception):
-            for run, status in self._status.items():
-                if not status.startswith("failed"):
-                    self._live[run][0][()] = _encode_status(reason)
-            self._file.flush()
-        with contextlib.suppress(Exception):
-            self._file.close()
+            for run, status in self._status.items():  # (a failed one may be set only here)
+                status_ds = self._live[run][0]
+                _write_all(status_ds, _encode_status(status if status.startswith("failed")
+                                                     else reason))
+                status_ds.id.flush()  # (written in place: it gets there on a full disk too)
+        try:
+            f.flush()
+        except Exception:  # noqa: BLE001 - what could not be written is dropped
+            _close_file(f, discard=True)
+        else:
+            _close_file(f)
 
     def _close_at_exit(self) -> None:
         try:
             self._shutdown(final=False)
         except StoreError as exc:  # pragma: no cover - nothing left to report to
             print(f"fastrace: {exc}", file=sys.stderr)
+
+
+def _close_file(f: h5py.File, discard: bool = False) -> None:
+    """Close ``f`` and never raise. ``discard``: its descriptor is first pointed at a scratch
+    file, so that what HDF5 still writes for it (the rows and metadata it could not write, the
+    size it extends the file to) goes there and the file on disk stays as it is. (HDF5 cannot
+    close a file whose data it cannot write, e.g. on a full disk: the file then stays open
+    inside HDF5, half torn down, and the process crashes when it exits.)"""
+    with contextlib.suppress(Exception):
+        if not f.id.valid:
+            return
+        _give_back_reserve(f)
+        if discard:
+            fd = f.id.get_vfd_handle()
+            scratch = _scratch_fd()
+            try:
+                os.dup2(scratch, fd)
+            finally:
+                os.close(scratch)
+        f.close()
+
+
+def _give_back_reserve(f: h5py.File) -> None:
+    """Cut the open file ``f`` to the space HDF5 has allocated: the disk reserved past it (see
+    TrajectoryWriter._reserve), which HDF5 does not always cut itself when it closes."""
+    with contextlib.suppress(OSError, RuntimeError, ValueError):
+        fd, allocated = f.id.get_vfd_handle(), f.id.get_filesize()
+        if os.fstat(fd).st_size > allocated:
+            os.ftruncate(fd, allocated)
+
+
+def _scratch_fd() -> int:
+    """A descriptor that takes writes anywhere and any file size: a file in memory (Linux),
+    else /dev/null (which refuses to change size: HDF5 may then fail to close the file)."""
+    if hasattr(os, "memfd_create"):
+        with contextlib.suppress(OSError):
+            return os.memfd_create("fastrace-discarded", os.MFD_CLOEXEC)
+    return os.open(os.devnull, os.O_RDWR)
+
+
+def _headroom(specs: Mapping[str, RunSpec]) -> int:
+    """Bytes HDF5 may write for the runs ``specs`` beyond the rows handed to it (see
+    TrajectoryWriter._check_room): a chunk per series (each series caches one), and metadata."""
+    return _ROOM_SLACK + _metadata_bytes(specs) + sum(
+        math.prod(_chunk_shape(shape, dtype.itemsize)) * dtype.itemsize
+        for spec in specs.values() for shape, dtype in spec.series.values())
+
+
+def _metadata_bytes(specs: Mapping[str, RunSpec]) -> int:
+    """A generous bound on the metadata of the layout of the runs ``specs``."""
+    return _ROOM_PER_DATASET * sum(len(spec.series) + 2 * len(spec.checkpoint) + 8
+                                   for spec in specs.values())
+
+
+def _layout_bytes(specs: Mapping[str, RunSpec]) -> int:
+    """Bytes of the layout of the runs ``specs``: both checkpoint slots, and metadata."""
+    return _metadata_bytes(specs) + sum(
+        2 * math.prod(shape) * dtype.itemsize
+        for spec in specs.values() for shape, dtype in spec.checkpoint.values())
+
+
+def _free_bytes(fd: int) -> int:
+    """Bytes free (to this user) on the file system holding the open file ``fd``."""
+    if not hasattr(os, "fstatvfs"):  # pragma: no cover - Windows
+        return sys.maxsize
+    st = os.fstatvfs(fd)
+    return st.f_bavail * st.f_frsize
+
+
+def _file_size_limit() -> int | None:
+    """This process's limit on the size of the files it writes (RLIMIT_FSIZE), or None."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else int(soft)
 
 
 def _write_rows(dsid: h5d.DatasetID, start: int, block: np.ndarray) -> None:
@@ -1499,6 +1788,12 @@ class RunReader:
     @property
     def steps_done(self) -> int:
         return int(self._steps[()])
+
+    @property
+    def file_id(self) -> str:
+        """The file's root attribute file_id: each file written (or resumed) gets its own, the
+        writer's ``TrajectoryWriter.file_id`` ("" for files from before ids were written)."""
+        return str(_plain(self._file.attrs.get("file_id", "")))
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self._datasets:
