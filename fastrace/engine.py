@@ -188,7 +188,11 @@ class _Ops:
         self.coef.append([0.5, 0.0])
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        from ._kernels.plan import n_blocks
+
         ints = np.array(self.rows, dtype=np.int64).reshape(-1, 17)
+        for i in np.flatnonzero(ints[:, 0] <= 3):  # products: the blocks each is computed in
+            ints[i, 14] = n_blocks(int(ints[i, 1]), int(ints[i, 2]), int(ints[i, 3]))
         return ints, np.array(self.coef, dtype=np.float64).reshape(-1, 2)
 
 
@@ -506,6 +510,7 @@ def _lanes(n_runs: int) -> int:
 _blas_lock = threading.Lock()
 _blas_holders = 0  # blocks inside one_blas_thread, on any thread
 _blas_restore: Any = None  # what restores the limits the first of them found
+_blas_libraries: Any = None  # threadpoolctl's BLAS libraries (finding them takes milliseconds)
 
 
 @contextmanager
@@ -518,15 +523,17 @@ def one_blas_thread() -> Iterator[None]:
 
     Blocks may nest and run concurrently on several threads (a sweep on a thread pool): the
     first to enter sets the limit, the last to leave restores what it found."""
-    global _blas_holders, _blas_restore
+    global _blas_holders, _blas_restore, _blas_libraries
     with _blas_lock:
         if _blas_holders == 0:
-            from threadpoolctl import ThreadpoolController
+            if _blas_libraries is None:
+                from threadpoolctl import ThreadpoolController
 
-            from ._kernels.plan import dgemm_pointer
+                from ._kernels.plan import dgemm_pointer
 
-            dgemm_pointer()  # scipy's BLAS is loaded by now
-            _blas_restore = ThreadpoolController().select(user_api="blas").limit(limits=1)
+                dgemm_pointer()  # scipy's BLAS is loaded by now
+                _blas_libraries = ThreadpoolController().select(user_api="blas")
+            _blas_restore = _blas_libraries.limit(limits=1)
         _blas_holders += 1
     try:
         yield

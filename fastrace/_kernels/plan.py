@@ -12,7 +12,7 @@ run's weights; with scale_by_lr alpha is multiplied by the run's learning rate).
 alpha, beta. Opcodes:
 
 - 0-3: C (m, n) = beta C + alpha op(A) op(B), op(A) (m, k) stored transposed when opcode & 2,
-  op(B) (k, n) when opcode & 1 (one BLAS call).
+  op(B) (k, n) when opcode & 1: one BLAS call, or ``count`` calls on blocks of C (n_blocks).
 - 4: C (m, n) = beta C + alpha A, A stored transposed when k = 1; ``count`` such blocks, the
   b-th at a_off + b a_step and c_off + b c_step.
 - 5: the loss accumulates alpha <A, B> over (m, n).
@@ -89,9 +89,9 @@ _MAX_BLOCKS = 16
 WHOLE, BLOCKS, THREADED_BLOCKS = 0, 1, 2
 
 
-@numba.njit(cache=True, nogil=True)
-def _n_blocks(m, n, k):
-    """Blocks of a product C (m, n) = op(A) (m, k) op(B) (k, n): along its longer side."""
+def n_blocks(m: int, n: int, k: int) -> int:
+    """Blocks of a product C (m, n) = op(A) (m, k) op(B) (k, n), along its longer side (the
+    plan stores them in the product's ``count`` column)."""
     flops = 2.0 * m * n * k
     if flops < 2.0 * _SPLIT_FLOPS:
         return 1
@@ -129,14 +129,11 @@ def _gemm_blocks_threaded(fn, code, m, n, k, alpha, a, a_off, a_ld, b, b_off, b_
 
 
 @numba.njit(cache=True, nogil=True)
-def _product(fn, code, m, n, k, alpha, a, a_off, a_ld, b, b_off, b_ld, beta, c, c_off, c_ld,
-             mode, ints, flts, chars):
-    """C = beta C + alpha op(A) op(B), as ``mode`` says (WHOLE, BLOCKS, THREADED_BLOCKS)."""
-    n_blk = 1 if mode == WHOLE else _n_blocks(m, n, k)
-    if n_blk == 1:
-        _gemm(fn, code >> 1, code & 1, m, n, k, alpha, a[a_off:], a_ld, b[b_off:], b_ld, beta,
-              c[c_off:], c_ld, ints, flts, chars)
-    elif mode == THREADED_BLOCKS:
+def _product_in_blocks(fn, code, m, n, k, alpha, a, a_off, a_ld, b, b_off, b_ld, beta, c, c_off,
+                       c_ld, n_blk, mode, ints, flts, chars):
+    """C = beta C + alpha op(A) op(B) in ``n_blk`` blocks, on numba's threads with
+    THREADED_BLOCKS."""
+    if mode == THREADED_BLOCKS:
         _gemm_blocks_threaded(fn, code, m, n, k, alpha, a, a_off, a_ld, b, b_off, b_ld, beta,
                               c, c_off, c_ld, n_blk)
     else:
@@ -266,8 +263,13 @@ def _execute_rows(fn, ops_i, ops_f, first, stop, const, st, w, lr, bound_updates
         c = st if ops_i[o, 10] == 0 else w
         if code <= 3:
             if m > 0 and n > 0 and k > 0:
-                _product(fn, code, m, n, k, alpha, a, a_off, a_ld, b, b_off, b_ld, beta, c,
-                         c_off, c_ld, mode, ints, flts, chars)
+                n_blk = ops_i[o, 14]
+                if mode == WHOLE or n_blk <= 1:
+                    _gemm(fn, code >> 1, code & 1, m, n, k, alpha, a[a_off:], a_ld, b[b_off:],
+                          b_ld, beta, c[c_off:], c_ld, ints, flts, chars)
+                else:
+                    _product_in_blocks(fn, code, m, n, k, alpha, a, a_off, a_ld, b, b_off, b_ld,
+                                       beta, c, c_off, c_ld, n_blk, mode, ints, flts, chars)
                 if scaled and bound_updates:
                     if beta != 1.0:
                         growth = np.inf
