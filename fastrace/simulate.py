@@ -1655,8 +1655,9 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
         result = [_trajectory(plan, rec, r, W[r.index], "complete", copy=n_runs > 1)
                   for r in runs]
     else:
-        result = [_load_trajectory(out, r.name, weights_in_file=True, file_id=writer.file_id)
-                  for r in runs]
+        # (the writer's path: absolute, the caller may have changed directory meanwhile)
+        result = [_load_trajectory(writer.path, r.name, weights_in_file=True,
+                                   file_id=writer.file_id) for r in runs]
     return result if batch else result[0]
 
 

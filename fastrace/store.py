@@ -148,7 +148,7 @@ _STATUS_BYTES = 256
 # Room the writer keeps free, on the disk and below the process's file size limit, for what HDF5
 # may still write beyond the rows of an operation: its cached chunks, and metadata
 # (_ROOM_PER_DATASET per dataset, and _ROOM_SLACK); see TrajectoryWriter._check_room
-_ROOM_PER_DATASET = 8 << 10
+_ROOM_PER_DATASET = 4 << 10
 _ROOM_SLACK = 1 << 20
 _RESERVED_RUN_ATTRS = ("series", "status", "steps_done")
 _RESERVED_SERIES = ("live", "checkpoint")
@@ -363,7 +363,8 @@ def _output_path(path: str | os.PathLike[str]) -> Path:
     """The path a file written at ``path`` goes to: a symlink's target (the file is built beside
     it and renamed onto it), so that the link stays a link."""
     p = os.fspath(path)
-    return Path(os.path.realpath(p) if os.path.islink(p) else p)
+    # (absolute: the caller may change directory while a run writes)
+    return Path(os.path.realpath(p) if os.path.islink(p) else os.path.abspath(p))
 
 
 _FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
@@ -545,6 +546,7 @@ class TrajectoryWriter:
         self._identity: tuple[int, int] | None = None
         self._size_limit = _file_size_limit()
         self._headroom = _headroom(self._specs)
+        self._band_bytes: dict[tuple[str, str], tuple[int, int]] = {}  # see _new_chunk_bytes
         self._layout_bytes = _layout_bytes(self._specs)
         self._room_left = 0  # bytes that may be written before the room left is measured again
         try:
@@ -1127,6 +1129,21 @@ class TrajectoryWriter:
                                        and readable)
         return self._chunk_layout[key]
 
+    def _new_chunk_bytes(self, key: tuple[str, str], ds: h5py.Dataset, start: int,
+                         n: int) -> int:
+        """Bytes of disk the chunks that rows ``start`` .. ``start + n`` of series ``key``
+        begin may take: HDF5 gives a chunk its whole size (or, compressed, at most about
+        that) when it first writes it, however few rows it holds."""
+        if key not in self._band_bytes:
+            chunks = ds.chunks
+            per_band = math.prod(-(-size // c) for size, c in zip(ds.shape[1:], chunks[1:]))
+            chunk = math.prod(chunks) * ds.dtype.itemsize + 64  # (+ a compressor's header)
+            self._band_bytes[key] = (chunks[0], per_band * chunk)
+        rows, band = self._band_bytes[key]
+        first = -(-start // rows)  # the first band no earlier row has begun
+        last = (start + n - 1) // rows
+        return max(0, last - first + 1) * band
+
     def _write_block(self, key: tuple[str, str], block: np.ndarray,
                      keep_tail: bool = False) -> None:
         """Append ``block`` to series ``key``. ``keep_tail``: the rows after its last chunk
@@ -1150,8 +1167,8 @@ class TrajectoryWriter:
         """Write ``block`` at row ``start`` of series ``key``: its whole chunks directly and
         unfiltered if the series' compression does not pay (see _MIN_SAVING)."""
         n = len(block)
-        self._check_room(block.nbytes)
         ds = self._datasets[key]
+        self._check_room(self._new_chunk_bytes(key, ds, start, n))
         dsid = ds.id
         dsid.set_extent((start + n, *block.shape[1:]))
         done = 0
@@ -1449,11 +1466,9 @@ def _scratch_fd() -> int:
 
 
 def _headroom(specs: Mapping[str, RunSpec]) -> int:
-    """Bytes HDF5 may write for the runs ``specs`` beyond the rows handed to it (see
-    TrajectoryWriter._check_room): a chunk per series (each series caches one), and metadata."""
-    return _ROOM_SLACK + _metadata_bytes(specs) + sum(
-        math.prod(_chunk_shape(shape, dtype.itemsize)) * dtype.itemsize
-        for spec in specs.values() for shape, dtype in spec.series.values())
+    """Bytes HDF5 may write for the runs ``specs`` beyond the chunks counted as their rows
+    are written (see TrajectoryWriter._new_chunk_bytes): metadata."""
+    return _ROOM_SLACK + _metadata_bytes(specs)
 
 
 def _metadata_bytes(specs: Mapping[str, RunSpec]) -> int:
@@ -1474,7 +1489,10 @@ def _free_bytes(fd: int) -> int:
     if not hasattr(os, "fstatvfs"):  # pragma: no cover - Windows
         return sys.maxsize
     st = os.fstatvfs(fd)
-    return st.f_bavail * st.f_frsize
+    if st.f_blocks == 0:  # no size: ramfs, a tmpfs without a limit
+        return sys.maxsize
+    # (root may also use the blocks a file system keeps back for it: ext4's 5 %)
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
 
 
 def _file_size_limit() -> int | None:

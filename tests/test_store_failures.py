@@ -370,3 +370,75 @@ def test_a_directory_at_the_partial_path_is_refused(tmp_path):
         TrajectoryWriter(path, {"sim": SPEC})
     assert Path(f"{path}.partial").is_dir() and not path.exists()
     assert not Path(f"{path}.lock").exists()
+
+
+# ------------------------------------------------------------------ no false "disk full"
+_BATCH_UNDER_A_LIMIT = """
+import resource, signal, sys
+import fastrace as fr
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+out, limit = sys.argv[1], int(sys.argv[2])
+if limit:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+task = fr.tasks.routing()
+inits = [fr.init.orthogonal(task.network, 0.2, seed=s) for s in range(24)]
+fr.simulate(task.network, task.data, inits, lr=0.02, steps=100, record_every=1, out=out,
+            progress=False, in_memory=False)
+print("complete")
+"""
+
+
+def test_a_batch_whose_file_fits_under_a_size_limit_is_not_refused(tmp_path):
+    """The room kept free is the chunks a write begins and ~4 kB of metadata per dataset, not
+    a whole chunk for every series of every run: a batch of 24 runs (~100 small series, whose
+    128 kB chunks compress to a few kB) was refused under a limit 1.3x its file's size."""
+    free = _child(_BATCH_UNDER_A_LIMIT, str(tmp_path / "free.h5"), "0", timeout=300)
+    assert free.returncode == 0 and "complete" in free.stdout, free.stderr[-2000:]
+    size = (tmp_path / "free.h5").stat().st_size
+    limited = _child(_BATCH_UNDER_A_LIMIT, str(tmp_path / "limited.h5"),
+                     str(int(1.3 * size) + (2 << 20)), timeout=300)
+    assert limited.returncode == 0 and "complete" in limited.stdout, limited.stderr[-2000:]
+
+
+class _FakeStatvfs:
+    def __init__(self, blocks: int, bfree: int, bavail: int) -> None:
+        self.f_blocks, self.f_bfree, self.f_bavail, self.f_frsize = blocks, bfree, bavail, 4096
+
+
+def test_free_room_of_file_systems_without_a_size_and_for_root(monkeypatch):
+    """ramfs and an unlimited tmpfs report no blocks at all: not full, but of unknown size;
+    root may use the blocks ext4 keeps back for it (f_bfree), others f_bavail."""
+    monkeypatch.setattr(os, "fstatvfs", lambda fd: _FakeStatvfs(0, 0, 0))
+    assert store._free_bytes(0) == sys.maxsize
+    monkeypatch.setattr(os, "fstatvfs", lambda fd: _FakeStatvfs(1000, 300, 50))
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert store._free_bytes(0) == 300 * 4096
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert store._free_bytes(0) == 50 * 4096
+
+
+def test_a_relative_output_survives_a_change_of_directory(tmp_path, monkeypatch):
+    """The writer keeps its path absolute: a caller changing directory mid-run got a false
+    "removed" error."""
+    import fastrace as fr
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    task = fr.tasks.routing(M=3, K=2, hidden=6)
+    moved = []
+
+    def wander(weights):  # a quantity that changes directory once, mid-run
+        if not moved:
+            moved.append(True)
+        elif len(moved) == 1:
+            moved.append(True)
+            os.chdir(tmp_path / "b")
+        return 0.0
+
+    run = fr.simulate(task.network, task.data, fr.init.orthogonal(task.network, 0.3, seed=0),
+                      lr=0.05, steps=300, out="run.h5", quantities={"wander": wander},
+                      svals=False, progress=False, in_memory=False)
+    assert run.status == "complete" and len(run.t) == 301
+    assert run_status(tmp_path / "a" / "run.h5", "simulation") == "complete"
+    assert not (tmp_path / "b" / "run.h5").exists()
