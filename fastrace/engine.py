@@ -500,6 +500,13 @@ def _kernel_array(a: np.ndarray) -> np.ndarray:
     return a if _kernel_ready(a) else np.array(a, dtype=np.float64, order="C")
 
 
+def _lanes(n_runs: int) -> int:
+    """Lanes of a parallel call: one per numba thread, at most one per run."""
+    import numba
+
+    return max(1, min(numba.get_num_threads(), n_runs))
+
+
 _blas_lock = threading.Lock()
 _blas_holders = 0  # blocks inside one_blas_thread, on any thread
 _blas_restore: Any = None  # what restores the limits the first of them found
@@ -695,11 +702,12 @@ class GradientEngine:
             ops_i, ops_f = plan.loss_i, plan.loss_f
         else:
             ops_i, ops_f = (plan.step_i, plan.step_f) if fused else (plan.ops_i, plan.ops_f)
-        with one_blas_thread(), _parallel_guard(), numba.parallel_chunksize(1):
+        with one_blas_thread(), _parallel_guard():
             run(kernels.dgemm_pointer(), ops_i, ops_f, fused, plan.const, state, w, v,
                 plan.layout, np.array(lr, dtype=np.float64), float(momentum),
                 float(weight_decay), int(n_steps), plan.loss_const, float(max_abs), bool(update),
-                losses, status, snapshot_steps, snapshots, mode)
+                losses, status, snapshot_steps, snapshots, _lanes(n_runs) if parallel else 1,
+                mode)
         return state, losses, status
 
     @property

@@ -401,7 +401,8 @@ def descend_one(fn, ops_i, ops_f, fused, const, st, w, v, layout, lr, momentum, 
 @numba.njit(cache=True, nogil=True)
 def descend_serial(fn, ops_i, ops_f, fused, const, state, W, V, layout, lr, momentum,
                    weight_decay, n_steps, loss_const, max_abs, update, losses, status,
-                   snap_steps, snaps, mode):
+                   snap_steps, snaps, n_lanes, mode):
+    # n_lanes is unused: the signature is descend_parallel's
     for r in range(state.shape[0]):
         status[r] = descend_one(fn, ops_i, ops_f, fused, const, state[r], W[r], V[r], layout,
                                 lr[r], momentum, weight_decay, n_steps, loss_const, max_abs,
@@ -411,13 +412,14 @@ def descend_serial(fn, ops_i, ops_f, fused, const, state, W, V, layout, lr, mome
 @numba.njit(cache=True, nogil=True, parallel=True)
 def descend_parallel(fn, ops_i, ops_f, fused, const, state, W, V, layout, lr, momentum,
                      weight_decay, n_steps, loss_const, max_abs, update, losses, status,
-                     snap_steps, snaps, mode):
-    # one run per iteration, each run's products in BLOCKS (``mode`` is descend_serial's
-    # signature); the caller sets numba's chunk size to 1, so that a thread takes the next run
-    # when it is done with one: runs that stop early (diverged) or a thread slowed down (a
-    # shared machine: one of two vCPUs ran 15 % slower at times, which a fixed split of the
-    # runs made the whole call's pace) leave no thread idle
-    for r in numba.prange(state.shape[0]):
-        status[r] = descend_one(fn, ops_i, ops_f, fused, const, state[r], W[r], V[r], layout,
-                                lr[r], momentum, weight_decay, n_steps, loss_const, max_abs,
-                                update, losses[r], snap_steps, snaps[r], BLOCKS)
+                     snap_steps, snaps, n_lanes, mode):
+    # (mode: BLOCKS; the lanes are the threads.) The runs are dealt out in turn to ``n_lanes`` lanes, one per thread (lane t takes runs
+    # t, t + n_lanes, ...), not in contiguous blocks: batches are often ordered by learning
+    # rate or scale, and runs that stop early (diverged) would otherwise all fall to one
+    # thread, leaving it idle
+    n_runs = state.shape[0]
+    for lane in numba.prange(n_lanes):
+        for r in range(lane, n_runs, n_lanes):
+            status[r] = descend_one(fn, ops_i, ops_f, fused, const, state[r], W[r], V[r],
+                                    layout, lr[r], momentum, weight_decay, n_steps, loss_const,
+                                    max_abs, update, losses[r], snap_steps, snaps[r], BLOCKS)
