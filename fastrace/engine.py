@@ -26,6 +26,10 @@ from .stats import SampleFits, gated_moments, reference_maps
 
 #: below this much work per call (runs × steps × flops per step) the runs go serially
 PARALLEL_MIN_FLOPS = 2e7
+#: the samples engine shares a batch's runs between threads only for runs of at least this
+#: much work per evaluation (samples × parameters): below it, its many small numpy calls
+#: spend more on the GIL than the threads gain (2 routing runs: 918 against 602 ms)
+SAMPLES_THREADS_MIN_WORK = 2e7
 # operand sources of a plan (see _kernels/plan.py)
 _STATE, _CONST, _WEIGHTS = 0, 1, 2
 _AXPBY, _DOT, _OUTPUT = 4, 5, 6  # opcodes 0-3 are products: 2·(A transposed) + (B transposed)
@@ -563,26 +567,44 @@ def _run_pool() -> Any:
         return _pool
 
 
-def _forget_run_pool() -> None:
-    # a forked child inherits the pool object but not its threads: it makes its own
-    global _pool, _pool_lock
+_layer: str | None = None  # numba's threading layer, once a parallel region has run
+_serial_only = False  # a child forked after GNU OpenMP ran: it must not start OpenMP again
+
+
+def _after_fork_in_child() -> None:
+    # A forked child inherits the pool object but not its threads, and the locks and counts
+    # of the thread that forked, which it is not: it starts afresh. GNU OpenMP kills a child
+    # that starts a parallel region after its parent used it: the child runs serially (the
+    # same blocks, the same numbers).
+    global _pool, _pool_lock, _blas_lock, _blas_holders, _blas_restore, _parallel_lock
+    global _serial_only
     _pool, _pool_lock = None, threading.Lock()
+    _blas_lock, _blas_holders, _blas_restore = threading.Lock(), 0, None
+    _parallel_lock = threading.Lock()
+    _serial_only = _serial_only or _layer == "omp"
 
 
-os.register_at_fork(after_in_child=_forget_run_pool)
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _parallel_guard() -> Any:
     """A lock around numba's parallel regions when its threading layer is "workqueue" (or not
     known yet): that layer aborts the process when two threads enter it at once. The OpenMP and
     TBB layers take concurrent callers."""
-    import numba
+    global _layer
+    if _layer is None:
+        import numba
 
-    try:
-        layer = numba.threading_layer()
-    except ValueError:  # no parallel region has run yet
-        layer = None
-    return _parallel_lock if layer in (None, "workqueue") else nullcontext()
+        try:
+            _layer = numba.threading_layer()
+        except ValueError:  # no parallel region has run yet
+            return _parallel_lock
+    return _parallel_lock if _layer == "workqueue" else nullcontext()
+
+
+def parallel_allowed() -> bool:
+    """Whether numba may start parallel regions here (not in a child forked after OpenMP)."""
+    return not _serial_only
 
 
 class GradientEngine:
@@ -692,11 +714,13 @@ class GradientEngine:
         # threads pay off only when there is enough work to share: small problems stay serial
         if parallel is None:
             parallel = n_runs > 1 and n_runs * n_steps * plan.flops >= PARALLEL_MIN_FLOPS
+        parallel = parallel and parallel_allowed()
         run = kernels.descend_parallel if parallel else kernels.descend_serial
         # one run: its big products in blocks on numba's threads (a batch: the runs on them)
         import numba
 
-        mode = kernels.THREADED_BLOCKS if numba.get_num_threads() > 1 else kernels.BLOCKS
+        threaded = numba.get_num_threads() > 1 and parallel_allowed()
+        mode = kernels.THREADED_BLOCKS if threaded else kernels.BLOCKS
         fused = bool(update) and momentum == 0.0 and weight_decay == 0.0
         if loss_only:
             ops_i, ops_f = plan.loss_i, plan.loss_f
@@ -744,6 +768,9 @@ class GradientEngine:
         import numba
 
         threads = min(numba.get_num_threads(), n_runs)
+        # (threads pay off only for runs of enough work: small numpy calls fight for the GIL)
+        if self.data.n_samples * self.n_params < SAMPLES_THREADS_MIN_WORK:
+            threads = 1
         with one_blas_thread():
             if threads < 2:
                 for i in range(n_runs):

@@ -222,20 +222,26 @@ def _loss_gradient_moments(net: Network, data: Dataset, W: Weights, need_grad: b
 def loss_and_gradient(net: Network, data: Dataset, weights: Mapping[str, object],
                       engine: str = "auto") -> tuple[float, Weights]:
     """Loss ``Σ_n w_n ½ Σ_out |y − h|²`` and its gradient {edge: ∂L/∂W_e} (MATH.md §1)."""
+    from .engine import one_blas_thread  # (BLAS at one thread: the same bits on any machine)
+
     data.check(net)
     W = check_weights(net, weights)
-    if choose_engine(net, data, engine) == "moments":
-        return _loss_gradient_moments(net, data, W, True)  # type: ignore[return-value]
-    return _loss_gradient_samples(net, data, W, True)  # type: ignore[return-value]
+    with one_blas_thread():
+        if choose_engine(net, data, engine) == "moments":
+            return _loss_gradient_moments(net, data, W, True)  # type: ignore[return-value]
+        return _loss_gradient_samples(net, data, W, True)  # type: ignore[return-value]
 
 
 def loss(net: Network, data: Dataset, weights: Mapping[str, object], engine: str = "auto") -> float:
     """The loss ``L(W) = Σ_n w_n · ½ Σ_{v∈Out} |y_v(n) − h_v(n)|²`` (a float)."""
+    from .engine import one_blas_thread
+
     data.check(net)
     W = check_weights(net, weights)
-    if choose_engine(net, data, engine) == "moments":
-        return _loss_gradient_moments(net, data, W, False)[0]
-    return _loss_gradient_samples(net, data, W, False)[0]
+    with one_blas_thread():
+        if choose_engine(net, data, engine) == "moments":
+            return _loss_gradient_moments(net, data, W, False)[0]
+        return _loss_gradient_samples(net, data, W, False)[0]
 
 
 def gradient(net: Network, data: Dataset, weights: Mapping[str, object],

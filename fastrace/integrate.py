@@ -516,12 +516,17 @@ def _run(backend: str, kernel: str, args: tuple, threads: int | None, out: np.nd
         if kernel != "gd":
             results += (np.empty((n_sys, st[0])),)
         results += (np.empty(n_sys, dtype=np.int64), np.zeros((n_sys, 3), dtype=np.int64))
-        if kernel == "gd":
-            kernels.gd_batch(st, *_writable(args[4:]), n_chunks, *results)
-        else:  # one compiled kernel for the three ODE methods
-            method = {"dopri5": kernels.DOPRI5, "rodas3": kernels.RODAS3, "auto": kernels.AUTO}
-            values = _writable(args[4:])
-            kernels.ode_batch(st, *values[:4], method[kernel], *values[4:], n_chunks, *results)
+        from .engine import _parallel_guard  # (numba's workqueue layer: one caller at a time)
+
+        with _parallel_guard():
+            if kernel == "gd":
+                kernels.gd_batch(st, *_writable(args[4:]), n_chunks, *results)
+            else:  # one compiled kernel for the three ODE methods
+                method = {"dopri5": kernels.DOPRI5, "rodas3": kernels.RODAS3,
+                          "auto": kernels.AUTO}
+                values = _writable(args[4:])
+                kernels.ode_batch(st, *values[:4], method[kernel], *values[4:], n_chunks,
+                                  *results)
         return results
     finally:
         numba.set_num_threads(previous)

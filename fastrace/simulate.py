@@ -437,9 +437,10 @@ def _check_threads(threads: Any) -> int:
 def _thread_limits(threads: int, n_runs: int) -> Iterator[None]:
     """numba uses ``threads`` threads; BLAS one (see ``engine.one_blas_thread``).
 
-    The engines spread a batch's runs, or a single run's big products, over the numba threads
-    (the samples engine over as many Python threads), each calling single-threaded BLAS: no
-    oversubscription, and the same numbers with any thread count.
+    The engines spread a batch's runs (the samples engine's, when big enough, over as many
+    Python threads), or a moments-engine run's big products, over the numba threads, each
+    calling single-threaded BLAS: no oversubscription, and the same numbers with any thread
+    count.
     """
     import numba
 
@@ -1464,9 +1465,10 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
         flow) so that ``resume`` can continue the run after a crash. The start and the end are
         always checkpointed.
     threads : int, optional
-        Threads (default all cores): a batch's runs, or a single run's big products (in fixed
-        blocks), and the recorded singular values are shared between them; BLAS and LAPACK
-        run at one thread each, so the numbers are the same bits with any thread count.
+        Threads (default all cores): a batch's runs, a single run's big products (moments
+        engine, in fixed blocks) and the recorded singular values are shared between them;
+        BLAS and LAPACK run at one thread each, so the numbers are the same bits with any
+        thread count (a single samples-engine run takes one thread).
     divergence_threshold : float
         A run whose loss is not finite or whose weights exceed this in magnitude (``inf``: only
         non-finite values count) raises DivergenceError naming the run, step, edge and value

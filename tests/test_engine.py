@@ -1,5 +1,9 @@
 """The compiled moments plan: equal to the reference gradient, batched, thread-independent."""
 
+import os
+import subprocess
+import sys
+
 import numba
 import numpy as np
 from hypothesis import HealthCheck, given, settings
@@ -493,3 +497,41 @@ def test_concurrent_calls_restore_the_blas_threads():
             list(pool.map(lambda i: fr.simulate(net, data, inits[i % 2], lr=0.01, steps=30,
                                                 svals=False, progress=False), range(6)))
         assert blas() == before
+
+
+def test_a_child_forked_after_a_threaded_run_computes_the_same():
+    """GNU OpenMP kills a forked child that starts a parallel region after its parent used one
+    (a single big run's products in blocks, a batch): the child runs serially, the same blocks,
+    the same numbers; the locks and counts of the forking thread are not inherited."""
+    script = """
+import os, sys, numpy as np, fastrace as fr
+task = fr.tasks.routing(M=16, K=4, hidden=512)
+W = fr.init.orthogonal(task.network, 0.3, seed=0)
+def final():
+    run = fr.simulate(task.network, task.data, W, lr=0.02, steps=3, svals=False, threads=2,
+                      progress=False)
+    return np.concatenate([w.ravel() for w in run.final_weights.values()])
+parent = final()
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if np.array_equal(final(), parent) else 3)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, NUMBA_NUM_THREADS="2"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["0"], done.stderr[-2000:]
+
+
+def test_the_public_gradient_gives_the_same_bits_with_any_blas_thread_count():
+    from threadpoolctl import threadpool_limits
+
+    net, data, inits = _random_sample_gates_case()
+    for engine in ("samples", "moments"):
+        grads = []
+        for n in (1, 2):
+            with threadpool_limits(n, user_api="blas"):
+                grads.append(fr.loss_and_gradient(net, data, inits[0], engine=engine))
+        assert grads[0][0] == grads[1][0]
+        assert all(np.array_equal(grads[0][1][e], grads[1][1][e]) for e in net.edges)
