@@ -537,6 +537,7 @@ def one_blas_thread() -> Iterator[None]:
 
                 dgemm_pointer()  # scipy's BLAS is loaded by now
                 _blas_libraries = ThreadpoolController().select(user_api="blas")
+            _take_blas_control()
             _blas_restore = _blas_libraries.limit(limits=1)
         _blas_holders += 1
     try:
@@ -545,8 +546,22 @@ def one_blas_thread() -> Iterator[None]:
         with _blas_lock:
             _blas_holders -= 1
             if _blas_holders == 0:
+                _take_blas_control()
                 _blas_restore.restore_original_limits()
                 _blas_restore = None
+
+
+def _take_blas_control() -> None:
+    """Let this thread set OpenBLAS's thread count. threadpoolctl (3.6+) lets only the first
+    thread that set it change it again, silently ignoring others, until that thread's own
+    limits end: the thread that restores the limits here may not be the one that set them (the
+    last to leave), and the next to set them may be a third. Called under ``_blas_lock``."""
+    import threadpoolctl
+
+    controller = getattr(threadpoolctl, "OpenBLASController", None)
+    clear = getattr(controller, "clear_controlling_thread", None)
+    if clear is not None:
+        clear(force=True)
 
 
 _parallel_lock = threading.Lock()

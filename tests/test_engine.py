@@ -535,3 +535,28 @@ def test_the_public_gradient_gives_the_same_bits_with_any_blas_thread_count():
                 grads.append(fr.loss_and_gradient(net, data, inits[0], engine=engine))
         assert grads[0][0] == grads[1][0]
         assert all(np.array_equal(grads[0][1][e], grads[1][1][e]) for e in net.edges)
+
+
+def test_concurrent_calls_give_the_numbers_of_one_call():
+    """Calls on two threads at once give the bits of a call alone: the BLAS pin holds for both
+    whichever thread set it (threadpoolctl silently ignores a thread that did not set the
+    limits first; the restores of one thread left the other computing on 2 BLAS threads)."""
+    import threading
+
+    net, data, inits = _random_sample_gates_case()
+    alone = fr.gradient(net, data, inits[0], engine="samples")
+    stop = threading.Event()
+
+    def other():
+        while not stop.is_set():
+            fr.gradient(net, data, inits[1], engine="samples")
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        for _ in range(20):
+            during = fr.gradient(net, data, inits[0], engine="samples")
+            assert all(np.array_equal(during[e], alone[e]) for e in net.edges)
+    finally:
+        stop.set()
+        thread.join()
