@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextvars
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -484,6 +484,9 @@ class MomentsPlan:
         self.n_groups = {v: len(cols[v]) for v in order}
         #: floating-point operations of one evaluation (the products the plan actually does)
         self.flops = _flops(self.ops_i)
+        # whether any product goes in blocks (else threads have nothing to share in one run)
+        self.has_blocks = bool(np.any(self.step_i[self.step_i[:, 0] <= 3, 14] > 1)
+                               or np.any(self.ops_i[self.ops_i[:, 0] <= 3, 14] > 1))
 
     def products(self, fused: bool = True) -> np.ndarray:
         """(n_products, 5): m, n, k, A transposed, B transposed of every matrix product of one
@@ -517,8 +520,7 @@ _blas_restore: Any = None  # what restores the limits the first of them found
 _blas_libraries: Any = None  # threadpoolctl's BLAS libraries (finding them takes milliseconds)
 
 
-@contextmanager
-def one_blas_thread() -> Iterator[None]:
+class one_blas_thread:  # noqa: N801 - used as a function: `with one_blas_thread():`
     """BLAS (numpy's and scipy's, every library threadpoolctl finds) at one thread for the
     block. Every product and LAPACK call of a computation runs single-threaded, whatever the
     thread count: OpenBLAS's threads cut the work differently with 1 and 2 of them (the inner
@@ -526,23 +528,26 @@ def one_blas_thread() -> Iterator[None]:
     with any thread count. The threads go to fastrace's own split of the work instead.
 
     Blocks may nest and run concurrently on several threads (a sweep on a thread pool): the
-    first to enter sets the limit, the last to leave restores what it found."""
-    global _blas_holders, _blas_restore, _blas_libraries
-    with _blas_lock:
-        if _blas_holders == 0:
-            if _blas_libraries is None:
-                from threadpoolctl import ThreadpoolController
+    first to enter sets the limit, the last to leave restores what it found. (A class, not a
+    generator: entering costs ~0.3 µs, and flow calls the engine thousands of times.)"""
 
-                from ._kernels.plan import dgemm_pointer
+    def __enter__(self) -> None:
+        global _blas_holders, _blas_restore, _blas_libraries
+        with _blas_lock:
+            if _blas_holders == 0:
+                if _blas_libraries is None:
+                    from threadpoolctl import ThreadpoolController
 
-                dgemm_pointer()  # scipy's BLAS is loaded by now
-                _blas_libraries = ThreadpoolController().select(user_api="blas")
-            _take_blas_control()
-            _blas_restore = _blas_libraries.limit(limits=1)
-        _blas_holders += 1
-    try:
-        yield
-    finally:
+                    from ._kernels.plan import dgemm_pointer
+
+                    dgemm_pointer()  # scipy's BLAS is loaded by now
+                    _blas_libraries = ThreadpoolController().select(user_api="blas")
+                _take_blas_control()
+                _blas_restore = _blas_libraries.limit(limits=1)
+            _blas_holders += 1
+
+    def __exit__(self, *exc: object) -> None:
+        global _blas_holders, _blas_restore
         with _blas_lock:
             _blas_holders -= 1
             if _blas_holders == 0:
@@ -732,10 +737,12 @@ class GradientEngine:
         parallel = parallel and parallel_allowed()
         run = kernels.descend_parallel if parallel else kernels.descend_serial
         # one run: its big products in blocks on numba's threads (a batch: the runs on them)
-        import numba
+        mode = kernels.BLOCKS
+        if plan.has_blocks and not parallel and parallel_allowed():
+            import numba
 
-        threaded = numba.get_num_threads() > 1 and parallel_allowed()
-        mode = kernels.THREADED_BLOCKS if threaded else kernels.BLOCKS
+            if numba.get_num_threads() > 1:
+                mode = kernels.THREADED_BLOCKS
         fused = bool(update) and momentum == 0.0 and weight_decay == 0.0
         if loss_only:
             ops_i, ops_f = plan.loss_i, plan.loss_f

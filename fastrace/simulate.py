@@ -1459,7 +1459,8 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
     out : path, optional
         Stream every save point into this HDF5 file (layout of DESIGN.md), one group per run
         (``run_name``, default "simulation"; for a batch ``run_names``, default "seed_00",
-        "seed_01", ...). An existing file is replaced. The path is checked before any computation (StoreError).
+        "seed_01", ...). An existing file is replaced. The path is checked before any
+        computation (StoreError).
     checkpoint_every : int, optional
         With ``out``, save the full state every so many steps (accepted integrator steps for
         flow) so that ``resume`` can continue the run after a crash. The start and the end are

@@ -413,10 +413,10 @@ def descend_serial(fn, ops_i, ops_f, fused, const, state, W, V, layout, lr, mome
 def descend_parallel(fn, ops_i, ops_f, fused, const, state, W, V, layout, lr, momentum,
                      weight_decay, n_steps, loss_const, max_abs, update, losses, status,
                      snap_steps, snaps, n_lanes, mode):
-    # (mode: BLOCKS; the lanes are the threads.) The runs are dealt out in turn to ``n_lanes`` lanes, one per thread (lane t takes runs
-    # t, t + n_lanes, ...), not in contiguous blocks: batches are often ordered by learning
-    # rate or scale, and runs that stop early (diverged) would otherwise all fall to one
-    # thread, leaving it idle
+    # (mode: BLOCKS; the lanes are the threads.) The runs are dealt out in turn to
+    # ``n_lanes`` lanes, one per thread (lane t takes runs t, t + n_lanes, ...), not in
+    # contiguous blocks: batches are often ordered by learning rate or scale, and runs that
+    # stop early (diverged) would otherwise all fall to one thread, leaving it idle
     n_runs = state.shape[0]
     for lane in numba.prange(n_lanes):
         for r in range(lane, n_runs, n_lanes):
