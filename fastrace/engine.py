@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import sys
 import threading
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
@@ -601,7 +602,13 @@ def _after_fork_in_child() -> None:
     _pool, _pool_lock = None, threading.Lock()
     _blas_lock, _blas_holders, _blas_restore = threading.Lock(), 0, None
     _parallel_lock = threading.Lock()
-    _serial_only = _serial_only or _layer == "omp"
+    layer = _layer
+    if layer is None and "numba" in sys.modules:  # (not looked up yet: one region ran, say)
+        try:
+            layer = sys.modules["numba"].threading_layer()
+        except ValueError:  # no parallel region has run
+            layer = None
+    _serial_only = _serial_only or layer == "omp"
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
