@@ -502,7 +502,11 @@ def run_experiment(exp: Experiment, out: str | os.PathLike, threads: int | None 
     if not isinstance(exp, Experiment):
         raise ConfigError(f"run_experiment takes an Experiment (load_experiment), got "
                           f"{type(exp).__name__}")
-    out = Path(os.fspath(out))
+    # absolute: the caller may change directory while the runs go; checked before any compute
+    # (the theory is computed before the runs start)
+    out = Path(os.path.abspath(os.fspath(out)))
+    if not (resume and out.exists()):
+        store.check_writable(out)
     task = build_task(exp)
     net, data = task.network, task.data
     reduction = solution = None

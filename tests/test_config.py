@@ -280,3 +280,16 @@ def test_flow_experiment_settings():
     assert exp.init == {"kind": "gaussian", "std": 0.1, "seeds": [0]}
     with pytest.raises(fr.ConfigError, match="theory.method"):
         exp.with_values({"theory.method": "gd"})
+
+
+def test_an_unwritable_output_fails_before_the_theory_is_computed(tmp_path, monkeypatch):
+    """Its theory is computed before the runs start: an output that cannot be written is a
+    StoreError before that compute (it came after 12 s of theory in a reviewer's case)."""
+    config = sys.modules["fastrace.config"]
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("the theory was computed before the output was checked")
+
+    monkeypatch.setattr(config, "integrate_theory", no_compute)
+    with pytest.raises(fr.StoreError, match="does not exist"):
+        run_experiment(load_experiment(ALIGNED), tmp_path / "missing" / "out.h5", threads=1)
