@@ -1638,6 +1638,8 @@ def _open_read(path: str | os.PathLike[str]) -> h5py.File:
         raise StoreError(f"{p}: no such file")
     if os.path.isdir(p):
         raise StoreError(f"{p} is a directory, not a fastrace file")
+    if not stat.S_ISREG(os.stat(p).st_mode):  # (HDF5 would wait forever on a FIFO's open)
+        raise StoreError(f"{p} is not a regular file (a FIFO or a device), not a fastrace file")
     _load_filter_plugins()
     # A plain read-only open first: it works for every closed file and fails at once on a file a
     # writer has open. (A SWMR reader retries metadata reads that fail their checksum, with

@@ -313,6 +313,25 @@ def test_a_fifo_at_the_output_path_is_refused(tmp_path):
     assert stat.S_ISFIFO(os.lstat(path).st_mode)
 
 
+def test_reading_a_fifo_is_refused_at_once(tmp_path):
+    """info, plot and resume read the file first: HDF5's open of a FIFO waits for a writer."""
+    path = tmp_path / "fifo.h5"
+    os.mkfifo(path)
+    code = ("import sys, test_store_failures as t\n"
+            "for read in (t.store.run_info, t.store.list_runs,\n"
+            "             lambda p: t.store.read_run(p, 'sim')):\n"
+            "    try:\n"
+            "        read(sys.argv[1])\n"
+            "    except t.StoreError as e:\n"
+            "        print('StoreError:', e)\n")
+    try:
+        out = _child(code, str(path), timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("reading a FIFO hangs")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("not a regular file") == 3, out.stdout + out.stderr
+
+
 def test_a_device_node_at_the_output_path_is_refused(tmp_path):
     path = tmp_path / "null"
     try:
