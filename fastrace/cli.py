@@ -197,15 +197,21 @@ def _info(args: argparse.Namespace) -> int:
     for name, r in runs.items():
         kind = r["attrs"].get("kind", "run")
         rows = r["series"].get("loss", r["series"].get("t", {"shape": (0,)}))["shape"][0]
-        line = f"  {name:<{width}}  {kind:<10}  {r['status']:<9}  {rows:>6} saved"
+        # "failed: <reason>": the reason (an error message, maybe long) ends the line
+        status, _, reason = r["status"].partition(": ")
+        line = f"  {name:<{width}}  {kind:<10}  {status:<9}  {rows:>6} saved"
         if rows:
             with store.open_run(args.file, name) as reader:
                 loss = reader["loss"] if "loss" in reader.series_names else None
                 t = reader["t"] if "t" in reader.series_names else None
-            if t is not None and t.size:
+            # first and last values of series with one number a row (a file written with
+            # fastrace.store may hold, say, a loss per pathway: its shape is listed with -v)
+            if t is not None and t.ndim == 1 and t.size:
                 line += f"  t = {t[0]:g} .. {t[-1]:g}"
-            if loss is not None and loss.size:
+            if loss is not None and loss.ndim == 1 and loss.size:
                 line += f"  loss {loss[0]:.4g} -> {loss[-1]:.4g}"
+        if reason:
+            line += f"  ({reason})"
         print(line)
         if args.verbose:
             for series, spec in r["series"].items():
@@ -216,8 +222,12 @@ def _info(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from . import plot
 
-    path = plot.file_figure(args.file, args.output, runs=args.run, edge=args.edge)
+    notes: list[str] = []
+    path = plot.file_figure(args.file, args.output, runs=args.run, edge=args.edge,
+                            report=notes.append)
     print(f"wrote {path}")
+    for note in notes:
+        print(f"  note: {note}")
     return 0
 
 

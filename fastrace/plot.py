@@ -7,9 +7,10 @@ as small PNGs. Every function writes one file and returns its path.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,58 @@ def _figure(width: float = 6.0, height: float = 3.6, **kwargs):
     return Figure(figsize=(width, height), layout="constrained", **kwargs)
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
-    path = Path(os.fspath(path))
+def figure_formats() -> dict[str, str]:
+    """The figure formats matplotlib writes: {file extension: description}."""
     try:
-        fig.savefig(path, dpi=DPI)
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise ConfigError("plotting needs matplotlib: pip install 'fastrace[plot]'") from None
+    return FigureCanvasBase.get_supported_filetypes()
+
+
+def check_figure_path(path: str | os.PathLike) -> str:
+    """Check, before any work, that a figure can be written at ``path``: its extension names a
+    format matplotlib writes and its directory exists. Returns the format; ConfigError if not."""
+    p = Path(os.fspath(path))
+    formats = figure_formats()
+    supported = ", ".join(sorted(formats))
+    if p.is_dir():
+        raise ConfigError(f"{p} is a directory; give a figure file name, such as "
+                          f"{p / 'figure.png'}")
+    if p.exists() and not p.is_file():
+        raise ConfigError(f"cannot write figure {p}: it is not a regular file (a FIFO or a "
+                          f"device)")
+    fmt = p.suffix[1:].lower()
+    if not fmt:
+        raise ConfigError(f"figure {p} has no file extension to name its format; supported "
+                          f"formats: {supported}")
+    if fmt not in formats:
+        raise ConfigError(f"cannot write figure {p}: unknown format {fmt!r}; supported "
+                          f"formats: {supported}")
+    if not p.parent.is_dir():
+        why = "is not a directory" if p.parent.exists() else "does not exist"
+        raise ConfigError(f"cannot write figure {p}: its directory {p.parent} {why}")
+    return fmt
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    """Write ``fig`` to ``path`` in the format its extension names. The figure is written to a
+    temporary file beside it and renamed onto ``path``: a failed write leaves no partial file."""
+    path = Path(os.fspath(path))
+    fmt = check_figure_path(path)
+    target = Path(os.path.realpath(path))  # a symlink: write its target
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        fig.savefig(tmp, format=fmt, dpi=DPI)
+        os.replace(tmp, target)
     except OSError as exc:
-        raise ConfigError(f"cannot write figure {path}: {exc}") from None
+        raise ConfigError(f"cannot write figure {path}: {exc.strerror or exc}") from None
+    except (RuntimeError, ValueError, KeyError) as exc:
+        # a format whose writer is missing here (pgf without LaTeX, say)
+        raise ConfigError(f"cannot write figure {path} as {fmt}: {exc}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return path
 
 
@@ -224,25 +271,60 @@ def shared_vs_separate(path, curves: Mapping[str, Mapping[str, Any]], M: int, K:
 
 
 # ----------------------------------------------------------------------------- any file
-def _steps(series: Mapping[str, np.ndarray]) -> np.ndarray:
-    """The x axis of a run: its epochs (gradient-descent steps) when stored, else t."""
-    for key in ("epoch", "step", "t"):
-        if key in series:
-            return np.asarray(series[key])
-    raise ConfigError("run has no 'epoch', 'step' or 't' series to plot against")
+_X_KEYS = ("epoch", "step", "t")
+
+
+def _plot_series(h5_path, name: str) -> tuple[Any, str]:
+    """The series of run ``name`` that the file figure shows (x axis, loss, singular values),
+    cut to the rows every one of them has (a run killed between flushes may have more rows in
+    one than another); and "" or why the run cannot be plotted."""
+    from . import store
+
+    with store.open_run(h5_path, name) as reader:
+        wanted = [s for s in reader.series_names
+                  if s in _X_KEYS or s == "loss" or s.startswith("svals/")]
+        d = reader.read(wanted)
+    if not any(k in d.series for k in _X_KEYS):
+        return d, "has no 'epoch', 'step' or 't' series to plot against"
+    if "loss" not in d.series and not any(k.startswith("svals/") for k in d.series):
+        return d, "has no loss or singular values"
+    rows = min(len(v) for v in d.series.values())
+    if rows == 0:
+        return d, f"has no rows yet (status {d.status})"
+    d.series = {k: v[:rows] for k, v in d.series.items()}
+    return d, ""
 
 
 def file_figure(h5_path: str | os.PathLike, out: str | os.PathLike,
-                runs: Sequence[str] | None = None, edge: str | None = None) -> Path:
+                runs: Sequence[str] | None = None, edge: str | None = None,
+                report: Callable[[str], None] | None = None) -> Path:
     """The standard figure of any fastrace run file: loss vs time of every run, and the
     singular values of one edge vs time (``edge``; default: the first edge with recorded
-    singular values, the shared edge when present). Theory runs are dashed."""
+    singular values, the shared edge when present). Theory runs are dashed.
+
+    ``out``'s extension names the format (checked before the file is read). A run that cannot
+    be plotted (no rows yet, say: a run killed before its first flush) is left out, and
+    ``report`` receives a line saying so; ConfigError when no run is left to plot.
+    """
     from . import store
 
-    names = store.list_runs(h5_path) if runs is None else list(runs)
+    check_figure_path(out)
+    names = store.list_runs(h5_path) if runs is None else list(dict.fromkeys(runs))
     if not names:
         raise ConfigError(f"{os.fspath(h5_path)} holds no runs to plot")
-    data = {n: store.read_run(h5_path, n) for n in names}
+    data = {}
+    left_out = []
+    for name in names:
+        d, why = _plot_series(h5_path, name)
+        if why:
+            left_out.append(f"run {name!r} {why}")
+        else:
+            data[name] = d
+    if not data:
+        raise ConfigError(f"{os.fspath(h5_path)}: nothing to plot: " + "; ".join(left_out))
+    if report is not None:
+        for line in left_out:
+            report(f"{line}: not plotted")
     sval_edges = [k[len("svals/"):] for d in data.values() for k in d.series
                   if k.startswith("svals/")]
     if edge is None and sval_edges:
@@ -252,13 +334,15 @@ def file_figure(h5_path: str | os.PathLike, out: str | os.PathLike,
                           f"{sorted(set(sval_edges)) or 'none'}")
     fig = _figure(9.0 if edge else 5.0, 3.4)
     axes = np.atleast_1d(fig.subplots(1, 2 if edge else 1))
-    many = len(names) > 8
+    many = len(data) > 8
     for k, (name, d) in enumerate(data.items()):
         theory = d.attrs.get("kind") == "theory"
         style = {"ls": "--", "color": THEORY_COLOR, "lw": 1.0} if theory else \
             {"color": SEED_COLOR if many else f"C{k % 10}", "lw": 0.9}
-        x = _steps(d.series)
-        axes[0].plot(x, _positive(d.series["loss"]), label=None if many else name, **style)
+        label = name if d.status == "complete" else f"{name} ({d.status.split(':')[0]})"
+        x = next(np.asarray(d.series[key]) for key in _X_KEYS if key in d.series)
+        if "loss" in d.series:
+            axes[0].plot(x, _positive(d.series["loss"]), label=None if many else label, **style)
         key = f"svals/{edge}"
         if edge and key in d.series:
             y = np.asarray(d.series[key])
@@ -267,7 +351,7 @@ def file_figure(h5_path: str | os.PathLike, out: str | os.PathLike,
     axes[0].set_xlabel("epoch" if all(("epoch" in d.series or "step" in d.series)
                                       for d in data.values()) else "t")
     axes[0].set_ylabel("loss")
-    if not many:
+    if not many and any("loss" in d.series for d in data.values()):
         axes[0].legend(fontsize=7)
     if edge:
         axes[1].set_xlabel(axes[0].get_xlabel())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -110,3 +112,151 @@ def test_console_entry_point_runs():
     assert done.returncode == 0
     for command in ("reproduce", "info", "plot", "warmup", "demo"):
         assert command in done.stdout
+
+
+# ----------------------------------------------------------------------------- plot, info: odd files
+FULL = {"t": (), "step": ((), np.int64), "loss": (), "svals/x->h": (2,)}
+
+
+def _rows(n: int, loss=None) -> dict[str, np.ndarray]:
+    return {"t": np.arange(n, dtype=float), "step": np.arange(n),
+            "loss": np.linspace(1.0, 0.1, n) if loss is None else np.asarray(loss, float),
+            "svals/x->h": np.ones((n, 2))}
+
+
+def _write(path, runs: dict, status: dict | None = None):
+    """A fastrace file: ``runs`` maps a run name to (series spec, rows); rows {} is a run with
+    no rows yet."""
+    specs = {name: store.RunSpec(series=spec, attrs={"kind": "simulation"})
+             for name, (spec, _) in runs.items()}
+    with store.TrajectoryWriter(path, specs) as writer:
+        for name, (_, rows) in runs.items():
+            if rows:
+                writer.append_blocks(name, rows)
+        for name, value in (status or {}).items():
+            writer.set_status(name, value)
+    return path
+
+
+def _killed_before_first_rows(path):
+    """The file a run killed before its first rows were flushed leaves: status "running", 0 rows."""
+    code = ("import os, sys; import numpy as np; from fastrace import store\n"
+            "spec = store.RunSpec(series={'t': (), 'loss': (), 'svals/x->h': (2,)})\n"
+            "w = store.TrajectoryWriter(sys.argv[1], {'seed_00': spec, 'seed_01': spec})\n"
+            "w.flush(); os._exit(0)\n")
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True, timeout=60)
+    return path
+
+
+def test_plot_of_a_file_without_rows_is_a_clear_error(tmp_path, capsys):
+    path = _killed_before_first_rows(tmp_path / "killed.h5")
+    assert cli.main(["info", str(path)]) == 0
+    assert "seed_00  run         running         0 saved" in capsys.readouterr().out
+    fig = tmp_path / "fig.png"
+    assert cli.main(["plot", str(path), "-o", str(fig)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastrace: error:") and "nothing to plot" in err
+    assert "run 'seed_00' has no rows yet (status running)" in err
+    assert not fig.exists()
+
+
+def test_plot_leaves_out_a_run_without_rows_and_says_so(tmp_path, capsys):
+    path = _write(tmp_path / "half.h5", {"seed_00": (FULL, _rows(5)), "seed_01": (FULL, {})})
+    fig = tmp_path / "fig.png"
+    assert cli.main(["plot", str(path), "-o", str(fig)]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {fig}" in out
+    assert "note: run 'seed_01' has no rows yet (status complete): not plotted" in out
+    assert fig.read_bytes().startswith(PNG)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("out.xyz", "unknown format 'xyz'; supported formats: "),
+    ("out.txt", "unknown format 'txt'; supported formats: "),
+    ("out", "has no file extension to name its format; supported formats: "),
+    (".png", "has no file extension"),
+])
+def test_plot_refuses_an_unknown_format_before_reading_the_file(tmp_path, capsys, name, message):
+    out = tmp_path / name
+    # the input does not exist: the format is checked first, before any work
+    assert cli.main(["plot", str(tmp_path / "missing.h5"), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastrace: error:") and message in err and "pdf, pgf, png" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plot_refuses_an_output_that_is_not_a_figure_file(tmp_path, capsys):
+    path = _write(tmp_path / "run.h5", {"seed_00": (FULL, _rows(5))})
+    (tmp_path / "dir").mkdir()
+    os.mkfifo(tmp_path / "fifo.png")
+    for out, message in ((tmp_path / "dir", "is a directory; give a figure file name"),
+                         (tmp_path / "missing" / "f.png", "directory " + str(tmp_path / "missing")
+                          + " does not exist"),
+                         (tmp_path / "run.h5" / "f.png", "is not a directory"),
+                         (tmp_path / "fifo.png", "not a regular file")):
+        assert cli.main(["plot", str(path), "-o", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("fastrace: error:") and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "fifo.png", "run.h5"]
+    assert list((tmp_path / "dir").iterdir()) == []
+
+
+@pytest.mark.skipif(shutil.which("xelatex") is not None, reason="pgf figures can be written here")
+def test_plot_in_a_format_whose_writer_is_missing_leaves_no_file(tmp_path, capsys):
+    path = _write(tmp_path / "run.h5", {"seed_00": (FULL, _rows(5))})
+    assert cli.main(["plot", str(path), "-o", str(tmp_path / "fig.pgf")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastrace: error: cannot write figure") and "as pgf" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.h5"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_plot_into_an_unwritable_place_is_a_clear_error(tmp_path, capsys):
+    path = _write(tmp_path / "run.h5", {"seed_00": (FULL, _rows(5))})
+    assert cli.main(["plot", str(path), "-o", "/proc/self/fig.png"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastrace: error: cannot write figure /proc/self/fig.png: ")
+    assert ".partial" not in err
+
+
+def test_plot_of_runs_with_only_some_series(tmp_path, capsys):
+    rows = _rows(5)
+    path = _write(tmp_path / "some.h5", {
+        "full": (FULL, rows),
+        "no_svals": ({"t": (), "loss": ()}, {"t": rows["t"], "loss": rows["loss"]}),
+        "no_loss": ({"t": (), "svals/x->h": (2,)}, {"t": rows["t"], "svals/x->h": rows["svals/x->h"]}),
+        "t_only": ({"t": ()}, {"t": rows["t"]}),
+        "no_time": ({"loss": ()}, {"loss": rows["loss"]}),
+        # a run killed between the flushes of its series: loss has fewer rows than t
+        "uneven": (FULL, dict(rows, loss=rows["loss"][:3])),
+        "nan_inf": (FULL, _rows(5, loss=[1.0, np.nan, np.inf, -np.inf, 0.0])),
+    })
+    fig = tmp_path / "fig.png"
+    assert cli.main(["plot", str(path), "-o", str(fig)]) == 0
+    out = capsys.readouterr().out
+    assert "note: run 't_only' has no loss or singular values: not plotted" in out
+    assert "note: run 'no_time' has no 'epoch', 'step' or 't' series to plot against" in out
+    assert out.count("note:") == 2
+    assert fig.read_bytes().startswith(PNG)
+    for run in ("t_only", "no_time"):
+        assert cli.main(["plot", str(path), "-o", str(fig), "--run", run]) == 2
+        assert "nothing to plot: run " + repr(run) in capsys.readouterr().err
+    assert cli.main(["plot", str(path), "-o", str(fig), "--run", "uneven"]) == 0
+
+
+def test_info_of_a_failed_run_and_of_a_loss_per_pathway(tmp_path, capsys):
+    rows = _rows(5)
+    reason = "diverged at step 2: loss = inf"
+    path = _write(tmp_path / "odd.h5", {
+        "ok": (FULL, rows),
+        "bad": (FULL, {k: v[:2] for k, v in rows.items()}),
+        "per_pathway": ({"t": (), "loss": (3,)}, {"t": rows["t"], "loss": np.ones((5, 3))}),
+    }, status={"bad": f"failed: {reason}"})
+    assert cli.main(["info", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "  ok           simulation  complete        5 saved  t = 0 .. 4  loss 1 -> 0.1" in lines
+    assert ("  bad          simulation  failed          2 saved  t = 0 .. 1  loss 1 -> 0.775  "
+            f"({reason})") in lines
+    assert "  per_pathway  simulation  complete        5 saved  t = 0 .. 4" in lines
+    fig = tmp_path / "fig.png"
+    assert cli.main(["plot", str(path), "-o", str(fig)]) == 0
