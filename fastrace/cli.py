@@ -160,7 +160,8 @@ def _sweep(args: argparse.Namespace) -> int:
                        report=print)
     print(f"fastrace sweep {args.experiment}: {len(result)} points, {len(result.completed)} "
           f"complete, {len(result.failed)} failed, {result.seconds:.2f} s")
-    print(f"  wrote {result.index} and {len(result)} point files")
+    n_files = len(result.written)  # the point files this sweep wrote
+    print(f"  wrote {result.index} and {n_files} point file{'s' * (n_files != 1)}")
     return 0 if not result.failed else 1
 
 

@@ -15,22 +15,45 @@ and each point's status ("complete" or "failed: <reason>"). A failing point is r
 others still run. The index is written once before the fan-out (every status "pending") and
 again at the end.
 
+The output directory holds one sweep. A directory holding files of another sweep or run where
+this one would write (an ``index.h5`` of another experiment, grid or seed; a ``pNNN.h5`` that is
+not a point of this sweep or was written by another experiment) is refused with a ConfigError
+naming them: nothing is overwritten or mixed in, and nothing is deleted. The same sweep (same
+experiment, grid and seed) may be run again into its own directory; it reruns every point. The
+index links only the point files this sweep wrote.
+
 Executors: the default is a local ``ProcessPoolExecutor`` (spawn context); a Dask cluster plugs
 in with ``distributed.Client(address).get_executor()``. The workers must see ``DIR`` (a shared
 file system on a cluster).
+
+The local pool's workers end when the client process ends (Linux: ``PR_SET_PDEATHSIG``; else a
+thread watching the parent), so a killed sweep leaves no workers behind; Ctrl-C or SIGTERM of
+the client stops the workers at once, records the unfinished points as interrupted and writes
+the index. When a worker process dies (killed by the OOM killer, say), the pool breaks: the
+points finished are kept, the point that was running in that worker is run again in a new pool
+up to ``_RETRIES`` times and then recorded as failed with how its worker ended, and every other
+unfinished point is run again.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import ctypes
 import datetime
 import itertools
 import json
 import multiprocessing
 import os
+import re
+import shutil
+import signal
+import stat
 import sys
 import tempfile
+import threading
 import time
+import tomllib
+from concurrent.futures.process import BrokenProcessPool
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,20 +61,24 @@ from typing import Any
 
 import numpy as np
 
-from .config import Experiment, load_experiment, run_experiment
+from .config import Experiment, experiment_from_table, load_experiment, run_experiment
 from .errors import ConfigError, StoreError
 
 INDEX_FORMAT = "fastrace-sweep"
 INDEX_VERSION = 1
 _THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                      "MKL_NUM_THREADS")
+_RETRIES = 2  # runs again of a point whose worker process died (killed by the OOM killer, say)
+_POINT_FILE = re.compile(r"p[0-9]+\.h5")
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @dataclass
 class SweepPoint:
     """One grid point: its ``name`` (``pNNN``), grid ``values``, output ``path``, ``status``
     ("pending", "complete" or "failed: <reason>"), wall ``seconds`` in the worker and the
-    ``summary`` of ``run_experiment`` (None when it failed)."""
+    ``summary`` of ``run_experiment`` (None when it failed); ``written`` tells whether this
+    sweep wrote the point's file (the index links it then)."""
 
     name: str
     values: dict[str, Any]
@@ -59,6 +86,7 @@ class SweepPoint:
     status: str = "pending"
     seconds: float = float("nan")
     summary: dict[str, Any] | None = None
+    written: bool = False
 
     @property
     def ok(self) -> bool:
@@ -83,6 +111,11 @@ class SweepResult:
     @property
     def failed(self) -> list[SweepPoint]:
         return [p for p in self.points if not p.ok]
+
+    @property
+    def written(self) -> list[SweepPoint]:
+        """The points whose file this sweep wrote (complete, or failed part way)."""
+        return [p for p in self.points if p.written]
 
     def __len__(self) -> int:
         return len(self.points)
@@ -119,6 +152,9 @@ def point_experiments(experiment: Experiment, grid: Mapping[str, Sequence[Any]],
 
 
 # ============================================================================ workers
+_REGISTRY: str | None = None  # in a local pool's worker: the directory of its running notes
+
+
 def limit_threads() -> None:
     """Make this process single-threaded for numba and BLAS (a sweep worker)."""
     if "numba" not in sys.modules:  # NUMBA_NUM_THREADS is read when numba is imported
@@ -131,10 +167,61 @@ def limit_threads() -> None:
     threadpool_limits(limits=1)
 
 
+def _init_worker(parent: int, registry: str) -> None:
+    """Initializer of a local pool's workers: end with the client (process ``parent``), leave
+    Ctrl-C to it (the terminal sends SIGINT to the whole process group; the client stops the
+    workers), note each point run in ``registry``, and run single-threaded."""
+    global _REGISTRY
+    _end_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _REGISTRY = registry
+    limit_threads()
+
+
+def _end_with_parent(parent: int) -> None:
+    """End this process when process ``parent`` ends, however it ends (SIGKILL included)."""
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(ctypes.c_int(_PR_SET_PDEATHSIG), ctypes.c_ulong(signal.SIGKILL),
+                               ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)) == 0
+        except (OSError, AttributeError):  # no libc prctl: the watcher thread below
+            armed = False
+    if os.getppid() != parent:  # the parent ended before the death signal was armed
+        os._exit(1)
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(parent,), name="fastrace-watch-parent",
+                         daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _note_running(path: str) -> Path | None:
+    """In a local pool's worker, write the note ``<registry>/<pid>`` holding ``path``: the point
+    this worker runs. The note stays when the worker dies, and tells the client which point was
+    running in it."""
+    if _REGISTRY is None:
+        return None
+    note = Path(_REGISTRY) / str(os.getpid())
+    tmp = note.with_name(f"{note.name}.tmp")
+    try:
+        tmp.write_text(path, encoding="utf-8")
+        os.replace(tmp, note)
+    except OSError:  # the client then cannot tell which point a dead worker ran; see _run_locally
+        return None
+    return note
+
+
 def run_point(text: str, path: str) -> dict[str, Any]:
     """Run one point's experiment (TOML ``text``) into ``path``, single-threaded. Never raises:
     returns {"status", "seconds", "summary"} with status "failed: <reason>" on any error."""
     start = time.perf_counter()
+    note = _note_running(path)
     try:
         limit_threads()
         summary = run_experiment(load_experiment(text), path, threads=1, progress=False)
@@ -145,6 +232,9 @@ def run_point(text: str, path: str) -> dict[str, Any]:
             status = "failed: " + "; ".join(failed)
     except Exception as exc:  # a failing point is recorded, never lost
         summary, status = None, _failure(exc)
+    finally:
+        if note is not None:
+            note.unlink(missing_ok=True)
     return {"status": status, "seconds": time.perf_counter() - start, "summary": summary}
 
 
@@ -169,6 +259,175 @@ def _warm(experiment: Experiment) -> None:
         pass
 
 
+class _LocalPool:
+    """A spawn-context process pool for one round of a local sweep. Its workers end with this
+    process and note the point each runs in ``registry`` (a file per worker pid), so that when
+    the pool breaks the client can tell which point was running in the worker that died."""
+
+    def __init__(self, workers: int):
+        self.registry = Path(tempfile.mkdtemp(prefix="fastrace-sweep-"))
+        self.executor = cf.ProcessPoolExecutor(
+            max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker, initargs=(os.getpid(), str(self.registry)))
+        # {pid: multiprocessing.Process} of the workers, filled by the pool as it starts them: a
+        # private attribute of ProcessPoolExecutor (3.11 to 3.13), read for how each worker ended
+        # and to stop them at once (the pool itself only waits for the running points to finish)
+        processes = getattr(self.executor, "_processes", None)
+        self.processes: dict[int, Any] = processes if isinstance(processes, dict) else {}
+
+    def close(self) -> tuple[dict[int, int | None], dict[int, str]]:
+        """Shut the pool down; return the exit code of each worker (negative: the signal that
+        killed it) and {pid: point file} of the points running in workers that died."""
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        codes = {pid: p.exitcode for pid, p in list(self.processes.items())}
+        running = {}
+        for note in self.registry.iterdir():
+            if note.name.isdigit():
+                try:
+                    running[int(note.name)] = note.read_text(encoding="utf-8")
+                except OSError:
+                    pass
+        shutil.rmtree(self.registry, ignore_errors=True)
+        return codes, running
+
+    def stop(self) -> None:
+        """End the workers now (their running points are abandoned) and shut the pool down."""
+        workers = list(self.processes.values())
+        for p in workers:
+            if p.exitcode is None:
+                p.terminate()
+        for p in workers:
+            p.join(5)
+            if p.exitcode is None:
+                p.kill()
+                p.join()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(self.registry, ignore_errors=True)
+
+
+def _ending(code: int | None) -> str:
+    """How a worker process ended, from its exit code."""
+    if code is None:
+        return "ended"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name}" + (" (out of memory?)" if -code == signal.SIGKILL else "")
+    return f"exited with status {code}"
+
+
+# ============================================================================ running points
+def _run_round(executor: cf.Executor, todo: list[tuple[SweepPoint, Experiment]], report: Any,
+               local: bool) -> list[tuple[SweepPoint, Experiment]]:
+    """Run ``todo`` on ``executor``, recording each outcome in its point. With ``local`` (a
+    _LocalPool's executor), return the points a broken pool left unfinished; otherwise a broken
+    executor fails its unfinished points, and the list returned is empty."""
+    futures = {}
+    unfinished = []
+    for point, point_exp in todo:
+        try:
+            futures[executor.submit(run_point, point_exp.text, str(point.path))] = \
+                (point, point_exp)
+        except Exception as exc:  # noqa: BLE001 - e.g. a broken or shut-down executor
+            if local and isinstance(exc, BrokenProcessPool):
+                unfinished.append((point, point_exp))
+            else:
+                point.status = _failure(exc)
+    for future in cf.as_completed(futures):
+        point, point_exp = futures[future]
+        try:
+            outcome = future.result()
+        except BrokenProcessPool as exc:
+            if local:  # run again in a new pool (see _run_locally)
+                unfinished.append((point, point_exp))
+                continue
+            point.status = _failure(exc)
+        except Exception as exc:  # noqa: BLE001 - a crashed worker fails only its point
+            point.status = _failure(exc)
+        else:
+            point.status = outcome["status"]
+            point.seconds = float(outcome["seconds"])
+            point.summary = outcome["summary"]
+        if report is not None:
+            report(f"{point.name}  {_values_text(point.values)}  {point.status}")
+    return unfinished
+
+
+def _run_locally(todo: list[tuple[SweepPoint, Experiment]], workers: int, report: Any) -> None:
+    """Run ``todo`` on local process pools until every point has an outcome.
+
+    When a worker process dies the pool breaks and every point not finished then is handed back
+    (finished points keep their outcome and file). The point that was running in the dead
+    worker is run again in a new pool, after the others, up to ``_RETRIES`` times, then recorded
+    as failed with how its worker ended; the points running in the other workers (which the
+    broken pool ends with SIGTERM) and those not started are run again without counting.
+    """
+    deaths: dict[str, list[str]] = {}  # point name -> how its worker ended, per attempt
+    barren = 0  # broken pools with no point to blame (a worker dying between points, say)
+    while todo:
+        pool = _LocalPool(min(workers, len(todo)))
+        try:
+            unfinished = _run_round(pool.executor, todo, report, local=True)
+            codes, running = pool.close()
+        except BaseException:  # KeyboardInterrupt, SIGTERM (see sweep)
+            pool.stop()
+            raise
+        if not unfinished:
+            return
+        by_path = {str(point.path): point for point, _ in unfinished}
+        # the workers the pool did not end itself: exit codes other than 0 and -SIGTERM
+        dead = {pid: code for pid, code in codes.items() if code not in (0, -signal.SIGTERM)}
+        if dead:
+            blamed = {pid: code for pid, code in dead.items() if running.get(pid) in by_path}
+        else:  # a worker was ended by SIGTERM: the point running in it cannot be told apart
+            blamed = {pid: codes.get(pid) for pid, path in running.items() if path in by_path}
+        culprits = set()
+        for pid, code in blamed.items():
+            point = by_path[running[pid]]
+            culprits.add(point.name)
+            deaths.setdefault(point.name, []).append(_ending(code))
+        if not culprits:
+            barren += 1
+            if barren > _RETRIES:
+                endings = ", ".join(sorted({_ending(c) for c in codes.values()}))
+                for point, _ in unfinished:
+                    point.status = (f"failed: worker died: the sweep's worker processes died "
+                                    f"({endings}) {barren} times with no point running in "
+                                    "them; not run again")
+                    if report is not None:
+                        report(f"{point.name}  {_values_text(point.values)}  {point.status}")
+                return
+        todo, again = [], []
+        for point, point_exp in unfinished:
+            if point.name not in culprits:
+                todo.append((point, point_exp))
+                continue
+            endings = deaths[point.name]
+            if len(endings) > _RETRIES:
+                how = endings[0] if len(set(endings)) == 1 else "ended: " + "; ".join(endings)
+                point.status = (f"failed: worker died: the worker process running {point.name} "
+                                f"{how} in each of its {len(endings)} attempts; not run again")
+                line = point.status
+            else:
+                again.append((point, point_exp))
+                line = (f"its worker process {endings[-1]}; running it again (attempt "
+                        f"{len(endings) + 1} of {_RETRIES + 1})")
+            if report is not None:
+                report(f"{point.name}  {_values_text(point.values)}  {line}")
+        todo += again
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived while a sweep ran on its own pool (see sweep)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise _Terminated()
+
+
 # ============================================================================ the sweep
 def sweep(experiment: Experiment | str | os.PathLike, grid: Mapping[str, Sequence[Any]] | None = None,
           out_dir: str | os.PathLike = ".", executor: cf.Executor | None = None,
@@ -179,13 +438,20 @@ def sweep(experiment: Experiment | str | os.PathLike, grid: Mapping[str, Sequenc
     experiment : an Experiment, or a TOML path/text (a sweep file: its ``[sweep]`` table is the
         default grid and its ``sweep.seed`` the default seed).
     grid : {dotted key: list of values}; one task per point of the cartesian product.
+    out_dir : the directory of the point files and the index; ConfigError when it holds files
+        of another sweep or run where this sweep would write (the same sweep may run again).
     executor : any ``concurrent.futures.Executor`` (e.g. ``distributed.Client(addr)
         .get_executor()``); default a local spawn-context process pool of ``workers`` processes
-        (default: one per core, at most one per point), shut down at the end. A given executor
-        is left running.
+        (default: one per core, at most one per point), shut down at the end, whose workers
+        end with this process; a point whose worker process dies is run again in a new pool (up
+        to twice). A given executor is left running.
     seed : root of the points' child seeds (``SeedSequence(seed).spawn``); default the sweep
         file's ``sweep.seed`` or 0.
     report : optional callable receiving a line per finished point.
+
+    With the local pool, in the main thread, and no SIGTERM handler of the caller's: SIGTERM
+    stops the workers, records the unfinished points as interrupted, writes the index and then
+    ends the process as SIGTERM does. KeyboardInterrupt does the same and is raised again.
     """
     start = time.perf_counter()
     exp = experiment if isinstance(experiment, Experiment) else load_experiment(experiment)
@@ -214,44 +480,146 @@ def sweep(experiment: Experiment | str | os.PathLike, grid: Mapping[str, Sequenc
     points = [SweepPoint(f"p{k:0{width}d}", values, out / f"p{k:0{width}d}.h5")
               for k, values in enumerate(grid_points(grid))]
     result = SweepResult(out, out / "index.h5", grid, int(seed), points)
+    _check_out_dir(result, exp, experiments)
     base_text = exp.text
     write_index(result, base_text)
     if warm:
         _warm(experiments[0])
 
+    before = {p.name: _file_identity(p.path) for p in points}
+    todo = list(zip(points, experiments))
     own = executor is None
-    if own:
-        n = min(workers or os.cpu_count() or 1, len(points))
-        executor = cf.ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context(
-            "spawn"), initializer=limit_threads)
+    on_term = (own and threading.current_thread() is threading.main_thread()
+               and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
     try:
-        futures = {}
-        for point, point_exp in zip(points, experiments):
-            try:
-                futures[executor.submit(run_point, point_exp.text, str(point.path))] = point
-            except Exception as exc:  # noqa: BLE001 - e.g. a broken pool: record, go on
-                point.status = _failure(exc)
-        for future in cf.as_completed(futures):
-            point = futures[future]
-            try:
-                outcome = future.result()
-                point.status = outcome["status"]
-                point.seconds = float(outcome["seconds"])
-                point.summary = outcome["summary"]
-            except Exception as exc:  # noqa: BLE001 - a crashed worker fails only its point
-                point.status = _failure(exc)
-            if report is not None:
-                report(f"{point.name}  {_values_text(point.values)}  {point.status}")
-    finally:
-        if own:
-            executor.shutdown(wait=True, cancel_futures=True)
-        result.seconds = time.perf_counter() - start
-        write_index(result, base_text)
+        if on_term:
+            signal.signal(signal.SIGTERM, _raise_terminated)
+        try:
+            if own:
+                _run_locally(todo, min(workers or os.cpu_count() or 1, len(points)), report)
+            else:
+                _run_round(executor, todo, report, local=False)
+        except BaseException as exc:
+            why = "SIGTERM" if isinstance(exc, _Terminated) else type(exc).__name__
+            for point in points:
+                if point.status == "pending":
+                    point.status = f"failed: interrupted ({why}) before the point finished"
+            raise
+        finally:
+            if on_term:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            for point in points:
+                point.written = _file_identity(point.path) not in (None, before[point.name])
+            result.seconds = time.perf_counter() - start
+            write_index(result, base_text)
+    except _Terminated:
+        # the workers are stopped and the index written: end as SIGTERM would have ended us
+        signal.raise_signal(signal.SIGTERM)
+        raise
     return result
 
 
 def _values_text(values: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in values.items())
+
+
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    """(device, inode, mtime) of the regular file at ``path``; None when there is none. A point
+    file is written beside its path and renamed onto it, so a new file has a new identity."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns)
+
+
+# ============================================================================ the output directory
+def _check_out_dir(result: SweepResult, exp: Experiment, experiments: list[Experiment]) -> None:
+    """Raise ConfigError when ``result.out_dir`` holds files of another sweep or run where this
+    sweep writes: an index of another sweep, or a ``pNNN.h5`` that is not one of this sweep's
+    points (another sweep's, or a point file written by another experiment). Nothing is removed:
+    the user chooses. The same sweep run again (its index says so, or its point files do) may
+    write into its directory again."""
+    problems = []
+    same_sweep = False
+    if os.path.lexists(result.index):
+        reason = _other_sweep(result.index, exp, result.grid, result.seed)
+        if reason is None:
+            same_sweep = True
+        else:
+            problems.append(f"index.h5 ({reason})")
+    mine = {point.path.name: point_exp for point, point_exp in zip(result.points, experiments)}
+    try:
+        entries = sorted(os.listdir(result.out_dir))
+    except OSError as exc:
+        raise ConfigError(f"cannot list output directory {result.out_dir}: {exc}") from None
+    for entry in entries:
+        if not _POINT_FILE.fullmatch(entry):
+            continue  # the user's own files, and this sweep's .partial and .lock leftovers
+        if entry not in mine:
+            problems.append(f"{entry} (not a point of this sweep)")
+        elif not same_sweep:
+            reason = _other_point(result.out_dir / entry, mine[entry])
+            if reason is not None:
+                problems.append(f"{entry} ({reason})")
+    if problems:
+        shown = ", ".join(problems[:4])
+        if len(problems) > 4:
+            shown += f" and {len(problems) - 4} more"
+        raise ConfigError(f"output directory {result.out_dir} holds files of another sweep or "
+                          f"run: {shown}; this sweep would overwrite them or mix with them. Run "
+                          "it into a new directory, or move those files away")
+
+
+def _same_experiment(text: str, exp: Experiment) -> bool:
+    """Whether the TOML ``text`` is the experiment ``exp`` (its sweep table aside)."""
+    try:
+        return experiment_from_table(tomllib.loads(text)).table == exp.table
+    except (tomllib.TOMLDecodeError, ConfigError):
+        return False
+
+
+def _other_sweep(index: Path, exp: Experiment, grid: Mapping[str, Sequence[Any]],
+                 seed: int) -> str | None:
+    """Why the file ``index`` is not the index of this sweep; None when it is."""
+    import h5py
+
+    if _file_identity(index) is None:
+        return "not a regular file"
+    try:
+        with h5py.File(index, "r", locking=False) as f:
+            if f.attrs.get("format") != INDEX_FORMAT:
+                return "not a fastrace sweep index"
+            text = str(f.attrs.get("experiment", ""))
+            stored_grid = json.loads(f.attrs["grid"])
+            stored_seed = int(f.attrs["seed"])
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        return f"an unreadable sweep index: {' '.join(str(exc).split())}"
+    if list(stored_grid.items()) != list(json.loads(json.dumps(dict(grid))).items()):
+        return f"the index of a sweep over another grid, {json.dumps(stored_grid)}"
+    if stored_seed != seed:
+        return f"the index of a sweep with seed {stored_seed}, not {seed}"
+    if not _same_experiment(text, exp):
+        return "the index of a sweep of another experiment"
+    return None
+
+
+def _other_point(path: Path, point_exp: Experiment) -> str | None:
+    """Why the file at ``path`` is not a point file of ``point_exp``; None when it is."""
+    import h5py
+
+    if _file_identity(path) is None:
+        return "not a regular file"
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            text = str(f.attrs.get("config", ""))
+    except OSError:
+        return "not a readable fastrace file"
+    if not _same_experiment(text, point_exp):
+        return "written by another experiment"
+    return None
 
 
 # ============================================================================ the index
@@ -270,7 +638,8 @@ def _column(values: list[Any]) -> np.ndarray:
 
 
 def write_index(result: SweepResult, experiment_text: str = "") -> Path:
-    """Write ``result.index`` (replacing it): links to every point file and the table."""
+    """Write ``result.index`` (replacing it): links to the point files this sweep wrote
+    (``SweepPoint.written``) and the table of every point."""
     import h5py
 
     strings = h5py.string_dtype()
@@ -286,7 +655,7 @@ def write_index(result: SweepResult, experiment_text: str = "") -> Path:
             f.attrs["seconds"] = result.seconds
             links = f.create_group("points", track_order=True)
             for p in result.points:
-                if p.path.exists():  # relative: the index and its points move together
+                if p.written:  # relative: the index and its points move together
                     links[p.name] = h5py.ExternalLink(p.path.name, "/")
             table = f.create_group("table")
             table["name"] = np.array([p.name for p in result.points], dtype=strings)
@@ -322,10 +691,12 @@ def read_index(path: str | os.PathLike) -> SweepResult:
             seconds = table["seconds"][()]
             result = SweepResult(path.parent, path, grid, int(f.attrs["seed"]),
                                  seconds=float(f.attrs.get("seconds", np.nan)))
+            links = f["points"]
             for k, name in enumerate(names):
                 values = {key: grid[key][_position(grid, k, key)] for key in grid}
+                written = links.get(name, getlink=True) is not None
                 result.points.append(SweepPoint(name, values, path.parent / files[k], status[k],
-                                                float(seconds[k])))
+                                                float(seconds[k]), written=written))
     except OSError as exc:
         raise StoreError(f"cannot read the sweep index {path}: {exc}") from None
     return result
