@@ -26,6 +26,10 @@ optionally, the reduced theory to integrate into the same file::
     [theory]               # optional: the reduced system, run "theory" in the same file
     b0 = 0.08
 
+Train settings that would do nothing are refused: ``rtol``, ``atol`` and ``max_steps`` are for
+method "flow" (its integrator), ``n_records`` for a flow run given by ``t_end``, and
+``weights_dtype = "float32"`` needs ``save_weights = true``.
+
 Seeds: run ``seed_SS`` draws its initial weights from ``numpy.random.default_rng(s)``. With
 ``init.seed_sequence = {entropy = E, spawn_key = [k]}`` (what a sweep writes into each point) it
 draws them from ``SeedSequence(E, spawn_key=(k, s))``, the s-th child of the point's sequence.
@@ -36,6 +40,7 @@ A sweep file adds a ``[sweep]`` table of lists over dotted keys (``"init.gain" =
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
@@ -51,7 +56,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, StoreError
+from .simulate import _MAX_SAVE_POINTS, _MAX_STEPS, _MIN_RTOL, DIVERGED
 
 TASKS = ("routing",)  # builders of fastrace.tasks that experiment files may name
 INIT_KINDS = {"orthogonal": "gain", "gaussian": "std", "aligned": "b0"}
@@ -302,6 +308,10 @@ def _check_value(key: str, value: Any, check: Any) -> Any:
 
 
 def _check_train_combination(train: dict[str, Any]) -> None:
+    """The checks simulate makes of its settings, made here in the words of the file (simulate
+    names its own keywords, some of which a file cannot hold) and before any compute (the
+    theory is integrated before simulate is called). Settings simulate would take and ignore
+    are refused too."""
     has_lr, has_steps, has_t = "lr" in train, "steps" in train, "t_end" in train
     if train["method"] == "gd":
         if not (has_lr and has_steps):
@@ -310,6 +320,10 @@ def _check_train_combination(train: dict[str, Any]) -> None:
         if has_t:
             raise ConfigError("train.t_end is for method 'flow'; gradient descent runs `steps` "
                               "steps")
+        for key in ("rtol", "atol", "max_steps"):
+            if key in train:
+                raise ConfigError(f"train.{key} is a setting of the integrator of method 'flow'; "
+                                  "method 'gd' has none: remove it")
     else:
         if has_lr != has_steps or (has_lr and has_t) or not (has_lr or has_t):
             raise ConfigError("train: method 'flow' needs t_end, or lr and steps (t_end = "
@@ -319,6 +333,40 @@ def _check_train_combination(train: dict[str, Any]) -> None:
                               "saves n_records evenly spaced times")
         if "momentum" in train:
             raise ConfigError("train.momentum is for method 'gd'")
+        if "rtol" in train and train["rtol"] < _MIN_RTOL:
+            raise ConfigError(f"train.rtol = {train['rtol']:g} is below what float64 can "
+                              f"deliver; use at least {_MIN_RTOL:.1e}")
+    if has_steps:
+        steps, every = train["steps"], train.get("record_every", 1)
+        if steps > _MAX_STEPS:
+            raise ConfigError(f"train.steps must be at most 2**53 (t = lr * step must count "
+                              f"every step), got {steps}")
+        if not math.isfinite(train["lr"] * steps):
+            raise ConfigError(f"train.lr * train.steps overflows (lr = {train['lr']:g}, "
+                              f"steps = {steps})")
+        if steps // every > _MAX_SAVE_POINTS:
+            raise ConfigError(f"train.steps = {steps} with train.record_every = {every} makes "
+                              f"more than {_MAX_SAVE_POINTS} save points; set a larger "
+                              "train.record_every")
+    if "n_records" in train:
+        if has_steps:
+            raise ConfigError("train.n_records is for method 'flow' given by t_end; with lr and "
+                              "steps the save points are every train.record_every steps (and "
+                              "the last step)")
+        if not 2 <= train["n_records"] <= _MAX_SAVE_POINTS:
+            raise ConfigError(f"train.n_records must be at least 2 and at most "
+                              f"{_MAX_SAVE_POINTS}, got {train['n_records']}")
+    if train.get("weights_dtype") == "float32":
+        if not train.get("save_weights", False):
+            raise ConfigError('train.weights_dtype = "float32" is the type of the weight '
+                              "snapshots, which only train.save_weights = true records: set "
+                              "that, or remove weights_dtype")
+        largest = float(np.finfo(np.float32).max)
+        if train.get("divergence_threshold", 0.0) > largest:
+            raise ConfigError(f'train.weights_dtype = "float32" snapshots hold weights up to '
+                              f"{largest:.3g}: set train.divergence_threshold at most that "
+                              f"(got {train['divergence_threshold']:g}), or keep float64 "
+                              "snapshots")
 
 
 def _check_sweep(section: Mapping[str, Any]) -> tuple[dict[str, list], int]:
@@ -434,9 +482,33 @@ def _save_points(train: Mapping[str, Any]) -> tuple[str, Any]:
     """Theory save points matching the simulation's: ("steps", indices) or ("times", t)."""
     if "steps" in train:
         steps, every = int(train["steps"]), int(train.get("record_every", 1))
-        grid = np.unique(np.concatenate([np.arange(0, steps + 1, every), [steps]]))
-        return "steps", grid.astype(np.int64)
+        grid = np.arange(0, steps + 1, every, dtype=np.int64)
+        if grid[-1] != steps:  # the last step is always saved
+            grid = np.append(grid, np.int64(steps))
+        return "steps", grid
     return "times", np.linspace(0.0, float(train["t_end"]), int(train.get("n_records", 101)))
+
+
+def _n_save_points(train: Mapping[str, Any]) -> int:
+    """The number of save points of ``_save_points(train)``, without making them."""
+    if "steps" in train:
+        steps, every = int(train["steps"]), int(train.get("record_every", 1))
+        return steps // every + 1 + (steps % every != 0)
+    return int(train.get("n_records", 101))
+
+
+def _check_theory_memory(exp: Experiment, reduction: Any) -> None:
+    """ConfigError if the theory's rows (it is held in memory, the runs' rows are not) would
+    not fit in the memory available now."""
+    from .simulate import _refuse_if_no_room
+
+    system = reduction.system
+    # per save point: the schedule (steps, times), t, loss, b, the modes' losses (made twice)
+    # and path strengths, in float64
+    row = 8 * (6 + reduction.n_modes * (system.n_edges + system.n_paths + 2))
+    what = "fewer train.n_records" if "t_end" in exp.train else "a larger train.record_every"
+    _refuse_if_no_room(_n_save_points(exp.train) * row, f"save fewer points ({what})",
+                       "the theory's rows (held in memory)")
 
 
 def integrate_theory(exp: Experiment, reduction: Any, threads: int | None = None) -> Any:
@@ -462,23 +534,113 @@ def _same_experiment(stored: str, exp: Experiment) -> bool:
 
 
 def _add_theory(out: Path, solution: Any) -> None:
-    """Write the theory run into the (closed) file ``out`` next to the simulation runs."""
+    """Add the theory run to the finished simulation file ``out``, atomically.
+
+    The file with the theory is built beside it, under ``<out>.partial`` (as the store's writer
+    builds a file): a copy of ``out`` into which the theory run, written first to
+    ``<out>.theory.partial``, is copied; it gets a root ``file_id`` of its own (it is another
+    file), is synced to disk and renamed onto ``out``. A kill at any moment leaves ``out`` as
+    the simulation wrote it (every run intact; ``--resume`` adds the theory) or complete with
+    its theory. A failure (a full disk, say) is a StoreError naming ``out``, which is left as
+    it was; the temporary files are removed.
+    """
+    import shutil
+
     import h5py
 
     from . import store
 
-    if "theory" in store.list_runs(out):
-        return
-    tmp = Path(f"{out}.theory.partial")
-    tmp.unlink(missing_ok=True)
+    target = store._output_path(out)  # a symlink's target: the link stays a link
+    theory = Path(f"{target}.theory.partial")
+    partial = Path(f"{target}.partial")
+    lock = store._WriterLock(target)  # no writer of out may start meanwhile
     try:
-        solution.to_hdf5(tmp, "theory")
-        with h5py.File(tmp, "r") as src, h5py.File(out, "a") as dst:
-            src.copy(src["theory"], dst, "theory")
-    except OSError as exc:
-        raise ConfigError(f"cannot add the theory run to {out}: {exc}") from None
+        for leftover in (theory, partial):  # left by a killed run
+            leftover.unlink(missing_ok=True)
+        if "theory" in store.list_runs(target):
+            return
+        solution.to_hdf5(theory, "theory")
+        _check_room_for_copy(target, target.stat().st_size + theory.stat().st_size)
+        shutil.copyfile(target, partial)
+        f = h5py.File(partial, "r+")
+        try:
+            with h5py.File(theory, "r") as src:
+                src.copy(src["theory"], f, "theory")
+            f.attrs["file_id"] = os.urandom(16).hex()
+            f.flush()
+        except BaseException:
+            # what HDF5 could not write (a full disk) goes to a scratch file, so that it can
+            # close the file and the process does not crash when it exits
+            store._close_file(f, discard=True)
+            raise
+        f.close()
+        fd = os.open(partial, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(partial, target)
+        _sync_directory(target.parent)
+    except (OSError, RuntimeError, ValueError, KeyError) as exc:  # (StoreError is an OSError)
+        raise StoreError(f"cannot add the theory run to {out}: {exc}") from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        for temporary in (theory, partial):
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
+        lock.release()
+
+
+def _check_room_for_copy(target: Path, size: int) -> None:
+    """StoreError unless a file of ``size`` bytes (and HDF5's slack) fits beside ``target``:
+    on its disk, and under this process's file size limit (RLIMIT_FSIZE). HDF5 does not
+    recover well from a write that fails for want of room (see fastrace.store), so the room
+    is checked before it writes."""
+    from . import store
+
+    need = size + store._ROOM_SLACK
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        free = store._free_bytes(fd)
+    finally:
+        os.close(fd)
+    if need > free:
+        raise StoreError(f"no room on the disk holding it for the file with the theory, built "
+                         f"beside it ({free} bytes free, {need} needed)")
+    limit = store._file_size_limit()
+    if limit is not None and need > limit:
+        raise StoreError(f"the file with the theory would outgrow this process's file size "
+                         f"limit of {limit} bytes (RLIMIT_FSIZE; see `ulimit -f`): {need} "
+                         "bytes needed")
+
+
+def _sync_directory(path: Path) -> None:
+    """Make a rename in the directory ``path`` durable (where directories can be synced)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - file systems that cannot sync a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def _check_resumable(out: Path, exp: Experiment) -> None:
+    """Errors (before any compute) for a file ``exp`` cannot resume: one another experiment
+    wrote, or one with a diverged run (resume refuses those in simulate's words)."""
+    from . import store
+
+    info = store.run_info(out)
+    if not _same_experiment(str(info.get("config", "")), exp):
+        raise ConfigError(f"{out} was written by another experiment; resume it with the "
+                          "experiment file it was started with")
+    for name, run in info["runs"].items():
+        if run["attrs"].get("kind") == "simulation" and run["status"].startswith(DIVERGED):
+            raise StoreError(f"run {name!r} in {out} {run['status'][len('failed: '):]}; it "
+                             "cannot be resumed: run the experiment again, without --resume, "
+                             "with other [train] settings (a smaller train.lr, say)")
 
 
 def run_experiment(exp: Experiment, out: str | os.PathLike, threads: int | None = None,
@@ -505,7 +667,10 @@ def run_experiment(exp: Experiment, out: str | os.PathLike, threads: int | None 
     # absolute: the caller may change directory while the runs go; checked before any compute
     # (the theory is computed before the runs start)
     out = Path(os.path.abspath(os.fspath(out)))
-    if not (resume and out.exists()):
+    resumed = bool(resume) and out.exists()
+    if resumed:
+        _check_resumable(out, exp)
+    else:
         store.check_writable(out)
     task = build_task(exp)
     net, data = task.network, task.data
@@ -516,14 +681,10 @@ def run_experiment(exp: Experiment, out: str | os.PathLike, threads: int | None 
         kwargs = {"tol": exp.theory["tol"]} if exp.theory and "tol" in exp.theory else {}
         reduction = reduce(net, data, **kwargs)
     if exp.theory is not None:
+        _check_theory_memory(exp, reduction)
         solution = integrate_theory(exp, reduction, threads)
 
-    resumed = bool(resume) and out.exists()
     if resumed:
-        stored = store.run_info(out).get("config", "")
-        if not _same_experiment(str(stored), exp):
-            raise ConfigError(f"{out} was written by another experiment; resume it with the "
-                              "experiment file it was started with")
         trajectories = resume_runs(out, net, data, threads=threads, progress=progress,
                                    in_memory=False)
         if not isinstance(trajectories, list):

@@ -293,3 +293,257 @@ def test_an_unwritable_output_fails_before_the_theory_is_computed(tmp_path, monk
     monkeypatch.setattr(config, "integrate_theory", no_compute)
     with pytest.raises(fr.StoreError, match="does not exist"):
         run_experiment(load_experiment(ALIGNED), tmp_path / "missing" / "out.h5", threads=1)
+
+
+# ------------------------------------------------------------------ adding the theory run
+def _child(code: str, *args: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh Python (its exit code tells a kill or a crash at exit)."""
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.fixture(scope="module")
+def aligned_whole(tmp_path_factory):
+    """ALIGNED run once, uninterrupted: the rows every other run of it must give."""
+    out = tmp_path_factory.mktemp("whole") / "whole.h5"
+    run_experiment(load_experiment(ALIGNED), out, threads=1)
+    return out
+
+
+def _assert_runs_equal(path, whole, runs):
+    for run in runs:
+        a, b = store.read_run(path, run), store.read_run(whole, run)
+        assert a.status == b.status == "complete"
+        assert set(a.series) == set(b.series)
+        for name in a.series:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=f"{run}/{name}")
+
+
+KILLED_WHILE_ADDING_THEORY = """
+import os, signal, sys
+import h5py
+from fastrace import cli, config
+from fastrace.reduce import ReducedSolution
+
+out, moment = os.path.abspath(sys.argv[2]), sys.argv[3]
+
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+if moment == "theory written":
+    to_hdf5 = ReducedSolution.to_hdf5
+    def hooked(self, *args, **kwargs):
+        to_hdf5(self, *args, **kwargs)
+        die()
+    ReducedSolution.to_hdf5 = hooked
+elif moment == "theory copied":
+    copy = h5py.Group.copy
+    def hooked(self, *args, **kwargs):
+        copy(self, *args, **kwargs)
+        die()
+    h5py.Group.copy = hooked
+else:  # just before or after the file with the theory takes the output's place
+    adding, add_theory, replace = [], config._add_theory, os.replace
+    def add(*args, **kwargs):
+        adding.append(True)
+        return add_theory(*args, **kwargs)
+    def hooked(src, dst, *args, **kwargs):
+        last = bool(adding) and os.fspath(dst) == out
+        if last and moment == "before rename":
+            die()
+        replace(src, dst, *args, **kwargs)
+        if last:
+            die()
+    config._add_theory, os.replace = add, hooked
+sys.exit(cli.main(["run", sys.argv[1], "-o", out, "--threads", "1"]))
+"""
+
+
+@pytest.mark.parametrize("moment", ["theory written", "theory copied", "before rename",
+                                    "after rename"])
+def test_a_kill_while_the_theory_is_added_leaves_a_readable_file(tmp_path, aligned_whole,
+                                                                  moment):
+    """SIGKILL at any moment of adding the theory leaves the simulation's file as it was (its
+    runs intact; --resume adds the theory) or the complete file with the theory, never a file
+    that does not open (the theory was copied into the output in place: a kill then left
+    HDF5's "open for writing" flag set on it)."""
+    path = tmp_path / "exp.toml"
+    path.write_text(ALIGNED)
+    out = tmp_path / "out.h5"
+    done = _child(KILLED_WHILE_ADDING_THEORY, str(path), str(out), moment)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    runs = ["seed_03", "seed_04"] + ["theory"] * (moment == "after rename")
+    info = store.run_info(out)
+    assert list(info["runs"]) == runs and info["config"] == ALIGNED
+    _assert_runs_equal(out, aligned_whole, runs)
+    summary = run_experiment(load_experiment(path), out, threads=1, resume=True)
+    assert summary["resumed"] and summary["theory"]["status"] == "complete"
+    assert store.list_runs(out) == ["seed_03", "seed_04", "theory"]
+    _assert_runs_equal(out, aligned_whole, ["seed_03", "seed_04", "theory"])
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+
+
+THEORY_ON_A_FULL_DISK = """
+import os, resource, signal, sys
+from fastrace import cli, config
+
+out, how = os.path.abspath(sys.argv[2]), sys.argv[3]
+if how == "unchecked":  # HDF5 itself runs out of room while it copies the theory
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (a write past the limit fails: EFBIG)
+    config._check_room_for_copy = lambda *args: None
+add_theory = config._add_theory
+
+
+def add(out, solution):  # the simulation fits; the file with its theory does not
+    hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+    resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(out) + (64 << 10), hard))
+    return add_theory(out, solution)
+
+
+config._add_theory = add
+print("exit code", cli.main(["run", sys.argv[1], "-o", out, "--threads", "1"]))
+"""
+
+
+@pytest.mark.parametrize("how", ["checked", "unchecked"])
+def test_a_full_disk_while_the_theory_is_added_is_a_store_error(tmp_path, how):
+    """Under a file size limit (RLIMIT_FSIZE: a full disk without privileges) the file with
+    the theory does not fit: StoreError naming the output, which stays the simulation's
+    readable file, and no temporary file left. "checked": the room is checked before the copy;
+    "unchecked": HDF5's copy fails (EFBIG) and the process still ends normally. (The theory
+    was copied into the output in place: a bare RuntimeError traceback.)"""
+    text = ALIGNED.replace("steps = 40", "steps = 600").replace(
+        "record_every = 2", "record_every = 1\nsvals = false\nsave_weights = true")
+    path = tmp_path / "exp.toml"
+    path.write_text(text)
+    out = tmp_path / "out.h5"
+    done = _child(THEORY_ON_A_FULL_DISK, str(path), str(out), how)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "exit code 2" in done.stdout, done.stderr[-3000:]
+    assert done.stderr.startswith(f"fastrace: error: cannot add the theory run to {out}: ")
+    assert "Traceback" not in done.stderr
+    info = store.run_info(out)
+    assert list(info["runs"]) == ["seed_03", "seed_04"]
+    for run in ("seed_03", "seed_04"):
+        data = store.read_run(out, run)
+        assert data.status == "complete" and data["t"].size == 601
+        assert data["weights/h1->h2"].shape == (601, 6, 6)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")) == []
+
+
+def test_the_theory_run_goes_to_a_symlinks_target(tmp_path):
+    target = tmp_path / "target.h5"
+    link = tmp_path / "link.h5"
+    link.symlink_to(target)
+    run_experiment(load_experiment(ALIGNED), link, threads=1)
+    assert link.is_symlink() and store.list_runs(target) == ["seed_03", "seed_04", "theory"]
+
+
+# ------------------------------------------------------------------ settings, in the file's words
+def _with_train(train: str, theory: bool = False) -> str:
+    """ORTHOGONAL with the [train] table ``train`` (and a [theory] table)."""
+    head = ORTHOGONAL[:ORTHOGONAL.index("[train]")]
+    return head + "[train]\n" + train + "\n" + ("\n[theory]\nb0 = 0.1\n" if theory else "")
+
+
+@pytest.mark.parametrize("train, message", [
+    # steps past 2**53 (the theory's gd map ran for hours first)
+    ("lr = 1e-20\nsteps = 9007199254740993\nrecord_every = 9007199254740993",
+     "train.steps must be at most 2**53"),
+    # 2e9 save points (the theory's schedule alone took 15 GB first)
+    ("lr = 1e-9\nsteps = 2000000000",
+     "train.steps = 2000000000 with train.record_every = 1 makes more than 1000000000 save "
+     "points; set a larger train.record_every"),
+    ('method = "flow"\nt_end = 1.0\nn_records = 2000000000', "train.n_records must be at"),
+    ("lr = 1e300\nsteps = 9007199254740992", "train.lr * train.steps overflows"),
+], ids=["steps", "save_points", "n_records", "overflow"])
+def test_settings_simulate_refuses_are_refused_before_the_theory(tmp_path, monkeypatch, train,
+                                                                   message):
+    """With a [theory] table the theory is computed before simulate checks its settings: the
+    file is checked as simulate would, when it is loaded."""
+    config = sys.modules["fastrace.config"]
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("the theory was computed before the settings were checked")
+
+    monkeypatch.setattr(config, "integrate_theory", no_compute)
+    path = tmp_path / "exp.toml"
+    path.write_text(_with_train(train, theory=True))
+    with pytest.raises(fr.ConfigError) as exc:
+        run_experiment(load_experiment(path), tmp_path / "out.h5")
+    assert message in str(exc.value)
+    assert not (tmp_path / "out.h5").exists()
+
+
+def test_a_theory_too_big_for_memory_is_refused_before_it_is_computed(tmp_path, monkeypatch):
+    """The theory's rows are held in memory (the runs' rows are not): 5 million save points
+    need ~3 GB here; with 100 MB available that is a ConfigError before any compute."""
+    config = sys.modules["fastrace.config"]
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("the theory was computed before its memory was checked")
+
+    monkeypatch.setattr(config, "integrate_theory", no_compute)
+    monkeypatch.setattr(sys.modules["fastrace.simulate"], "_available_memory", lambda: 100 << 20)
+    exp = load_experiment(ALIGNED.replace("steps = 40", "steps = 10000000"))
+    with pytest.raises(fr.ConfigError, match=r"the theory's rows .* save fewer points \(a "
+                                             r"larger train.record_every\)"):
+        run_experiment(exp, tmp_path / "out.h5")
+    assert not (tmp_path / "out.h5").exists()
+
+
+@pytest.mark.parametrize("train, message", [
+    ('method = "gd"\nlr = 0.05\nsteps = 40\nn_records = 5',
+     "train.n_records is for method 'flow' given by t_end; with lr and steps the save points "
+     "are every train.record_every steps"),
+    ('method = "flow"\nlr = 0.05\nsteps = 40\nn_records = 5', "train.n_records is for method"),
+    ('method = "flow"\nt_end = 1.0\nn_records = 1', "train.n_records must be at least 2"),
+    ('method = "flow"\nt_end = 1.0\nrtol = 1e-20',
+     "train.rtol = 1e-20 is below what float64 can deliver"),
+    ('lr = 0.05\nsteps = 40\nsave_weights = true\nweights_dtype = "float32"\n'
+     "divergence_threshold = 1e39", "set train.divergence_threshold at most that"),
+], ids=["gd_n_records", "flow_steps_n_records", "one_record", "rtol", "float32_threshold"])
+def test_cli_errors_name_the_keys_of_the_file(tmp_path, capsys, train, message):
+    """simulate's messages name its keywords (record=, record='log', weights_dtype='float32'),
+    which a file cannot hold: the file's settings are refused in its own words."""
+    path = tmp_path / "exp.toml"
+    path.write_text(_with_train(train))
+    assert cli.main(["run", str(path), "-o", str(tmp_path / "out.h5")]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "record=" not in err and "record='log'" not in err and "='" not in err
+
+
+def test_resuming_a_diverged_run_names_no_python_keyword(tmp_path, capsys):
+    path = tmp_path / "exp.toml"
+    path.write_text(ORTHOGONAL.replace("lr = 0.05", "lr = 50.0"))
+    out = tmp_path / "out.h5"
+    assert cli.main(["run", str(path), "-o", str(out), "--threads", "1"]) == 2
+    assert "diverged" in capsys.readouterr().err
+    assert cli.main(["run", str(path), "-o", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "it cannot be resumed: run the experiment again, without --resume, with other " \
+           "[train] settings" in err
+    assert "run=" not in err
+
+
+@pytest.mark.parametrize("train, key", [
+    ("rtol = 1e-3", "train.rtol"),
+    ("atol = 1e-3", "train.atol"),
+    ("max_steps = 1", "train.max_steps"),
+    ('weights_dtype = "float32"', "train.weights_dtype"),
+    ('weights_dtype = "float32"\nsave_weights = false', "train.weights_dtype"),
+], ids=["rtol", "atol", "max_steps", "float32", "float32_no_weights"])
+def test_settings_that_would_be_ignored_are_refused(train, key):
+    """Method 'gd' has no integrator (rtol, atol, max_steps), and a snapshot dtype without
+    snapshots does nothing: simulate took them and ran as without them."""
+    with pytest.raises(fr.ConfigError, match=key) as exc:
+        load_experiment(_with_train("method = \"gd\"\nlr = 0.05\nsteps = 40\n" + train))
+    assert "remove" in str(exc.value)
+    # where they do something they are taken
+    load_experiment(_with_train('method = "flow"\nt_end = 1.0\nrtol = 1e-6\natol = 1e-8\n'
+                                "max_steps = 1000"))
+    load_experiment(_with_train('lr = 0.05\nsteps = 40\nsave_weights = true\n'
+                                'weights_dtype = "float32"'))
