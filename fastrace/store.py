@@ -1262,7 +1262,9 @@ class TrajectoryWriter:
         if os.fstat(fd).st_size >= allocated + nbytes:
             return
         size = 2 * nbytes
-        if self._size_limit is not None:  # (past it, the kernel kills the process: SIGXFSZ)
+        # (past the limit a write fails with EFBIG, which HDF5 may not recover from; a process
+        # that does not ignore SIGXFSZ, as CPython does, is killed)
+        if self._size_limit is not None:
             size = min(size, self._size_limit - allocated)
             if size < nbytes:
                 raise StoreError(f"cannot write {self.path} further: it would outgrow this "
