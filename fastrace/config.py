@@ -26,9 +26,13 @@ optionally, the reduced theory to integrate into the same file::
     [theory]               # optional: the reduced system, run "theory" in the same file
     b0 = 0.08
 
-Train settings that would do nothing are refused: ``rtol``, ``atol`` and ``max_steps`` are for
-method "flow" (its integrator), ``n_records`` for a flow run given by ``t_end``, and
-``weights_dtype = "float32"`` needs ``save_weights = true``.
+Train settings that would do nothing are named in a warning (they are taken, and ignored):
+``rtol``, ``atol`` and ``max_steps`` are for method "flow" (its integrator), and
+``weights_dtype = "float32"`` is the type of the weight snapshots (``save_weights = true``).
+A warning, not an error: a sweep over ``train.method`` or ``train.save_weights`` has such
+settings at some of its points, and files written before kept them.
+``n_records`` is refused for a run given by ``lr`` and ``steps`` (its save points are every
+``record_every`` steps).
 
 Seeds: run ``seed_SS`` draws its initial weights from ``numpy.random.default_rng(s)``. With
 ``init.seed_sequence = {entropy = E, spawn_key = [k]}`` (what a sweep writes into each point) it
@@ -49,6 +53,7 @@ import os
 import re
 import time
 import tomllib
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,7 +316,7 @@ def _check_train_combination(train: dict[str, Any]) -> None:
     """The checks simulate makes of its settings, made here in the words of the file (simulate
     names its own keywords, some of which a file cannot hold) and before any compute (the
     theory is integrated before simulate is called). Settings simulate would take and ignore
-    are refused too."""
+    are named in a warning (see the module docstring)."""
     has_lr, has_steps, has_t = "lr" in train, "steps" in train, "t_end" in train
     if train["method"] == "gd":
         if not (has_lr and has_steps):
@@ -322,8 +327,8 @@ def _check_train_combination(train: dict[str, Any]) -> None:
                               "steps")
         for key in ("rtol", "atol", "max_steps"):
             if key in train:
-                raise ConfigError(f"train.{key} is a setting of the integrator of method 'flow'; "
-                                  "method 'gd' has none: remove it")
+                warnings.warn(f"train.{key} is a setting of the integrator of method 'flow'; "
+                              "method 'gd' has none: it is ignored", stacklevel=4)
     else:
         if has_lr != has_steps or (has_lr and has_t) or not (has_lr or has_t):
             raise ConfigError("train: method 'flow' needs t_end, or lr and steps (t_end = "
@@ -358,9 +363,9 @@ def _check_train_combination(train: dict[str, Any]) -> None:
                               f"{_MAX_SAVE_POINTS}, got {train['n_records']}")
     if train.get("weights_dtype") == "float32":
         if not train.get("save_weights", False):
-            raise ConfigError('train.weights_dtype = "float32" is the type of the weight '
-                              "snapshots, which only train.save_weights = true records: set "
-                              "that, or remove weights_dtype")
+            warnings.warn('train.weights_dtype = "float32" is the type of the weight snapshots, '
+                          "which only train.save_weights = true records: it is ignored",
+                          stacklevel=4)
         largest = float(np.finfo(np.float32).max)
         if train.get("divergence_threshold", 0.0) > largest:
             raise ConfigError(f'train.weights_dtype = "float32" snapshots hold weights up to '
@@ -526,10 +531,14 @@ def integrate_theory(exp: Experiment, reduction: Any, threads: int | None = None
 
 
 def _same_experiment(stored: str, exp: Experiment) -> bool:
+    """Whether the experiment text ``stored`` (a file's root ``config``) is ``exp``;
+    ConfigError if that text is not an experiment this fastrace reads."""
     try:
-        other = experiment_from_table(tomllib.loads(stored))
-    except (tomllib.TOMLDecodeError, ConfigError):
-        return False
+        with warnings.catch_warnings():  # (said when the file was loaded)
+            warnings.simplefilter("ignore")
+            other = experiment_from_table(tomllib.loads(stored))
+    except (tomllib.TOMLDecodeError, ConfigError) as exc:
+        raise ConfigError(f"the experiment it was written by cannot be read ({exc})") from exc
     return other.table == exp.table
 
 
@@ -553,6 +562,10 @@ def _add_theory(out: Path, solution: Any) -> None:
     target = store._output_path(out)  # a symlink's target: the link stays a link
     theory = Path(f"{target}.theory.partial")
     partial = Path(f"{target}.partial")
+    if "theory" in store.list_runs(target):  # a resume of a finished file: nothing to write
+        _remove_leftovers(target, [theory, partial, Path(f"{theory}.partial"),
+                                   Path(f"{theory}.lock")])
+        return
     lock = store._WriterLock(target)  # no writer of out may start meanwhile
     try:
         for leftover in (theory, partial):  # left by a killed run
@@ -587,6 +600,26 @@ def _add_theory(out: Path, solution: Any) -> None:
         for temporary in (theory, partial):
             with contextlib.suppress(OSError):
                 temporary.unlink(missing_ok=True)
+        lock.release()
+
+
+def _remove_leftovers(target: Path, leftovers: list[Path]) -> None:
+    """Remove the temporary files a run killed while adding the theory left beside ``target``,
+    if any, under its writer lock (another writer may be building ``<target>.partial``); when
+    the lock cannot be had (a read-only directory, a writer at work) they are left."""
+    from . import store
+
+    if not any(os.path.lexists(p) for p in leftovers):
+        return
+    try:
+        lock = store._WriterLock(target)
+    except StoreError:
+        return
+    try:
+        for leftover in leftovers:
+            with contextlib.suppress(OSError):
+                leftover.unlink(missing_ok=True)
+    finally:
         lock.release()
 
 
@@ -633,7 +666,12 @@ def _check_resumable(out: Path, exp: Experiment) -> None:
     from . import store
 
     info = store.run_info(out)
-    if not _same_experiment(str(info.get("config", "")), exp):
+    stored = str(info.get("config", ""))
+    try:
+        same = bool(stored) and _same_experiment(stored, exp)
+    except ConfigError as exc:
+        raise ConfigError(f"{out} cannot be resumed from an experiment file: {exc}") from exc
+    if not same:
         raise ConfigError(f"{out} was written by another experiment; resume it with the "
                           "experiment file it was started with")
     for name, run in info["runs"].items():

@@ -397,12 +397,23 @@ class _WriterLock:
     def __init__(self, path: Path):
         self.path = Path(f"{path}.lock")
         self.fd: int | None = None
+        # A holder removes the lock file when it releases it: a lock taken on a file that was
+        # removed (or replaced) meanwhile locks nothing, so it is taken again on the file now
+        # at the path. (Each round means another writer came and went: a few suffice.)
+        for _ in range(100):
+            if self._lock_file_at_path(path):
+                return
+        raise StoreError(f"cannot lock {self.path}: other processes keep taking and releasing it")
+
+    def _lock_file_at_path(self, path: Path) -> bool:
+        """Open and lock the file at ``self.path``: True when held (or when locks are not
+        supported), False if the file was removed or replaced before the lock was taken."""
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise StoreError(f"cannot write {path}: {exc.strerror} ({self.path})") from exc
         if fcntl is None:  # pragma: no cover - Windows
-            return
+            return True
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
@@ -413,7 +424,18 @@ class _WriterLock:
             ) from exc
         except OSError:  # e.g. no lock support on this file system: go on without the lock
             warnings.warn(f"could not lock {self.path}; concurrent writers are not detected",
-                          stacklevel=3)
+                          stacklevel=4)
+            return True
+        try:
+            at_path = os.stat(self.path)
+        except FileNotFoundError:
+            at_path = None
+        held = os.fstat(self.fd)
+        if at_path is not None and (at_path.st_dev, at_path.st_ino) == (held.st_dev, held.st_ino):
+            return True
+        os.close(self.fd)  # (which drops the lock)
+        self.fd = None
+        return False
 
     def release(self) -> None:
         if self.fd is None:

@@ -461,3 +461,31 @@ def test_a_relative_output_survives_a_change_of_directory(tmp_path, monkeypatch)
     assert run.status == "complete" and len(run.t) == 301
     assert run_status(tmp_path / "a" / "run.h5", "simulation") == "complete"
     assert not (tmp_path / "b" / "run.h5").exists()
+
+
+def test_a_lock_file_released_while_it_is_being_locked_is_not_held(tmp_path, monkeypatch):
+    """A holder removes its lock file when it releases it. A writer that opened the file just
+    before that, and locks it just after, holds a lock on a file no longer at the path, while a
+    third writer locks the new one: two writers of one output. The lock is taken again then."""
+    import fcntl as real_fcntl
+
+    out = tmp_path / "run.h5"
+    holder = store._WriterLock(out)
+    others = []
+
+    class ReleasedMeanwhile:
+        LOCK_EX, LOCK_NB = real_fcntl.LOCK_EX, real_fcntl.LOCK_NB
+
+        @staticmethod
+        def flock(fd, how):
+            if not others:  # between the first writer's open and its flock:
+                others.append(None)
+                holder.release()  # the holder releases (removing the file) ...
+                others[0] = store._WriterLock(out)  # ... and another writer locks a new one
+            return real_fcntl.flock(fd, how)
+
+    monkeypatch.setattr(store, "fcntl", ReleasedMeanwhile)
+    with pytest.raises(StoreError, match="being written by another process"):
+        store._WriterLock(out)
+    others[0].release()
+    store._WriterLock(out).release()  # free again: taken at once
