@@ -152,12 +152,19 @@ def _sweep(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise ConfigError(f"cannot reach the Dask scheduler at {args.scheduler}: {exc}") \
                 from None
-        with client:
-            result = sweep(exp, out_dir=args.output, executor=client.get_executor(),
-                           seed=args.seed, report=print)
-    else:
-        result = sweep(exp, out_dir=args.output, seed=args.seed, workers=args.workers,
-                       report=print)
+    try:
+        if args.scheduler is not None:
+            with client:
+                result = sweep(exp, out_dir=args.output, executor=client.get_executor(),
+                               seed=args.seed, report=print)
+        else:
+            result = sweep(exp, out_dir=args.output, seed=args.seed, workers=args.workers,
+                           report=print)
+    except KeyboardInterrupt:  # the sweep stopped its workers and wrote its index
+        index = os.path.join(args.output, "index.h5")
+        where = f"; {index} holds the points' statuses" if os.path.isfile(index) else ""
+        print(f"fastrace sweep {args.experiment}: interrupted{where}", file=sys.stderr)
+        return 130
     print(f"fastrace sweep {args.experiment}: {len(result)} points, {len(result.completed)} "
           f"complete, {len(result.failed)} failed, {result.seconds:.2f} s")
     n_files = len(result.written)  # the point files this sweep wrote

@@ -12,8 +12,10 @@ The client warms the numba cache with a tiny run of the first point before fan-o
 ``DIR/index.h5``: external links ``/points/pNNN`` to each point file's root and a table
 (``/table/name``, ``file``, ``status``, ``seconds``, ``values/<dotted key>``) of the grid values
 and each point's status ("complete" or "failed: <reason>"). A failing point is recorded and the
-others still run. The index is written once before the fan-out (every status "pending") and
-again at the end.
+others still run. The index is written before the fan-out (every status "pending"), again as
+points finish (at most every ``_INDEX_EVERY`` seconds, so a client that dies hard keeps the
+statuses of the points finished) and at the end; each write replaces it whole (written beside it
+and renamed onto it).
 
 The output directory holds one sweep. A directory holding files of another sweep or run where
 this one would write (an ``index.h5`` of another experiment, grid or seed; a ``pNNN.h5`` that is
@@ -27,12 +29,23 @@ in with ``distributed.Client(address).get_executor()``. The workers must see ``D
 file system on a cluster).
 
 The local pool's workers end when the client process ends (Linux: ``PR_SET_PDEATHSIG``; else a
-thread watching the parent), so a killed sweep leaves no workers behind; Ctrl-C or SIGTERM of
-the client stops the workers at once, records the unfinished points as interrupted and writes
-the index. When a worker process dies (killed by the OOM killer, say), the pool breaks: the
-points finished are kept, the point that was running in that worker is run again in a new pool
-up to ``_RETRIES`` times and then recorded as failed with how its worker ended, and every other
-unfinished point is run again.
+thread watching the parent), so a killed sweep leaves no workers behind. Run in the main thread,
+the sweep handles SIGTERM, SIGHUP and Ctrl-C (SIGINT) itself, unless the caller has a handler of
+its own for them: the handler only notes the signal, and the sweep's loop then stops the workers
+at once, records the unfinished points as interrupted, writes the index, and ends the process as
+the signal does (SIGTERM, SIGHUP) or raises KeyboardInterrupt (Ctrl-C); the workers ignore SIGINT
+and SIGHUP then (a terminal sends them to the whole process group). Run in another thread, the
+sweep leaves Ctrl-C to the workers, which it ends at once; seeing them ended by SIGINT, the sweep
+records the unfinished points as interrupted, writes the index and raises KeyboardInterrupt.
+
+When a worker process dies (killed by the OOM killer, say), the pool breaks and ends its other
+workers: the points finished are kept, the point that was running in the worker that died (one
+that had ended before the pool ended the others) is run again in a new pool up to ``_RETRIES``
+times and then recorded as failed with how its worker ended, and every other unfinished point is
+run again without counting. To tell which point a worker runs, each worker writes a note into a
+hidden directory of the output directory, ``DIR/.fastrace-running-<client pid>-*/``, removed at
+the end of the sweep; one left by a client killed with SIGKILL is removed by the next sweep into
+``DIR`` once that client's process is gone.
 """
 
 from __future__ import annotations
@@ -40,10 +53,13 @@ from __future__ import annotations
 import concurrent.futures as cf
 import ctypes
 import datetime
+import functools
 import itertools
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
+import queue
 import re
 import shutil
 import signal
@@ -71,6 +87,10 @@ _THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREA
 _RETRIES = 2  # runs again of a point whose worker process died (killed by the OOM killer, say)
 _POINT_FILE = re.compile(r"p[0-9]+\.h5")
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_INDEX_EVERY = 3.0  # seconds: the least time between two writes of the index while points run
+_POLL = 0.1  # seconds: how often the loop waiting for points looks for a stop signal
+_REGISTRY_PREFIX = ".fastrace-running-"  # + "<client pid>-": the notes of a local pool's workers
+_REGISTRY_NAME = re.compile(r"\.fastrace-running-([0-9]+)-.+")
 
 
 @dataclass
@@ -167,15 +187,32 @@ def limit_threads() -> None:
     threadpool_limits(limits=1)
 
 
-def _init_worker(parent: int, registry: str) -> None:
-    """Initializer of a local pool's workers: end with the client (process ``parent``), leave
-    Ctrl-C to it (the terminal sends SIGINT to the whole process group; the client stops the
-    workers), note each point run in ``registry``, and run single-threaded."""
+def _init_worker(parent: int, registry: str, dispositions: dict[int, Any]) -> None:
+    """Initializer of a local pool's workers: end with the client (process ``parent``), take the
+    signal ``dispositions`` the client chose (see _worker_signals), note each point run in
+    ``registry`` (none when "") and run single-threaded."""
     global _REGISTRY
     _end_with_parent(parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _REGISTRY = registry
+    for signum, handler in dispositions.items():
+        signal.signal(signum, handler)
+    _REGISTRY = registry or None
     limit_threads()
+
+
+def _worker_signals(handled: Sequence[int]) -> dict[int, Any]:
+    """The signal dispositions of a local pool's workers when the client handles the signals
+    ``handled`` (see _Run.handle_signals). A terminal sends Ctrl-C (SIGINT) and a hang-up
+    (SIGHUP) to the whole process group, workers included. The workers ignore those the client
+    handles: the client stops them. Otherwise Ctrl-C ends a worker at once (unless the client
+    ignores it too), and the client, seeing its workers ended by SIGINT, stops (_run_locally)."""
+    if signal.SIGINT in handled or signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        dispositions = {signal.SIGINT: signal.SIG_IGN}
+    else:
+        dispositions = {signal.SIGINT: signal.SIG_DFL}
+    hangup = getattr(signal, "SIGHUP", None)  # (Windows has none)
+    if hangup is not None and hangup in handled:
+        dispositions[hangup] = signal.SIG_IGN
+    return dispositions
 
 
 def _end_with_parent(parent: int) -> None:
@@ -261,34 +298,62 @@ def _warm(experiment: Experiment) -> None:
 
 class _LocalPool:
     """A spawn-context process pool for one round of a local sweep. Its workers end with this
-    process and note the point each runs in ``registry`` (a file per worker pid), so that when
-    the pool breaks the client can tell which point was running in the worker that died."""
+    process, take the signal ``dispositions`` and note the point each runs in ``registry`` (a
+    file per worker pid), so that when the pool breaks the client can tell which point was
+    running in the worker that died."""
 
-    def __init__(self, workers: int):
-        self.registry = Path(tempfile.mkdtemp(prefix="fastrace-sweep-"))
+    def __init__(self, workers: int, registry: Path | None, dispositions: dict[int, Any]):
+        self.registry = registry
         self.executor = cf.ProcessPoolExecutor(
             max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker, initargs=(os.getpid(), str(self.registry)))
+            initializer=_init_worker,
+            initargs=(os.getpid(), "" if registry is None else str(registry), dispositions))
         # {pid: multiprocessing.Process} of the workers, filled by the pool as it starts them: a
         # private attribute of ProcessPoolExecutor (3.11 to 3.13), read for how each worker ended
         # and to stop them at once (the pool itself only waits for the running points to finish)
         processes = getattr(self.executor, "_processes", None)
         self.processes: dict[int, Any] = processes if isinstance(processes, dict) else {}
+        self.watched: set[int] = set()  # the workers whose terminate() is watched
+        self.ended_by_pool: set[int] = set()  # the workers terminated while they still ran
+
+    def watch(self) -> None:
+        """Watch the workers started since the last call. A broken pool terminates all its
+        workers once it has seen one of them end (``Process.terminate``, SIGTERM): note those
+        still running then, which the pool ended itself (see died)."""
+        for pid, process in list(self.processes.items()):
+            if pid not in self.watched:
+                self.watched.add(pid)
+                process.terminate = functools.partial(self._terminate, pid, process,
+                                                      process.terminate)
+
+    def _terminate(self, pid: int, process: Any, terminate: Any) -> None:
+        try:  # the sentinel is ready once the process has ended (what the pool waits on)
+            ended = bool(multiprocessing.connection.wait([process.sentinel], timeout=0))
+        except (OSError, ValueError):  # cannot tell: counted as ended by the pool
+            ended = False
+        if not ended:
+            self.ended_by_pool.add(pid)
+        terminate()
+
+    def died(self, codes: Mapping[int, int | None]) -> dict[int, int | None]:
+        """Of the workers' exit ``codes``, those of workers that died of themselves (killed from
+        outside, the OOM killer, a crash), not ended normally or by the pool. A worker not
+        watched and ended by SIGTERM may have been ended by the pool: it is left out."""
+        died = {}
+        for pid, code in codes.items():
+            if code in (0, None) or pid in self.ended_by_pool:
+                continue
+            if pid not in self.watched and code == -signal.SIGTERM:
+                continue
+            died[pid] = code
+        return died
 
     def close(self) -> tuple[dict[int, int | None], dict[int, str]]:
         """Shut the pool down; return the exit code of each worker (negative: the signal that
         killed it) and {pid: point file} of the points running in workers that died."""
         self.executor.shutdown(wait=True, cancel_futures=True)
         codes = {pid: p.exitcode for pid, p in list(self.processes.items())}
-        running = {}
-        for note in self.registry.iterdir():
-            if note.name.isdigit():
-                try:
-                    running[int(note.name)] = note.read_text(encoding="utf-8")
-                except OSError:
-                    pass
-        shutil.rmtree(self.registry, ignore_errors=True)
-        return codes, running
+        return codes, self._take_notes()
 
     def stop(self) -> None:
         """End the workers now (their running points are abandoned) and shut the pool down."""
@@ -302,7 +367,62 @@ class _LocalPool:
                 p.kill()
                 p.join()
         self.executor.shutdown(wait=True, cancel_futures=True)
-        shutil.rmtree(self.registry, ignore_errors=True)
+        self._take_notes()
+
+    def _take_notes(self) -> dict[int, str]:
+        """{worker pid: point file} of the notes in the registry (left by workers that ended
+        while running a point), removing them. Empty when the registry is gone (removed by hand,
+        say): which point a dead worker ran cannot be told then."""
+        running: dict[int, str] = {}
+        if self.registry is None:
+            return running
+        try:
+            notes = list(self.registry.iterdir())
+        except OSError:
+            return running
+        for note in notes:
+            try:
+                if note.name.isdigit():
+                    running[int(note.name)] = note.read_text(encoding="utf-8")
+                note.unlink()
+            except OSError:
+                pass
+        return running
+
+
+def _new_registry(out_dir: Path) -> Path | None:
+    """A new hidden directory ``out_dir/.fastrace-running-<pid>-*`` for the notes of the local
+    pool's workers (see _note_running); None when it cannot be made."""
+    try:
+        return Path(tempfile.mkdtemp(prefix=f"{_REGISTRY_PREFIX}{os.getpid()}-", dir=out_dir))
+    except OSError:
+        return None
+
+
+def _remove_stale_registries(out_dir: Path) -> None:
+    """Remove the note directories (see _new_registry) left in ``out_dir`` by sweep processes
+    that no longer run (killed with SIGKILL, say)."""
+    try:
+        entries = os.listdir(out_dir)
+    except OSError:
+        return
+    for entry in entries:
+        match = _REGISTRY_NAME.fullmatch(entry)
+        if match is not None and not _process_exists(int(match.group(1))):
+            shutil.rmtree(out_dir / entry, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    """Whether a process ``pid`` exists (True when it cannot be told)."""
+    if os.name != "posix" or pid <= 0:  # (on Windows, os.kill(pid, 0) would end the process)
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
 
 
 def _ending(code: int | None) -> str:
@@ -314,33 +434,130 @@ def _ending(code: int | None) -> str:
             name = signal.Signals(-code).name
         except ValueError:
             name = f"signal {-code}"
-        return f"was killed by {name}" + (" (out of memory?)" if -code == signal.SIGKILL else "")
+        kill = getattr(signal, "SIGKILL", None)  # (Windows has none)
+        return f"was killed by {name}" + (" (out of memory?)" if -code == kill else "")
     return f"exited with status {code}"
 
 
 # ============================================================================ running points
-def _run_round(executor: cf.Executor, todo: list[tuple[SweepPoint, Experiment]], report: Any,
-               local: bool) -> list[tuple[SweepPoint, Experiment]]:
-    """Run ``todo`` on ``executor``, recording each outcome in its point. With ``local`` (a
-    _LocalPool's executor), return the points a broken pool left unfinished; otherwise a broken
-    executor fails its unfinished points, and the list returned is empty."""
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP asked a sweep running on its own pool to stop (see _Run)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _Run:
+    """What the loops of a running sweep share: the outcomes to report and to write into the
+    index, and the stop signal received.
+
+    ``handle_signals`` (a sweep on its own pool, in the main thread) makes SIGTERM, SIGHUP and
+    SIGINT only note the signal; the loops act on it when they call ``check``, at least every
+    _POLL seconds while points run. An exception raised by a handler itself would be lost when
+    it lands in code that ignores exceptions (a multiprocessing finalizer, say). The handlers
+    stay until the final index is written: a signal then only waits for the write to end."""
+
+    def __init__(self, result: SweepResult, text: str, report: Any, start: float):
+        self.result = result
+        self.text = text
+        self.report = report
+        self.start = start
+        self.before = {p.name: _file_identity(p.path) for p in result.points}
+        self.signum: int | None = None  # the first stop signal received
+        self.previous: dict[int, Any] = {}  # {signal handled: the handler it had before}
+        self.dirty = False  # points finished since the index was last written
+        self.written_at = time.monotonic()
+
+    def handle_signals(self) -> None:
+        """Handle SIGTERM, SIGHUP and SIGINT (those with their default handler) by noting them."""
+        stops = [(signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.default_int_handler)]
+        if hasattr(signal, "SIGHUP"):  # (Windows has none)
+            stops.append((signal.SIGHUP, signal.SIG_DFL))
+        for signum, default in stops:
+            if signal.getsignal(signum) == default:
+                self.previous[signum] = signal.signal(signum, self._note)
+
+    def _note(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    def restore_signals(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt (SIGINT) or _Terminated (SIGTERM, SIGHUP) if one came."""
+        if self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signum is not None:
+            raise _Terminated(self.signum)
+
+    def tell(self, point: SweepPoint, line: str) -> None:
+        if self.report is not None:
+            self.report(f"{point.name}  {_values_text(point.values)}  {line}")
+
+    def finished(self, point: SweepPoint) -> None:
+        """``point`` has its outcome: report it, and write the index when it is due."""
+        self.tell(point, point.status)
+        self.dirty = True
+        self.tick()
+
+    def tick(self) -> None:
+        """Write the index if points finished since it was written _INDEX_EVERY seconds ago."""
+        if self.dirty and time.monotonic() - self.written_at >= _INDEX_EVERY:
+            try:
+                self.write()
+            except StoreError:  # (a full disk, say) tried again later, and at the end
+                self.written_at = time.monotonic()
+
+    def write(self) -> None:
+        """Write the index as the points are now."""
+        for point in self.result.points:
+            point.written = _file_identity(point.path) not in (None, self.before[point.name])
+        self.result.seconds = time.perf_counter() - self.start
+        write_index(self.result, self.text)
+        self.dirty = False
+        self.written_at = time.monotonic()
+
+
+def _run_round(executor: cf.Executor, todo: list[tuple[SweepPoint, Experiment]], run: _Run,
+               pool: _LocalPool | None = None) -> list[tuple[SweepPoint, Experiment]]:
+    """Run ``todo`` on ``executor``, recording each outcome in its point. With ``pool`` (the
+    _LocalPool of ``executor``), return the points a broken pool left unfinished; otherwise a
+    broken executor fails its unfinished points, and the list returned is empty."""
     futures = {}
     unfinished = []
+    done: queue.SimpleQueue = queue.SimpleQueue()  # the futures as they finish
     for point, point_exp in todo:
+        run.check()
         try:
-            futures[executor.submit(run_point, point_exp.text, str(point.path))] = \
-                (point, point_exp)
+            future = executor.submit(run_point, point_exp.text, str(point.path))
         except Exception as exc:  # noqa: BLE001 - e.g. a broken or shut-down executor
-            if local and isinstance(exc, BrokenProcessPool):
+            if pool is not None and isinstance(exc, BrokenProcessPool):
                 unfinished.append((point, point_exp))
             else:
                 point.status = _failure(exc)
-    for future in cf.as_completed(futures):
+            continue
+        futures[future] = (point, point_exp)
+        if pool is not None:
+            pool.watch()  # the workers start as the points are submitted
+        future.add_done_callback(done.put)
+    remaining = len(futures)
+    while remaining:
+        run.check()
+        try:
+            future = done.get(timeout=_POLL)
+        except queue.Empty:
+            run.tick()
+            continue
+        remaining -= 1
         point, point_exp = futures[future]
         try:
             outcome = future.result()
         except BrokenProcessPool as exc:
-            if local:  # run again in a new pool (see _run_locally)
+            if pool is not None:  # run again in a new pool (see _run_locally)
                 unfinished.append((point, point_exp))
                 continue
             point.status = _failure(exc)
@@ -350,82 +567,76 @@ def _run_round(executor: cf.Executor, todo: list[tuple[SweepPoint, Experiment]],
             point.status = outcome["status"]
             point.seconds = float(outcome["seconds"])
             point.summary = outcome["summary"]
-        if report is not None:
-            report(f"{point.name}  {_values_text(point.values)}  {point.status}")
+        run.finished(point)
     return unfinished
 
 
-def _run_locally(todo: list[tuple[SweepPoint, Experiment]], workers: int, report: Any) -> None:
+def _run_locally(todo: list[tuple[SweepPoint, Experiment]], workers: int, run: _Run) -> None:
     """Run ``todo`` on local process pools until every point has an outcome.
 
-    When a worker process dies the pool breaks and every point not finished then is handed back
-    (finished points keep their outcome and file). The point that was running in the dead
-    worker is run again in a new pool, after the others, up to ``_RETRIES`` times, then recorded
-    as failed with how its worker ended; the points running in the other workers (which the
-    broken pool ends with SIGTERM) and those not started are run again without counting.
+    When a worker process dies the pool breaks, ends its other workers, and hands back every
+    point not finished then (finished points keep their outcome and file). The point that was
+    running in the worker that died is run again in a new pool, after the others, up to
+    ``_RETRIES`` times, then recorded as failed with how its worker ended; the points running in
+    the workers the pool ended and those not started are run again without counting. Workers
+    ended by SIGINT (Ctrl-C, see _worker_signals) raise KeyboardInterrupt.
     """
     deaths: dict[str, list[str]] = {}  # point name -> how its worker ended, per attempt
     barren = 0  # broken pools with no point to blame (a worker dying between points, say)
-    while todo:
-        pool = _LocalPool(min(workers, len(todo)))
-        try:
-            unfinished = _run_round(pool.executor, todo, report, local=True)
-            codes, running = pool.close()
-        except BaseException:  # KeyboardInterrupt, SIGTERM (see sweep)
-            pool.stop()
-            raise
-        if not unfinished:
-            return
-        by_path = {str(point.path): point for point, _ in unfinished}
-        # the workers the pool did not end itself: exit codes other than 0 and -SIGTERM
-        dead = {pid: code for pid, code in codes.items() if code not in (0, -signal.SIGTERM)}
-        if dead:
-            blamed = {pid: code for pid, code in dead.items() if running.get(pid) in by_path}
-        else:  # a worker was ended by SIGTERM: the point running in it cannot be told apart
-            blamed = {pid: codes.get(pid) for pid, path in running.items() if path in by_path}
-        culprits = set()
-        for pid, code in blamed.items():
-            point = by_path[running[pid]]
-            culprits.add(point.name)
-            deaths.setdefault(point.name, []).append(_ending(code))
-        if not culprits:
-            barren += 1
-            if barren > _RETRIES:
-                endings = ", ".join(sorted({_ending(c) for c in codes.values()}))
-                for point, _ in unfinished:
-                    point.status = (f"failed: worker died: the sweep's worker processes died "
-                                    f"({endings}) {barren} times with no point running in "
-                                    "them; not run again")
-                    if report is not None:
-                        report(f"{point.name}  {_values_text(point.values)}  {point.status}")
+    registry = _new_registry(run.result.out_dir)
+    dispositions = _worker_signals(list(run.previous))
+    try:
+        while todo:
+            run.check()
+            pool = _LocalPool(min(workers, len(todo)), registry, dispositions)
+            try:
+                unfinished = _run_round(pool.executor, todo, run, pool)
+                codes, running = pool.close()
+            except BaseException:  # a stop signal (see _Run), an error of the sweep's own
+                pool.stop()
+                raise
+            run.check()  # a stop signal, not a dead worker, may have broken the pool
+            if any(code == -signal.SIGINT for code in codes.values()):
+                raise KeyboardInterrupt  # Ctrl-C ended the workers
+            if not unfinished:
                 return
-        todo, again = [], []
-        for point, point_exp in unfinished:
-            if point.name not in culprits:
-                todo.append((point, point_exp))
-                continue
-            endings = deaths[point.name]
-            if len(endings) > _RETRIES:
-                how = endings[0] if len(set(endings)) == 1 else "ended: " + "; ".join(endings)
-                point.status = (f"failed: worker died: the worker process running {point.name} "
-                                f"{how} in each of its {len(endings)} attempts; not run again")
-                line = point.status
-            else:
-                again.append((point, point_exp))
-                line = (f"its worker process {endings[-1]}; running it again (attempt "
-                        f"{len(endings) + 1} of {_RETRIES + 1})")
-            if report is not None:
-                report(f"{point.name}  {_values_text(point.values)}  {line}")
-        todo += again
-
-
-class _Terminated(BaseException):
-    """SIGTERM arrived while a sweep ran on its own pool (see sweep)."""
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
-    raise _Terminated()
+            by_path = {str(point.path): point for point, _ in unfinished}
+            culprits = set()
+            for pid, code in pool.died(codes).items():
+                point = by_path.get(running.get(pid, ""))
+                if point is not None:
+                    culprits.add(point.name)
+                    deaths.setdefault(point.name, []).append(_ending(code))
+            if not culprits:
+                barren += 1
+                if barren > _RETRIES:
+                    endings = ", ".join(sorted({_ending(c) for c in codes.values()}))
+                    for point, _ in unfinished:
+                        point.status = (f"failed: worker died: the sweep's worker processes "
+                                        f"died ({endings}) {barren} times with no point running "
+                                        "in them; not run again")
+                        run.finished(point)
+                    return
+            todo, again = [], []
+            for point, point_exp in unfinished:
+                if point.name not in culprits:
+                    todo.append((point, point_exp))
+                    continue
+                endings = deaths[point.name]
+                if len(endings) > _RETRIES:
+                    how = endings[0] if len(set(endings)) == 1 else "ended: " + "; ".join(endings)
+                    point.status = (f"failed: worker died: the worker process running "
+                                    f"{point.name} {how} in each of its {len(endings)} attempts; "
+                                    "not run again")
+                    run.finished(point)
+                else:
+                    again.append((point, point_exp))
+                    run.tell(point, f"its worker process {endings[-1]}; running it again "
+                                    f"(attempt {len(endings) + 1} of {_RETRIES + 1})")
+            todo += again
+    finally:
+        if registry is not None:
+            shutil.rmtree(registry, ignore_errors=True)
 
 
 # ============================================================================ the sweep
@@ -449,9 +660,10 @@ def sweep(experiment: Experiment | str | os.PathLike, grid: Mapping[str, Sequenc
         file's ``sweep.seed`` or 0.
     report : optional callable receiving a line per finished point.
 
-    With the local pool, in the main thread, and no SIGTERM handler of the caller's: SIGTERM
-    stops the workers, records the unfinished points as interrupted, writes the index and then
-    ends the process as SIGTERM does. KeyboardInterrupt does the same and is raised again.
+    With the local pool, in the main thread: SIGTERM, SIGHUP and Ctrl-C (those the caller has
+    no handler of its own for) stop the workers, record the unfinished points as interrupted and
+    write the index; then SIGTERM and SIGHUP end the process as they do, and Ctrl-C raises
+    KeyboardInterrupt. In another thread, Ctrl-C ends the workers and the sweep does the same.
     """
     start = time.perf_counter()
     exp = experiment if isinstance(experiment, Experiment) else load_experiment(experiment)
@@ -481,40 +693,41 @@ def sweep(experiment: Experiment | str | os.PathLike, grid: Mapping[str, Sequenc
               for k, values in enumerate(grid_points(grid))]
     result = SweepResult(out, out / "index.h5", grid, int(seed), points)
     _check_out_dir(result, exp, experiments)
-    base_text = exp.text
+    _remove_stale_registries(out)
+    # the experiment as TOML text, to tell the same sweep when it runs again (an Experiment built
+    # in Python has no text of its own)
+    base_text = exp.text or exp.to_toml()
     write_index(result, base_text)
     if warm:
         _warm(experiments[0])
 
-    before = {p.name: _file_identity(p.path) for p in points}
+    run = _Run(result, base_text, report, start)
     todo = list(zip(points, experiments))
     own = executor is None
-    on_term = (own and threading.current_thread() is threading.main_thread()
-               and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
     try:
-        if on_term:
-            signal.signal(signal.SIGTERM, _raise_terminated)
+        if own and threading.current_thread() is threading.main_thread():
+            run.handle_signals()
         try:
-            if own:
-                _run_locally(todo, min(workers or os.cpu_count() or 1, len(points)), report)
-            else:
-                _run_round(executor, todo, report, local=False)
-        except BaseException as exc:
-            why = "SIGTERM" if isinstance(exc, _Terminated) else type(exc).__name__
-            for point in points:
-                if point.status == "pending":
-                    point.status = f"failed: interrupted ({why}) before the point finished"
-            raise
+            try:
+                if own:
+                    _run_locally(todo, min(workers or os.cpu_count() or 1, len(points)), run)
+                else:
+                    _run_round(executor, todo, run)
+            except BaseException as exc:
+                why = signal.Signals(exc.signum).name if isinstance(exc, _Terminated) \
+                    else type(exc).__name__
+                for point in points:
+                    if point.status == "pending":
+                        point.status = f"failed: interrupted ({why}) before the point finished"
+                raise
+            finally:
+                run.write()  # with the signal handlers in place: a signal waits for it to end
         finally:
-            if on_term:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            for point in points:
-                point.written = _file_identity(point.path) not in (None, before[point.name])
-            result.seconds = time.perf_counter() - start
-            write_index(result, base_text)
-    except _Terminated:
-        # the workers are stopped and the index written: end as SIGTERM would have ended us
-        signal.raise_signal(signal.SIGTERM)
+            run.restore_signals()
+        run.check()  # a signal that came after the last point finished
+    except _Terminated as exc:
+        # the workers are stopped and the index written: end as the signal would have ended us
+        signal.raise_signal(exc.signum)
         raise
     return result
 
@@ -557,7 +770,8 @@ def _check_out_dir(result: SweepResult, exp: Experiment, experiments: list[Exper
         raise ConfigError(f"cannot list output directory {result.out_dir}: {exc}") from None
     for entry in entries:
         if not _POINT_FILE.fullmatch(entry):
-            continue  # the user's own files, and this sweep's .partial and .lock leftovers
+            continue  # the user's own files, this sweep's .partial and .lock leftovers
+            # and its workers' notes (.fastrace-running-*)
         if entry not in mine:
             problems.append(f"{entry} (not a point of this sweep)")
         elif not same_sweep:
@@ -574,9 +788,11 @@ def _check_out_dir(result: SweepResult, exp: Experiment, experiments: list[Exper
 
 
 def _same_experiment(text: str, exp: Experiment) -> bool:
-    """Whether the TOML ``text`` is the experiment ``exp`` (its sweep table aside)."""
+    """Whether the TOML ``text`` is the experiment ``exp`` (its sweep table aside), both as
+    validated (an Experiment built in Python may hold settings in another form)."""
     try:
-        return experiment_from_table(tomllib.loads(text)).table == exp.table
+        return (experiment_from_table(tomllib.loads(text)).table
+                == experiment_from_table(exp.table).table)
     except (tomllib.TOMLDecodeError, ConfigError):
         return False
 
@@ -608,14 +824,14 @@ def _other_sweep(index: Path, exp: Experiment, grid: Mapping[str, Sequence[Any]]
 
 def _other_point(path: Path, point_exp: Experiment) -> str | None:
     """Why the file at ``path`` is not a point file of ``point_exp``; None when it is."""
-    import h5py
+    from . import store
 
     if _file_identity(path) is None:
         return "not a regular file"
-    try:
-        with h5py.File(path, "r", locking=False) as f:
-            text = str(f.attrs.get("config", ""))
-    except OSError:
+    try:  # (store's reader also opens a file its killed writer left open, under SWMR)
+        with store._open_read(path) as f:
+            text = str(store._plain(f.attrs.get("config", "")))
+    except (StoreError, OSError, RuntimeError):
         return "not a readable fastrace file"
     if not _same_experiment(text, point_exp):
         return "written by another experiment"

@@ -7,12 +7,16 @@ workers through /proc (children of the sweep process, and the point files they h
 from __future__ import annotations
 
 import concurrent.futures as cf
+import inspect
 import multiprocessing
+import multiprocessing.util
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +25,8 @@ import pytest
 
 import fastrace as fr
 from fastrace import cli
-from fastrace.sweep import read_index, sweep
+from fastrace.config import Experiment, load_experiment
+from fastrace.sweep import _ending, read_index, sweep
 
 BASE = """
 [task]
@@ -106,13 +111,13 @@ def _identity(path: Path) -> tuple[int, int]:
     return st.st_ino, st.st_mtime_ns
 
 
-def _start_sweep(tmp_path: Path, steps: list[int], workers: int = 2):
+def _start_sweep(tmp_path: Path, steps: list[int], workers: int = 2, **popen):
     toml = tmp_path / "sweep.toml"
     toml.write_text(BASE.format(steps=steps[0]) + f'\n[sweep]\n"train.steps" = {steps}\n')
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "fastrace.cli", "sweep", str(toml), "-o",
                              str(out), "--workers", str(workers)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
     return proc, out
 
 
@@ -308,3 +313,372 @@ def test_sigterm_stops_the_workers_and_writes_the_index(tmp_path):
     assert all(p.written for p in result)  # the rows they had flushed stay readable
     for p in result:
         assert fr.store.run_info(p.path)["config"]
+
+
+# ----------------------------------------------------------------------------- L: review fixes
+INTERRUPTED = "failed: interrupted ({}) before the point finished"
+
+
+def _tmpdir(tmp_path: Path) -> dict[str, str]:
+    """The environment with TMPDIR in ``tmp_path`` (for what a killed process leaves there)."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir(exist_ok=True)
+    return dict(os.environ, TMPDIR=str(tmp))
+
+
+def _notes_dirs(out: Path) -> list[Path]:
+    """The directories of the workers' running notes in the output directory."""
+    return sorted(out.glob(".fastrace-running-*"))
+
+
+@LINUX_PROC
+def test_ctrl_c_stops_a_sweep_run_in_another_thread(tmp_path):
+    # a script runs the sweep in a thread; Ctrl-C (SIGINT to the whole process group) reaches
+    # the script's main thread and the workers, never the sweep's thread
+    toml = tmp_path / "sweep.toml"
+    toml.write_text(BASE.format(steps=10**8) + '\n[sweep]\n"train.steps" = [100000000, 100000001]\n')
+    out = tmp_path / "out"
+    # (the main thread waits on an Event: in Python 3.11 a Ctrl-C during Thread.join marks the
+    # thread ended, and the interpreter then exits without waiting for it)
+    script = ("import sys, threading\n"
+              "from fastrace.sweep import sweep\n"
+              "finished = threading.Event()\n"
+              "def job():\n"
+              "    try:\n"
+              "        sweep(sys.argv[1], out_dir=sys.argv[2], workers=2)\n"
+              "    finally:\n"
+              "        finished.set()\n"
+              "threading.Thread(target=job).start()\n"
+              "try:\n"
+              "    while not finished.wait(0.1):\n"
+              "        pass\n"
+              "except KeyboardInterrupt:\n"
+              "    finished.wait()\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(toml), str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env=_tmpdir(tmp_path))
+    seen: set[int] = set()
+    try:
+        workers = _running_workers(proc, out, seen)
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            stdout, _ = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the sweep still ran 20 s after Ctrl-C")
+        assert _gone_within(workers, 5.0) == []
+    finally:
+        _end(proc, seen)
+    assert "KeyboardInterrupt" in stdout
+    result = read_index(out)
+    assert [p.status for p in result] == [INTERRUPTED.format("KeyboardInterrupt")] * 2
+
+
+@LINUX_PROC
+def test_the_same_sweep_reruns_after_a_crash_that_lost_its_index(tmp_path):
+    proc, out = _start_sweep(tmp_path, [10**8, 10**8], env=_tmpdir(tmp_path))
+    seen: set[int] = set()
+    try:
+        workers = _running_workers(proc, out, seen)
+        proc.kill()  # the workers die with it, their point files left open for write (SWMR)
+        proc.wait()
+        assert _gone_within(workers, 5.0) == []
+    finally:
+        _end(proc, seen)
+    (out / "index.h5").unlink()  # lost
+    again, _ = _start_sweep(tmp_path, [10**8, 10**8], env=_tmpdir(tmp_path))
+    try:  # accepted: it runs the points again
+        _running_workers(again, out, seen)
+        again.terminate()
+        stdout, _ = again.communicate(timeout=20)
+    finally:
+        _end(again, seen)
+    assert again.returncode == -signal.SIGTERM, stdout
+    assert [p.status for p in read_index(out)] == [INTERRUPTED.format("SIGTERM")] * 2
+
+
+@LINUX_PROC
+def test_a_killed_sweep_leaves_nothing_in_tmp_and_the_next_sweep_clears_its_notes(tmp_path):
+    env = _tmpdir(tmp_path)
+    tmp = Path(env["TMPDIR"])
+    proc, out = _start_sweep(tmp_path, [10**8, 10**8], env=env)
+    seen: set[int] = set()
+    try:
+        workers = _running_workers(proc, out, seen)
+        proc.kill()
+        proc.wait()
+        assert _gone_within(workers, 5.0) == []
+    finally:
+        _end(proc, seen)
+    assert list(tmp.iterdir()) == []
+    left = _notes_dirs(out)
+    assert [d.name.split("-")[2] for d in left] == [str(proc.pid)]
+    again, _ = _start_sweep(tmp_path, [10**8, 10**8], env=env)
+    try:  # the same sweep again: the dead client's notes are removed, the new ones kept
+        _running_workers(again, out, seen)
+        assert [d.name.split("-")[2] for d in _notes_dirs(out)] == [str(again.pid)]
+        again.terminate()
+        stdout, _ = again.communicate(timeout=20)
+    finally:
+        _end(again, seen)
+    assert again.returncode == -signal.SIGTERM, stdout
+    assert _notes_dirs(out) == [] and list(tmp.iterdir()) == []
+
+
+def test_notes_of_sweeps_gone_are_removed_and_never_refused(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()  # a process id no process has now
+    stale = out / f".fastrace-running-{done.pid}-x1"
+    stale.mkdir()
+    (stale / "123").write_text(str(out / "p000.h5"))
+    live = out / f".fastrace-running-{os.getppid()}-x2"  # a sweep that still runs
+    live.mkdir()
+    result = sweep(BASE.format(steps=200), {"train.lr": [0.01]}, out, workers=1, warm=False)
+    assert [p.status for p in result] == ["complete"]
+    assert _notes_dirs(out) == [live]
+
+
+def test_notes_removed_while_the_sweep_runs(tmp_path, monkeypatch):
+    # a tmp cleaner (or a user) removes the directory of the workers' notes mid-run
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    out = tmp_path / "out"
+    removed: list[Path] = []
+    stop = threading.Event()
+
+    def cleaner():
+        while not stop.is_set() and not removed:
+            for d in [*tmp.glob("fastrace-sweep-*"), *_notes_dirs(out)]:
+                try:
+                    if any(n.name.isdigit() for n in d.iterdir()):  # a worker noted its point
+                        shutil.rmtree(d)
+                        removed.append(d)
+                except OSError:
+                    pass
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=cleaner)
+    thread.start()
+    try:
+        result = sweep(BASE.format(steps=150000), {"train.lr": [0.01, 0.011]}, out, workers=2,
+                       warm=False)
+    finally:
+        stop.set()
+        thread.join()
+    assert removed
+    assert [p.status for p in result] == ["complete"] * 2
+    assert _notes_dirs(out) == []
+
+
+# a sweep (`fastrace sweep`, 2 workers) that sends itself SIGTERM at an exact spot, once the
+# sweep handles SIGTERM: where function NAME of a file ending in SUFFIX is called, returns or
+# runs line LINE; with "all-done", only once every point of the sweep has its outcome
+SIGTERM_AT = r"""
+import os, signal, sys
+from fastrace import cli
+
+suffix, name, event, line, when, toml, out = sys.argv[1:]
+line = int(line)
+state = {"armed": False, "fired": False}
+real_signal = signal.signal
+
+
+def arming(signum, handler):
+    if signum == signal.SIGTERM and handler not in (signal.SIG_DFL, signal.SIG_IGN):
+        state["armed"] = True
+    return real_signal(signum, handler)
+
+
+signal.signal = arming
+
+
+def due(frame):
+    if when != "all-done":
+        return True
+    result = frame.f_locals.get("result")
+    return result is not None and all(p.status != "pending" for p in result.points)
+
+
+def fire():
+    state["fired"] = True
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def local(frame, ev, arg):
+    if not state["fired"] and ev == event and (ev != "line" or frame.f_lineno == line) \
+            and due(frame):
+        fire()
+    return None if state["fired"] else local
+
+
+def tracer(frame, ev, arg):
+    code = frame.f_code
+    if state["armed"] and not state["fired"] and code.co_qualname == name \
+            and code.co_filename.endswith(suffix):
+        if event == "call":
+            if due(frame):
+                fire()
+            return None
+        return local
+    return None
+
+
+sys.settrace(tracer)
+sys.exit(cli.main(["sweep", toml, "-o", out, "--workers", "2"]))
+"""
+
+
+def _sigterm_at(tmp_path: Path, suffix: str, name: str, event: str, line: int = 0,
+                when: str = "") -> tuple[subprocess.CompletedProcess, Path, Path]:
+    toml = tmp_path / "sweep.toml"
+    toml.write_text(BASE.format(steps=200) + '\n[sweep]\n"train.steps" = [200, 300, 400]\n')
+    out = tmp_path / "out"
+    env = _tmpdir(tmp_path)
+    done = subprocess.run([sys.executable, "-c", SIGTERM_AT, suffix, name, event, str(line),
+                           when, str(toml), str(out)], capture_output=True, text=True,
+                          timeout=120, env=env)
+    return done, out, Path(env["TMPDIR"])
+
+
+def _source_line(function, text: str) -> int:
+    lines, first = inspect.getsourcelines(function)
+    for k, source in enumerate(lines):
+        if text in source:
+            return first + k
+    pytest.skip(f"{text!r} is not in {function.__qualname__}")
+
+
+@pytest.mark.parametrize("event", ["call", "line"])
+def test_sigterm_as_the_final_index_is_written_keeps_it(tmp_path, event):
+    # when the last write of the index starts, or just before it replaces the index
+    line = _source_line(fr.sweep.write_index, "os.replace(tmp, result.index)")
+    done, out, _ = _sigterm_at(tmp_path, "fastrace/sweep.py", "write_index", event, line,
+                               "all-done")
+    assert done.returncode == -signal.SIGTERM, done.stdout + done.stderr
+    result = read_index(out)
+    assert [p.status for p in result] == ["complete"] * 3
+    assert all(p.written for p in result)
+    assert sorted(f.name for f in out.iterdir()) == ["index.h5", "p000.h5", "p001.h5", "p002.h5"]
+
+
+def test_sigterm_in_a_multiprocessing_finalizer_is_not_lost(tmp_path):
+    # an exception raised there is printed and ignored: the sweep went on and exited with 0
+    line = _source_line(multiprocessing.util.Finalize.__call__, "self._key = None")
+    done, out, _ = _sigterm_at(tmp_path, "multiprocessing/util.py", "Finalize.__call__", "line",
+                               line)
+    assert done.returncode == -signal.SIGTERM, done.stdout + done.stderr
+    assert "Exception ignored" not in done.stderr
+    statuses = [p.status for p in read_index(out)]
+    assert set(statuses) <= {"complete", INTERRUPTED.format("SIGTERM")}, statuses
+    assert not (out / "index.h5.partial").exists()
+
+
+def test_sigterm_as_the_pool_starts_leaves_no_notes(tmp_path):
+    # right after the directory of the workers' notes is made
+    done, out, tmp = _sigterm_at(tmp_path, "tempfile.py", "mkdtemp", "return")
+    assert done.returncode == -signal.SIGTERM, done.stdout + done.stderr
+    assert list(tmp.iterdir()) == [] and _notes_dirs(out) == []
+    assert [p.status for p in read_index(out)] == [INTERRUPTED.format("SIGTERM")] * 3
+
+
+@LINUX_PROC
+def test_a_worker_ended_by_sigterm_reruns_only_its_point(tmp_path):
+    # `kill <worker pid>`: the pool then ends the other worker with SIGTERM too. The victim is
+    # the worker the pool started first: the pool notices its end at once (Python 3.11's pool
+    # may wait on the sentinels of the workers it had before the last one started)
+    proc, out = _start_sweep(tmp_path, [300000, 300001], env=_tmpdir(tmp_path))
+    seen: set[int] = set()
+    try:
+        victim = min(_running_workers(proc, out, seen))
+        mine, other = ("p000", "p001") if _holds(victim, "p000") else ("p001", "p000")
+        os.kill(victim, signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=60)
+    finally:
+        _end(proc, seen)
+    assert proc.returncode == 0, stdout
+    assert f"{mine}  train.steps=30000{mine[-1]}  its worker process was killed by SIGTERM; " \
+        "running it again (attempt 2 of 3)" in stdout
+    assert f"{other}  train.steps=30000{other[-1]}  its worker" not in stdout, stdout
+    assert [p.status for p in read_index(out)] == ["complete"] * 2
+
+
+def test_an_experiment_built_in_python_reruns_into_its_directory(tmp_path):
+    loaded = load_experiment(BASE.format(steps=200))
+    exp = Experiment(task=loaded.task, init=loaded.init, train=loaded.train, theory=None)
+    assert exp.text == ""
+    out = tmp_path / "out"
+    grid = {"train.lr": [0.01, 0.02]}
+    with cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        first = sweep(exp, grid, out, executor=pool, warm=False)
+        again = sweep(exp, grid, out, executor=pool, warm=False)
+        assert [p.status for p in first] == [p.status for p in again] == ["complete"] * 2
+        other = Experiment(task=loaded.task, init=loaded.init, train={**loaded.train,
+                                                                      "steps": 300}, theory=None)
+        with pytest.raises(fr.ConfigError, match="the index of a sweep of another experiment"):
+            sweep(other, grid, out, executor=pool, warm=False)
+
+
+def test_how_a_worker_ended_without_sigkill(monkeypatch):
+    monkeypatch.delattr(signal, "SIGKILL")  # as on Windows
+    assert _ending(-signal.SIGTERM) == "was killed by SIGTERM"
+    assert _ending(3) == "exited with status 3"
+
+
+@LINUX_PROC
+def test_sighup_stops_the_workers_and_writes_the_index(tmp_path):
+    proc, out = _start_sweep(tmp_path, [10**8, 10**8], env=_tmpdir(tmp_path))
+    seen: set[int] = set()
+    try:
+        workers = _running_workers(proc, out, seen)
+        proc.send_signal(signal.SIGHUP)  # the ssh session dropped
+        proc.wait(timeout=10)
+        assert proc.returncode == -signal.SIGHUP
+        assert _gone_within(workers, 5.0) == []
+    finally:
+        _end(proc, seen)
+    assert [p.status for p in read_index(out)] == [INTERRUPTED.format("SIGHUP")] * 2
+
+
+@LINUX_PROC
+def test_the_index_keeps_the_finished_points_of_a_sweep_killed_hard(tmp_path):
+    proc, out = _start_sweep(tmp_path, [200, 10**8], env=_tmpdir(tmp_path))
+    seen: set[int] = set()
+
+    def p000_recorded():
+        seen.update(_workers(proc.pid))
+        try:
+            return read_index(out).points[0].status == "complete"
+        except fr.StoreError:  # not written yet
+            return False
+
+    try:
+        _wait_for(p000_recorded, "the index recorded p000", proc, timeout=20)
+        proc.kill()
+        proc.wait()
+    finally:
+        _end(proc, seen)
+    result = read_index(out)
+    assert [p.status for p in result] == ["complete", "pending"]
+    assert result.points[0].written
+
+
+@LINUX_PROC
+def test_ctrl_c_ends_the_cli_sweep_with_a_line_and_status_130(tmp_path):
+    proc, out = _start_sweep(tmp_path, [10**8, 10**8], start_new_session=True,
+                             env=_tmpdir(tmp_path))
+    seen: set[int] = set()
+    try:
+        workers = _running_workers(proc, out, seen)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal
+        stdout, _ = proc.communicate(timeout=20)
+        assert _gone_within(workers, 5.0) == []
+    finally:
+        _end(proc, seen)
+    assert proc.returncode == 130, stdout
+    assert "Traceback" not in stdout
+    assert stdout.strip().splitlines()[-1] == (f"fastrace sweep {tmp_path / 'sweep.toml'}: "
+                                               f"interrupted; {out / 'index.h5'} holds the "
+                                               "points' statuses")
+    assert [p.status for p in read_index(out)] == [INTERRUPTED.format("KeyboardInterrupt")] * 2
