@@ -530,16 +530,18 @@ def integrate_theory(exp: Experiment, reduction: Any, threads: int | None = None
                                threads=threads, **options)
 
 
-def _same_experiment(stored: str, exp: Experiment) -> bool:
-    """Whether the experiment text ``stored`` (a file's root ``config``) is ``exp``;
-    ConfigError if that text is not an experiment this fastrace reads."""
+def same_experiment(stored: str, exp: Experiment) -> bool:
+    """Whether the experiment text ``stored`` (a file's root ``config``) is ``exp``, both as
+    validated (an Experiment built in Python may hold settings in another form); ConfigError
+    if that text is not an experiment this fastrace reads."""
     try:
         with warnings.catch_warnings():  # (said when the file was loaded)
             warnings.simplefilter("ignore")
             other = experiment_from_table(tomllib.loads(stored))
+            mine = experiment_from_table(exp.table)
     except (tomllib.TOMLDecodeError, ConfigError) as exc:
         raise ConfigError(f"the experiment it was written by cannot be read ({exc})") from exc
-    return other.table == exp.table
+    return other.table == mine.table
 
 
 def _add_theory(out: Path, solution: Any) -> None:
@@ -668,7 +670,7 @@ def _check_resumable(out: Path, exp: Experiment) -> None:
     info = store.run_info(out)
     stored = str(info.get("config", ""))
     try:
-        same = bool(stored) and _same_experiment(stored, exp)
+        same = bool(stored) and same_experiment(stored, exp)
     except ConfigError as exc:
         raise ConfigError(f"{out} cannot be resumed from an experiment file: {exc}") from exc
     if not same:

@@ -68,7 +68,6 @@ import sys
 import tempfile
 import threading
 import time
-import tomllib
 from concurrent.futures.process import BrokenProcessPool
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -77,7 +76,8 @@ from typing import Any
 
 import numpy as np
 
-from .config import Experiment, experiment_from_table, load_experiment, run_experiment
+from .config import (Experiment, load_experiment, run_experiment,
+                     same_experiment)
 from .errors import ConfigError, StoreError
 
 INDEX_FORMAT = "fastrace-sweep"
@@ -788,12 +788,10 @@ def _check_out_dir(result: SweepResult, exp: Experiment, experiments: list[Exper
 
 
 def _same_experiment(text: str, exp: Experiment) -> bool:
-    """Whether the TOML ``text`` is the experiment ``exp`` (its sweep table aside), both as
-    validated (an Experiment built in Python may hold settings in another form)."""
+    """Whether the TOML ``text`` is the experiment ``exp`` (its sweep table aside)."""
     try:
-        return (experiment_from_table(tomllib.loads(text)).table
-                == experiment_from_table(exp.table).table)
-    except (tomllib.TOMLDecodeError, ConfigError):
+        return same_experiment(text, exp)
+    except ConfigError:
         return False
 
 
