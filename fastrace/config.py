@@ -68,8 +68,8 @@ TASKS = ("routing",)  # builders of fastrace.tasks that experiment files may nam
 INIT_KINDS = {"orthogonal": "gain", "gaussian": "std", "aligned": "b0"}
 THEORY_METHODS = ("gd", "dopri5", "rosenbrock")
 
-# key -> (check, default). Checks: "pos_float", "pos_int", "nonneg_float", "unit_float",
-# "bool", "float", or a tuple of allowed strings. Keys without a default are optional and
+# key -> (check, default). Checks: "pos_float", "threshold" (positive, or inf), "pos_int",
+# "nonneg_float", "unit_float", "bool", "float", or a tuple of allowed strings. Keys without a default are optional and
 # left to simulate's defaults when absent.
 _TRAIN = {
     "method": (("gd", "flow"), "gd"),
@@ -88,7 +88,7 @@ _TRAIN = {
     "rtol": ("pos_float", None),
     "atol": ("pos_float", None),
     "max_steps": ("pos_int", None),
-    "divergence_threshold": ("pos_float", None),
+    "divergence_threshold": ("threshold", None),
 }
 _THEORY = {
     "b0": ("float", None),
@@ -301,9 +301,11 @@ def _check_value(key: str, value: Any, check: Any) -> Any:
             raise ConfigError(f"{key} must be a positive integer, got {value!r}")
         return value
     x = float(value)
+    if check == "threshold" and x == math.inf:  # (only non-finite values count, as simulate)
+        return x
     if not math.isfinite(x):
         raise ConfigError(f"{key} must be finite, got {value!r}")
-    if check == "pos_float" and not x > 0:
+    if check in ("pos_float", "threshold") and not x > 0:
         raise ConfigError(f"{key} must be positive, got {value!r}")
     if check == "nonneg_float" and x < 0:
         raise ConfigError(f"{key} must be >= 0, got {value!r}")

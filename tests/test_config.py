@@ -570,3 +570,15 @@ def test_settings_that_would_be_ignored_are_named_in_a_warning(train, key):
                                     "max_steps = 1000"))
         load_experiment(_with_train('lr = 0.05\nsteps = 40\nsave_weights = true\n'
                                     'weights_dtype = "float32"'))
+
+
+def test_an_infinite_divergence_threshold_is_taken_as_simulate_takes_it(tmp_path):
+    """simulate documents divergence_threshold = inf (only non-finite values count); a file
+    may say it too (TOML has inf). Negative, zero and NaN stay refused."""
+    exp = load_experiment(_with_train("lr = 0.05\nsteps = 20\ndivergence_threshold = inf"))
+    assert exp.train["divergence_threshold"] == float("inf")
+    summary = run_experiment(exp, tmp_path / "out.h5", threads=1)
+    assert all(r["status"] == "complete" for r in summary["runs"].values())
+    for bad in ("-inf", "nan", "0.0", "-1.0"):
+        with pytest.raises(fr.ConfigError, match="train.divergence_threshold"):
+            load_experiment(_with_train(f"lr = 0.05\nsteps = 20\ndivergence_threshold = {bad}"))
