@@ -69,8 +69,8 @@ INIT_KINDS = {"orthogonal": "gain", "gaussian": "std", "aligned": "b0"}
 THEORY_METHODS = ("gd", "dopri5", "rosenbrock")
 
 # key -> (check, default). Checks: "pos_float", "threshold" (positive, or inf), "pos_int",
-# "nonneg_float", "unit_float", "bool", "float", or a tuple of allowed strings. Keys without a default are optional and
-# left to simulate's defaults when absent.
+# "nonneg_float", "unit_float", "bool", "float", or a tuple of allowed strings. Keys without
+# a default are optional and left to simulate's defaults when absent.
 _TRAIN = {
     "method": (("gd", "flow"), "gd"),
     "lr": ("pos_float", None),
