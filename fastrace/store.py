@@ -438,10 +438,14 @@ class _WriterLock:
         return False
 
     def release(self) -> None:
+        """Remove the lock file, if the file at the path is still the one held (a user may have
+        removed it meanwhile, and another writer locked a new one), and drop the lock."""
         if self.fd is None:
             return
         with contextlib.suppress(OSError):
-            self.path.unlink()
+            held, at_path = os.fstat(self.fd), os.stat(self.path)
+            if (held.st_dev, held.st_ino) == (at_path.st_dev, at_path.st_ino):
+                self.path.unlink()
         os.close(self.fd)
         self.fd = None
 

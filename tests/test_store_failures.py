@@ -489,3 +489,19 @@ def test_a_lock_file_released_while_it_is_being_locked_is_not_held(tmp_path, mon
         store._WriterLock(out)
     others[0].release()
     store._WriterLock(out).release()  # free again: taken at once
+
+
+def test_releasing_a_lock_leaves_another_writers_lock_file(tmp_path):
+    """A user removes a held lock file; another writer then locks a new one. The first
+    writer's release must not remove the second's file: a third writer would lock a new file
+    again, beside the second's lock."""
+    out = tmp_path / "run.h5"
+    first = store._WriterLock(out)
+    Path(f"{out}.lock").unlink()
+    second = store._WriterLock(out)
+    first.release()
+    assert Path(f"{out}.lock").exists()
+    with pytest.raises(StoreError, match="being written by another process"):
+        store._WriterLock(out)
+    second.release()
+    assert not Path(f"{out}.lock").exists()
