@@ -42,7 +42,9 @@ When a worker process dies (killed by the OOM killer, say), the pool breaks and 
 workers: the points finished are kept, the point that was running in the worker that died (one
 that had ended before the pool ended the others) is run again in a new pool up to ``_RETRIES``
 times and then recorded as failed with how its worker ended, and every other unfinished point is
-run again without counting. To tell which point a worker runs, each worker writes a note into a
+run again without counting (when no point can be blamed for a death, a sweep whose pools
+break ``_RETRIES + 1`` times in a row with no point finishing between fails its unfinished
+points). To tell which point a worker runs, each worker writes a note into a
 hidden directory of the output directory, ``DIR/.fastrace-running-<client pid>-*/``, removed at
 the end of the sweep; one left by a client killed with SIGKILL is removed by the next sweep into
 ``DIR`` once that client's process is gone.
@@ -582,7 +584,7 @@ def _run_locally(todo: list[tuple[SweepPoint, Experiment]], workers: int, run: _
     ended by SIGINT (Ctrl-C, see _worker_signals) raise KeyboardInterrupt.
     """
     deaths: dict[str, list[str]] = {}  # point name -> how its worker ended, per attempt
-    barren = 0  # broken pools with no point to blame (a worker dying between points, say)
+    barren = 0  # broken pools in a row with no point to blame and no point finished
     registry = _new_registry(run.result.out_dir)
     dispositions = _worker_signals(list(run.previous))
     try:
@@ -607,14 +609,16 @@ def _run_locally(todo: list[tuple[SweepPoint, Experiment]], workers: int, run: _
                 if point is not None:
                     culprits.add(point.name)
                     deaths.setdefault(point.name, []).append(_ending(code))
+            if len(unfinished) < len(todo):  # points finished in this round: the sweep goes on
+                barren = 0
             if not culprits:
                 barren += 1
                 if barren > _RETRIES:
                     endings = ", ".join(sorted({_ending(c) for c in codes.values()}))
                     for point, _ in unfinished:
                         point.status = (f"failed: worker died: the sweep's worker processes "
-                                        f"died ({endings}) {barren} times with no point running "
-                                        "in them; not run again")
+                                        f"died ({endings}) {barren} times in a row with no point "
+                                        "running in them and none finishing; not run again")
                         run.finished(point)
                     return
             todo, again = [], []

@@ -682,3 +682,41 @@ def test_ctrl_c_ends_the_cli_sweep_with_a_line_and_status_130(tmp_path):
                                                f"interrupted; {out / 'index.h5'} holds the "
                                                "points' statuses")
     assert [p.status for p in read_index(out)] == [INTERRUPTED.format("KeyboardInterrupt")] * 2
+
+
+# ----------------------------------------------------------------------------- second review
+def _fake_pools(monkeypatch, round_):
+    """Replace the local pools by rounds ``round_(todo, run)`` run in this process: each returns
+    the points left unfinished, as a pool broken by a worker dying with no point in it (its
+    notes empty) does."""
+    import fastrace.sweep as fs
+
+    class Pool:
+        def __init__(self, workers, registry, dispositions):
+            self.executor = None
+
+        def close(self):
+            return {1: -signal.SIGKILL}, {}
+
+        def stop(self):
+            pass
+
+        def died(self, codes):
+            return dict(codes)
+
+    monkeypatch.setattr(fs, "_LocalPool", Pool)
+    monkeypatch.setattr(fs, "_run_round", lambda executor, todo, run, pool=None: round_(todo, run))
+
+
+def test_worker_deaths_with_no_point_to_blame_count_only_in_a_row(tmp_path, monkeypatch):
+    def one_point_then_a_death(todo, run):  # each round: one point finishes, then a worker dies
+        point = todo[0][0]
+        point.status = "complete"
+        run.finished(point)
+        return todo[1:]
+
+    _fake_pools(monkeypatch, one_point_then_a_death)
+    exp = load_experiment(BASE.format(steps=200))
+    result = sweep(exp, {"train.lr": [0.01, 0.02, 0.03, 0.04, 0.05, 0.06]}, tmp_path / "out",
+                   warm=False)
+    assert [p.status for p in result] == ["complete"] * 6
