@@ -702,17 +702,17 @@ def sweep(experiment: Experiment | str | os.PathLike, grid: Mapping[str, Sequenc
     # in Python has no text of its own)
     base_text = exp.text or exp.to_toml()
     write_index(result, base_text)
-    if warm:
-        _warm(experiments[0])
 
     run = _Run(result, base_text, report, start)
     todo = list(zip(points, experiments))
     own = executor is None
     try:
         if own and threading.current_thread() is threading.main_thread():
-            run.handle_signals()
+            run.handle_signals()  # before warming: a signal then is noted, and acted on after it
         try:
             try:
+                if warm:
+                    _warm(experiments[0])
                 if own:
                     _run_locally(todo, min(workers or os.cpu_count() or 1, len(points)), run)
                 else:

@@ -720,3 +720,13 @@ def test_worker_deaths_with_no_point_to_blame_count_only_in_a_row(tmp_path, monk
     result = sweep(exp, {"train.lr": [0.01, 0.02, 0.03, 0.04, 0.05, 0.06]}, tmp_path / "out",
                    warm=False)
     assert [p.status for p in result] == ["complete"] * 6
+
+
+def test_ctrl_c_while_the_cache_warms_marks_the_points_interrupted(tmp_path, monkeypatch):
+    import fastrace.sweep as fs
+
+    monkeypatch.setattr(fs, "_warm", lambda exp: signal.raise_signal(signal.SIGINT))
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        sweep(load_experiment(BASE.format(steps=200)), {"train.lr": [0.01, 0.02]}, out)
+    assert [p.status for p in read_index(out)] == [INTERRUPTED.format("KeyboardInterrupt")] * 2
