@@ -152,14 +152,23 @@ def _sweep(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise ConfigError(f"cannot reach the Dask scheduler at {args.scheduler}: {exc}") \
                 from None
+
+    def report(line: str) -> None:
+        """Print a point's line. When stdout is closed (`fastrace sweep ... | head`), the sweep
+        goes on: stdout then goes to os.devnull."""
+        try:
+            print(line, flush=True)
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
     try:
         if args.scheduler is not None:
             with client:
                 result = sweep(exp, out_dir=args.output, executor=client.get_executor(),
-                               seed=args.seed, report=print)
+                               seed=args.seed, report=report)
         else:
             result = sweep(exp, out_dir=args.output, seed=args.seed, workers=args.workers,
-                           report=print)
+                           report=report)
     except KeyboardInterrupt:  # the sweep stopped its workers and wrote its index
         index = os.path.join(args.output, "index.h5")
         where = f"; {index} holds the points' statuses" if os.path.isfile(index) else ""

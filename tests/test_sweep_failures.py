@@ -730,3 +730,23 @@ def test_ctrl_c_while_the_cache_warms_marks_the_points_interrupted(tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         sweep(load_experiment(BASE.format(steps=200)), {"train.lr": [0.01, 0.02]}, out)
     assert [p.status for p in read_index(out)] == [INTERRUPTED.format("KeyboardInterrupt")] * 2
+
+
+def test_a_closed_stdout_does_not_stop_the_cli_sweep(tmp_path, monkeypatch):
+    def every_point(todo, run):
+        for point, _ in todo:
+            point.status = "complete"
+            run.finished(point)
+        return []
+
+    _fake_pools(monkeypatch, every_point)
+    toml = tmp_path / "sweep.toml"
+    toml.write_text(BASE.format(steps=200) + '\n[sweep]\n"train.lr" = [0.01, 0.02, 0.03]\n')
+    read, write = os.pipe()
+    os.close(read)  # `fastrace sweep ... | head -0`
+    with open(write, "w") as stdout:
+        monkeypatch.setattr(sys, "stdout", stdout)
+        code = cli.main(["sweep", str(toml), "-o", str(tmp_path / "out"), "--workers", "2"])
+        monkeypatch.undo()
+    assert code == 0
+    assert [p.status for p in read_index(tmp_path / "out")] == ["complete"] * 3
