@@ -12,10 +12,11 @@ The client warms the numba cache with a tiny run of the first point before fan-o
 ``DIR/index.h5``: external links ``/points/pNNN`` to each point file's root and a table
 (``/table/name``, ``file``, ``status``, ``seconds``, ``values/<dotted key>``) of the grid values
 and each point's status ("complete" or "failed: <reason>"). A failing point is recorded and the
-others still run. The index is written before the fan-out (every status "pending"), again as
-points finish (at most every ``_INDEX_EVERY`` seconds, so a client that dies hard keeps the
-statuses of the points finished) and at the end; each write replaces it whole (written beside it
-and renamed onto it).
+others still run. A point whose outcome never came back because the sweep was interrupted is
+recorded complete when its file (written by this sweep) holds only complete runs. The index
+is written before the fan-out (every status "pending"), again as points finish (at most every
+``_INDEX_EVERY`` seconds, so a client that dies hard keeps the statuses of the points finished)
+and at the end; each write replaces it whole (written beside it and renamed onto it).
 
 The output directory holds one sweep. A directory holding files of another sweep or run where
 this one would write (an ``index.h5`` of another experiment, grid or seed; a ``pNNN.h5`` that is
@@ -99,7 +100,8 @@ _REGISTRY_NAME = re.compile(r"\.fastrace-running-([0-9]+)-.+")
 class SweepPoint:
     """One grid point: its ``name`` (``pNNN``), grid ``values``, output ``path``, ``status``
     ("pending", "complete" or "failed: <reason>"), wall ``seconds`` in the worker and the
-    ``summary`` of ``run_experiment`` (None when it failed); ``written`` tells whether this
+    ``summary`` of ``run_experiment`` (None when it failed, or when its file was found complete
+after the sweep was interrupted); ``written`` tells whether this
     sweep wrote the point's file (the index links it then)."""
 
     name: str
@@ -721,7 +723,11 @@ def sweep(experiment: Experiment | str | os.PathLike, grid: Mapping[str, Sequenc
                 why = signal.Signals(exc.signum).name if isinstance(exc, _Terminated) \
                     else type(exc).__name__
                 for point in points:
-                    if point.status == "pending":
+                    if point.status != "pending":
+                        continue
+                    if _complete_file(point.path, run.before[point.name]):
+                        point.status = "complete"  # finished just before its worker was stopped
+                    else:
                         point.status = f"failed: interrupted ({why}) before the point finished"
                 raise
             finally:
@@ -750,6 +756,21 @@ def _file_identity(path: Path) -> tuple[int, int, int] | None:
     if not stat.S_ISREG(st.st_mode):
         return None
     return (st.st_dev, st.st_ino, st.st_mtime_ns)
+
+
+def _complete_file(path: Path, before: tuple[int, int, int] | None) -> bool:
+    """Whether the file at ``path`` is new (its identity is not ``before``, what was there when
+    the sweep started) and holds only complete runs: a point that finished though its outcome
+    never came back (its worker stopped just after)."""
+    from . import store
+
+    if _file_identity(path) in (None, before):
+        return False
+    try:  # (store's reader also opens a file its killed writer left open, under SWMR)
+        runs = store.run_info(path)["runs"]
+    except (StoreError, OSError, RuntimeError, KeyError):
+        return False
+    return bool(runs) and all(r["status"] == "complete" for r in runs.values())
 
 
 # ============================================================================ the output directory

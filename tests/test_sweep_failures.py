@@ -750,3 +750,21 @@ def test_a_closed_stdout_does_not_stop_the_cli_sweep(tmp_path, monkeypatch):
         monkeypatch.undo()
     assert code == 0
     assert [p.status for p in read_index(tmp_path / "out")] == ["complete"] * 3
+
+
+def test_a_point_finished_as_the_sweep_is_interrupted_is_complete(tmp_path, monkeypatch):
+    from fastrace.config import run_experiment
+
+    def first_point_then_ctrl_c(todo, run):  # p000's file is written, then the pool is stopped
+        point, point_exp = todo[0]
+        run_experiment(load_experiment(point_exp.text), point.path, threads=1, progress=False)
+        raise KeyboardInterrupt
+
+    _fake_pools(monkeypatch, first_point_then_ctrl_c)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        sweep(load_experiment(BASE.format(steps=200)), {"train.lr": [0.01, 0.02]}, out,
+              warm=False)
+    result = read_index(out)
+    assert [p.status for p in result] == ["complete", INTERRUPTED.format("KeyboardInterrupt")]
+    assert result.points[0].written and not result.points[1].written
