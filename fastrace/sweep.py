@@ -23,7 +23,10 @@ this one would write (an ``index.h5`` of another experiment, grid or seed; a ``p
 not a point of this sweep or was written by another experiment) is refused with a ConfigError
 naming them: nothing is overwritten or mixed in, and nothing is deleted. The same sweep (same
 experiment, grid and seed) may be run again into its own directory; it reruns every point. The
-index links only the point files this sweep wrote.
+index links only the point files this sweep wrote. A sweep holds a lock on
+``DIR/.fastrace-sweep.lock`` (``fcntl.flock``; a hidden file left in place) from before it looks
+at ``DIR`` until it ends: a second sweep into ``DIR`` meanwhile is refused with a ConfigError
+(where there is no ``fcntl``, Windows, sweeps do not lock).
 
 Executors: the default is a local ``ProcessPoolExecutor`` (spawn context); a Dask cluster plugs
 in with ``distributed.Client(address).get_executor()``. The workers must see ``DIR`` (a shared
@@ -48,7 +51,8 @@ break ``_RETRIES + 1`` times in a row with no point finishing between fails its 
 points). To tell which point a worker runs, each worker writes a note into a
 hidden directory of the output directory, ``DIR/.fastrace-running-<client pid>-*/``, removed at
 the end of the sweep; one left by a client killed with SIGKILL is removed by the next sweep into
-``DIR`` once that client's process is gone.
+``DIR`` (which holds the lock of ``DIR``, so no live sweep owns it; without locks, once that
+client's process is gone).
 """
 
 from __future__ import annotations
@@ -79,6 +83,11 @@ from typing import Any
 
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # Windows: no sweep lock
+    fcntl = None  # type: ignore[assignment]
+
 from .config import (Experiment, load_experiment, run_experiment,
                      same_experiment)
 from .errors import ConfigError, StoreError
@@ -94,6 +103,7 @@ _INDEX_EVERY = 3.0  # seconds: the least time between two writes of the index wh
 _POLL = 0.1  # seconds: how often the loop waiting for points looks for a stop signal
 _REGISTRY_PREFIX = ".fastrace-running-"  # + "<client pid>-": the notes of a local pool's workers
 _REGISTRY_NAME = re.compile(r"\.fastrace-running-([0-9]+)-.+")
+_LOCK_NAME = ".fastrace-sweep.lock"  # in DIR: held (flock) by the sweep writing DIR; never removed
 
 
 @dataclass
@@ -403,16 +413,42 @@ def _new_registry(out_dir: Path) -> Path | None:
         return None
 
 
-def _remove_stale_registries(out_dir: Path) -> None:
-    """Remove the note directories (see _new_registry) left in ``out_dir`` by sweep processes
-    that no longer run (killed with SIGKILL, say)."""
+def _lock_out_dir(out_dir: Path) -> int | None:
+    """Take the lock of the sweep writing ``out_dir``: ``flock`` on ``out_dir/.fastrace-sweep.lock``
+    (never removed, so that every sweep locks the same file), held until its descriptor, which
+    is returned, is closed. ConfigError when another sweep holds it. None where there is no
+    ``fcntl`` (Windows) or the file system has no locks."""
+    if fcntl is None:
+        return None
+    path = out_dir / _LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the sweep lock {path}: {exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"{out_dir} is being written by another sweep (it holds {path}); "
+                          "wait for it to end, or write into another directory") from None
+    except OSError:  # a file system without locks: the sweep runs unlocked, as on Windows
+        os.close(fd)
+        return None
+    return fd
+
+
+def _remove_stale_registries(out_dir: Path, locked: bool) -> None:
+    """Remove the note directories (see _new_registry) left in ``out_dir`` by sweeps that no
+    longer run (killed with SIGKILL, say): all of them when this sweep holds the lock of
+    ``out_dir`` (no other sweep can be running there, whatever its pid namespace), else those
+    whose client process is gone."""
     try:
         entries = os.listdir(out_dir)
     except OSError:
         return
     for entry in entries:
         match = _REGISTRY_NAME.fullmatch(entry)
-        if match is not None and not _process_exists(int(match.group(1))):
+        if match is not None and (locked or not _process_exists(int(match.group(1)))):
             shutil.rmtree(out_dir / entry, ignore_errors=True)
 
 
@@ -698,8 +734,21 @@ def sweep(experiment: Experiment | str | os.PathLike, grid: Mapping[str, Sequenc
     points = [SweepPoint(f"p{k:0{width}d}", values, out / f"p{k:0{width}d}.h5")
               for k, values in enumerate(grid_points(grid))]
     result = SweepResult(out, out / "index.h5", grid, int(seed), points)
-    _check_out_dir(result, exp, experiments)
-    _remove_stale_registries(out)
+    lock = _lock_out_dir(out)
+    try:
+        _check_out_dir(result, exp, experiments)
+        _remove_stale_registries(out, locked=lock is not None)
+        return _sweep_locked(result, exp, experiments, executor, workers, warm, report, start)
+    finally:
+        if lock is not None:
+            os.close(lock)  # (ends the lock)
+
+
+def _sweep_locked(result: SweepResult, exp: Experiment, experiments: list[Experiment],
+                  executor: cf.Executor | None, workers: int | None, warm: bool, report: Any,
+                  start: float) -> SweepResult:
+    """The rest of ``sweep``, run while it holds the lock of the output directory."""
+    points = result.points
     # the experiment as TOML text, to tell the same sweep when it runs again (an Experiment built
     # in Python has no text of its own)
     base_text = exp.text or exp.to_toml()

@@ -432,11 +432,13 @@ def test_notes_of_sweeps_gone_are_removed_and_never_refused(tmp_path):
     stale = out / f".fastrace-running-{done.pid}-x1"
     stale.mkdir()
     (stale / "123").write_text(str(out / "p000.h5"))
-    live = out / f".fastrace-running-{os.getppid()}-x2"  # a sweep that still runs
+    # a live process's (in another pid namespace, a sweep's pid may be any process's here): no
+    # sweep runs in out, as it holds no lock of out
+    live = out / f".fastrace-running-{os.getppid()}-x2"
     live.mkdir()
     result = sweep(BASE.format(steps=200), {"train.lr": [0.01]}, out, workers=1, warm=False)
     assert [p.status for p in result] == ["complete"]
-    assert _notes_dirs(out) == [live]
+    assert _notes_dirs(out) == []
 
 
 def test_notes_removed_while_the_sweep_runs(tmp_path, monkeypatch):
@@ -560,7 +562,8 @@ def test_sigterm_as_the_final_index_is_written_keeps_it(tmp_path, event):
     result = read_index(out)
     assert [p.status for p in result] == ["complete"] * 3
     assert all(p.written for p in result)
-    assert sorted(f.name for f in out.iterdir()) == ["index.h5", "p000.h5", "p001.h5", "p002.h5"]
+    assert sorted(f.name for f in out.iterdir()) == [".fastrace-sweep.lock", "index.h5",
+                                                     "p000.h5", "p001.h5", "p002.h5"]
 
 
 def test_sigterm_in_a_multiprocessing_finalizer_is_not_lost(tmp_path):
@@ -768,3 +771,30 @@ def test_a_point_finished_as_the_sweep_is_interrupted_is_complete(tmp_path, monk
     result = read_index(out)
     assert [p.status for p in result] == ["complete", INTERRUPTED.format("KeyboardInterrupt")]
     assert result.points[0].written and not result.points[1].written
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no sweep lock on Windows")
+def test_a_second_sweep_into_a_directory_being_written_is_refused(tmp_path, monkeypatch):
+    import fcntl
+
+    def every_point(todo, run):
+        for point, _ in todo:
+            point.status = "complete"
+            run.finished(point)
+        return []
+
+    _fake_pools(monkeypatch, every_point)
+    out = tmp_path / "out"
+    out.mkdir()
+    notes = out / f".fastrace-running-{os.getpid()}-x1"  # the running sweep's
+    notes.mkdir()
+    exp = load_experiment(BASE.format(steps=200))
+    with open(out / ".fastrace-sweep.lock", "a") as running:  # a sweep writing out
+        fcntl.flock(running, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(fr.ConfigError, match="is being written by another sweep"):
+            sweep(exp, {"train.lr": [0.01, 0.02]}, out, warm=False)
+        assert _notes_dirs(out) == [notes]
+        assert not (out / "index.h5").exists()
+    result = sweep(exp, {"train.lr": [0.01, 0.02]}, out, warm=False)  # that sweep ended
+    assert [p.status for p in result] == ["complete"] * 2
+    assert _notes_dirs(out) == []
