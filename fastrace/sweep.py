@@ -30,7 +30,9 @@ at ``DIR`` until it ends: a second sweep into ``DIR`` meanwhile is refused with 
 
 Executors: the default is a local ``ProcessPoolExecutor`` (spawn context); a Dask cluster plugs
 in with ``distributed.Client(address).get_executor()``. The workers must see ``DIR`` (a shared
-file system on a cluster).
+file system on a cluster). When a sweep on a given executor is interrupted, its futures not
+started are cancelled; a point running then is recorded as interrupted while it ran (the executor
+may still finish its file).
 
 The local pool's workers end when the client process ends (Linux: ``PR_SET_PDEATHSIG``; else a
 thread watching the parent), so a killed sweep leaves no workers behind. Run in the main thread,
@@ -567,7 +569,51 @@ def _run_round(executor: cf.Executor, todo: list[tuple[SweepPoint, Experiment]],
     """Run ``todo`` on ``executor``, recording each outcome in its point. With ``pool`` (the
     _LocalPool of ``executor``), return the points a broken pool left unfinished; otherwise a
     broken executor fails its unfinished points, and the list returned is empty."""
-    futures = {}
+    futures: dict[cf.Future, tuple[SweepPoint, Experiment]] = {}
+    try:
+        return _submit_and_wait(executor, todo, run, pool, futures)
+    except BaseException as exc:
+        if pool is None:  # a given executor keeps running: take back what it has not started
+            _cancel(futures, _why(exc))
+        raise
+
+
+def _why(exc: BaseException) -> str:
+    """The name of what interrupted a sweep: its signal, or its exception."""
+    return signal.Signals(exc.signum).name if isinstance(exc, _Terminated) \
+        else type(exc).__name__
+
+
+def _cancel(futures: Mapping[cf.Future, tuple[SweepPoint, Experiment]], why: str) -> None:
+    """On an interrupt, cancel the futures of a given executor not started yet (their points
+    stay pending, then recorded interrupted); record those finished meanwhile, and those still
+    running (the executor may still finish them: the index cannot tell)."""
+    for future, (point, _) in futures.items():
+        if point.status != "pending" or future.cancel():
+            continue
+        if future.done():
+            _record(point, future)
+        else:
+            point.status = (f"failed: interrupted ({why}) while the point ran; the executor may "
+                            "still finish its file")
+
+
+def _record(point: SweepPoint, future: cf.Future) -> None:
+    """Record the outcome of the finished ``future`` of ``point``."""
+    try:
+        outcome = future.result()
+    except Exception as exc:  # noqa: BLE001 - a crashed worker fails only its point
+        point.status = _failure(exc)
+    else:
+        point.status = outcome["status"]
+        point.seconds = float(outcome["seconds"])
+        point.summary = outcome["summary"]
+
+
+def _submit_and_wait(executor: cf.Executor, todo: list[tuple[SweepPoint, Experiment]], run: _Run,
+                     pool: _LocalPool | None, futures: dict
+                     ) -> list[tuple[SweepPoint, Experiment]]:
+    """The body of _run_round; ``futures`` gets {future: (point, experiment)} as submitted."""
     unfinished = []
     done: queue.SimpleQueue = queue.SimpleQueue()  # the futures as they finish
     for point, point_exp in todo:
@@ -594,19 +640,10 @@ def _run_round(executor: cf.Executor, todo: list[tuple[SweepPoint, Experiment]],
             continue
         remaining -= 1
         point, point_exp = futures[future]
-        try:
-            outcome = future.result()
-        except BrokenProcessPool as exc:
-            if pool is not None:  # run again in a new pool (see _run_locally)
-                unfinished.append((point, point_exp))
-                continue
-            point.status = _failure(exc)
-        except Exception as exc:  # noqa: BLE001 - a crashed worker fails only its point
-            point.status = _failure(exc)
-        else:
-            point.status = outcome["status"]
-            point.seconds = float(outcome["seconds"])
-            point.summary = outcome["summary"]
+        if pool is not None and isinstance(future.exception(), BrokenProcessPool):
+            unfinished.append((point, point_exp))  # run again in a new pool (see _run_locally)
+            continue
+        _record(point, future)
         run.finished(point)
     return unfinished
 
@@ -697,7 +734,9 @@ def sweep(experiment: Experiment | str | os.PathLike, grid: Mapping[str, Sequenc
         .get_executor()``); default a local spawn-context process pool of ``workers`` processes
         (default: one per core, at most one per point), shut down at the end, whose workers
         end with this process; a point whose worker process dies is run again in a new pool (up
-        to twice). A given executor is left running.
+        to twice). A given executor is left running; when the sweep is interrupted (Ctrl-C, an
+        error of its own) its points not started are cancelled and recorded interrupted, and
+        those running then are recorded so (the executor may still finish them).
     seed : root of the points' child seeds (``SeedSequence(seed).spawn``); default the sweep
         file's ``sweep.seed`` or 0.
     report : optional callable receiving a line per finished point.
@@ -769,8 +808,7 @@ def _sweep_locked(result: SweepResult, exp: Experiment, experiments: list[Experi
                 else:
                     _run_round(executor, todo, run)
             except BaseException as exc:
-                why = signal.Signals(exc.signum).name if isinstance(exc, _Terminated) \
-                    else type(exc).__name__
+                why = _why(exc)
                 for point in points:
                     if point.status != "pending":
                         continue

@@ -798,3 +798,37 @@ def test_a_second_sweep_into_a_directory_being_written_is_refused(tmp_path, monk
     result = sweep(exp, {"train.lr": [0.01, 0.02]}, out, warm=False)  # that sweep ended
     assert [p.status for p in result] == ["complete"] * 2
     assert _notes_dirs(out) == []
+
+
+def test_an_interrupt_cancels_the_points_a_given_executor_has_not_started(tmp_path):
+    import _thread
+
+    started, release = threading.Event(), threading.Event()
+    ran = []
+
+    def slow_point(text, path):
+        ran.append(path)
+        started.set()
+        release.wait(10)
+        return {"status": "complete", "seconds": 0.0, "summary": None}
+
+    class Executor(cf.ThreadPoolExecutor):  # a caller's own executor, running one point at a time
+        def submit(self, fn, *args, **kwargs):
+            return super().submit(slow_point, *args)
+
+    def ctrl_c():
+        started.wait(10)
+        time.sleep(0.3)  # the sweep waits for its points
+        _thread.interrupt_main()
+
+    out = tmp_path / "out"
+    with Executor(1) as executor:
+        threading.Thread(target=ctrl_c, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            sweep(load_experiment(BASE.format(steps=200)), {"train.lr": [0.01, 0.02, 0.03]}, out,
+                  executor=executor, warm=False)
+        release.set()
+    assert len(ran) == 1  # the two points not started were cancelled
+    assert [p.status for p in read_index(out)] == [
+        "failed: interrupted (KeyboardInterrupt) while the point ran; the executor may still "
+        "finish its file"] + [INTERRUPTED.format("KeyboardInterrupt")] * 2
