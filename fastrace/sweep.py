@@ -40,7 +40,8 @@ the sweep handles SIGTERM, SIGHUP and Ctrl-C (SIGINT) itself, unless the caller 
 its own for them: the handler only notes the signal, and the sweep's loop then stops the workers
 at once, records the unfinished points as interrupted, writes the index, and ends the process as
 the signal does (SIGTERM, SIGHUP) or raises KeyboardInterrupt (Ctrl-C); the workers ignore SIGINT
-and SIGHUP then (a terminal sends them to the whole process group). Run in another thread, the
+and SIGHUP then (a terminal sends them to the whole process group), and are started with them
+blocked until they ignore them. Run in another thread, the
 sweep leaves Ctrl-C to the workers, which it ends at once; seeing them ended by SIGINT, the sweep
 records the unfinished points as interrupted, writes the index and raises KeyboardInterrupt.
 
@@ -60,6 +61,7 @@ client's process is gone).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import ctypes
 import datetime
 import functools
@@ -203,14 +205,18 @@ def limit_threads() -> None:
     threadpool_limits(limits=1)
 
 
-def _init_worker(parent: int, registry: str, dispositions: dict[int, Any]) -> None:
+def _init_worker(parent: int, registry: str, dispositions: dict[int, Any],
+                 blocked: Sequence[int] = ()) -> None:
     """Initializer of a local pool's workers: end with the client (process ``parent``), take the
-    signal ``dispositions`` the client chose (see _worker_signals), note each point run in
-    ``registry`` (none when "") and run single-threaded."""
+    signal ``dispositions`` the client chose (see _worker_signals), then unblock the signals
+    ``blocked`` while the client started it (see _blocking), note each point run in ``registry``
+    (none when "") and run single-threaded."""
     global _REGISTRY
     _end_with_parent(parent)
     for signum, handler in dispositions.items():
         signal.signal(signum, handler)
+    if blocked:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
     _REGISTRY = registry or None
     limit_threads()
 
@@ -320,10 +326,15 @@ class _LocalPool:
 
     def __init__(self, workers: int, registry: Path | None, dispositions: dict[int, Any]):
         self.registry = registry
+        # the signals the workers ignore, blocked while they start (they inherit the mask): a
+        # Ctrl-C then cannot end one before it ignores SIGINT (a KeyboardInterrupt traceback)
+        self.blocked = [signum for signum, handler in dispositions.items()
+                        if handler == signal.SIG_IGN] if hasattr(signal, "pthread_sigmask") else []
         self.executor = cf.ProcessPoolExecutor(
             max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(os.getpid(), "" if registry is None else str(registry), dispositions))
+            initargs=(os.getpid(), "" if registry is None else str(registry), dispositions,
+                      self.blocked))
         # {pid: multiprocessing.Process} of the workers, filled by the pool as it starts them: a
         # private attribute of ProcessPoolExecutor (3.11 to 3.13), read for how each worker ended
         # and to stop them at once (the pool itself only waits for the running points to finish)
@@ -616,20 +627,8 @@ def _submit_and_wait(executor: cf.Executor, todo: list[tuple[SweepPoint, Experim
     """The body of _run_round; ``futures`` gets {future: (point, experiment)} as submitted."""
     unfinished = []
     done: queue.SimpleQueue = queue.SimpleQueue()  # the futures as they finish
-    for point, point_exp in todo:
-        run.check()
-        try:
-            future = executor.submit(run_point, point_exp.text, str(point.path))
-        except Exception as exc:  # noqa: BLE001 - e.g. a broken or shut-down executor
-            if pool is not None and isinstance(exc, BrokenProcessPool):
-                unfinished.append((point, point_exp))
-            else:
-                point.status = _failure(exc)
-            continue
-        futures[future] = (point, point_exp)
-        if pool is not None:
-            pool.watch()  # the workers start as the points are submitted
-        future.add_done_callback(done.put)
+    with _blocking([] if pool is None else pool.blocked):  # (a local pool starts its workers)
+        _submit(executor, todo, run, pool, futures, unfinished, done)
     remaining = len(futures)
     while remaining:
         run.check()
@@ -646,6 +645,41 @@ def _submit_and_wait(executor: cf.Executor, todo: list[tuple[SweepPoint, Experim
         _record(point, future)
         run.finished(point)
     return unfinished
+
+
+@contextlib.contextmanager
+def _blocking(signals: Sequence[int]):
+    """Block ``signals`` in this thread meanwhile (a signal sent then waits, and is handled
+    after); the processes started meanwhile inherit the mask."""
+    if not signals:
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _submit(executor: cf.Executor, todo: list[tuple[SweepPoint, Experiment]], run: _Run,
+            pool: _LocalPool | None, futures: dict, unfinished: list,
+            done: queue.SimpleQueue) -> None:
+    """Submit ``todo``: each future into ``futures`` and, when it finishes, into ``done``; the
+    points a broken local pool refused into ``unfinished``."""
+    for point, point_exp in todo:
+        run.check()
+        try:
+            future = executor.submit(run_point, point_exp.text, str(point.path))
+        except Exception as exc:  # noqa: BLE001 - e.g. a broken or shut-down executor
+            if pool is not None and isinstance(exc, BrokenProcessPool):
+                unfinished.append((point, point_exp))
+            else:
+                point.status = _failure(exc)
+            continue
+        futures[future] = (point, point_exp)
+        if pool is not None:
+            pool.watch()  # the workers start as the points are submitted
+        future.add_done_callback(done.put)
 
 
 def _run_locally(todo: list[tuple[SweepPoint, Experiment]], workers: int, run: _Run) -> None:

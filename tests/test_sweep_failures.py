@@ -832,3 +832,31 @@ def test_an_interrupt_cancels_the_points_a_given_executor_has_not_started(tmp_pa
     assert [p.status for p in read_index(out)] == [
         "failed: interrupted (KeyboardInterrupt) while the point ran; the executor may still "
         "finish its file"] + [INTERRUPTED.format("KeyboardInterrupt")] * 2
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="no signal masks")
+def test_ctrl_c_waits_while_the_pool_starts_its_workers(tmp_path, monkeypatch):
+    # a worker started with SIGINT blocked, unblocked once it ignores it: a Ctrl-C as the pool
+    # starts cannot end it with a KeyboardInterrupt traceback
+    masks = []
+    submit = cf.ProcessPoolExecutor.submit
+
+    def recording(self, *args, **kwargs):
+        masks.append(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        return submit(self, *args, **kwargs)
+
+    monkeypatch.setattr(cf.ProcessPoolExecutor, "submit", recording)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    result = sweep(BASE.format(steps=200), {"train.lr": [0.01]}, tmp_path / "out", workers=1,
+                   warm=False)
+    assert [p.status for p in result] == ["complete"]
+    assert masks and all(signal.SIGINT in mask for mask in masks)
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+    # the worker's side: SIGINT ignored, then unblocked
+    code = ("import os, signal; from fastrace.sweep import _init_worker; "
+            "signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT]); "
+            "_init_worker(os.getppid(), '', {signal.SIGINT: signal.SIG_IGN}, [signal.SIGINT]); "
+            "print(signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []), "
+            "signal.getsignal(signal.SIGINT) == signal.SIG_IGN)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["False", "True"], done.stderr
