@@ -436,6 +436,11 @@ def _lock_out_dir(out_dir: Path) -> int | None:
     path = out_dir / _LOCK_NAME
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:  # another user's lock file in a shared directory: flock needs
+        try:                 # only a descriptor, a read-only one will do
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise ConfigError(f"cannot open the sweep lock {path}: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"cannot create the sweep lock {path}: {exc}") from None
     try:
@@ -843,10 +848,10 @@ def _sweep_locked(result: SweepResult, exp: Experiment, experiments: list[Experi
                     _run_round(executor, todo, run)
             except BaseException as exc:
                 why = _why(exc)
-                for point in points:
+                for point, point_exp in zip(points, experiments):
                     if point.status != "pending":
                         continue
-                    if _complete_file(point.path, run.before[point.name]):
+                    if _complete_file(point.path, run.before[point.name], point_exp):
                         point.status = "complete"  # finished just before its worker was stopped
                     else:
                         point.status = f"failed: interrupted ({why}) before the point finished"
@@ -879,10 +884,12 @@ def _file_identity(path: Path) -> tuple[int, int, int] | None:
     return (st.st_dev, st.st_ino, st.st_mtime_ns)
 
 
-def _complete_file(path: Path, before: tuple[int, int, int] | None) -> bool:
+def _complete_file(path: Path, before: tuple[int, int, int] | None,
+                   point_exp: Experiment) -> bool:
     """Whether the file at ``path`` is new (its identity is not ``before``, what was there when
-    the sweep started) and holds only complete runs: a point that finished though its outcome
-    never came back (its worker stopped just after)."""
+    the sweep started) and holds every run of ``point_exp``, complete (its theory too: it is
+    added after the runs end): a point that finished though its outcome never came back (its
+    worker stopped just after)."""
     from . import store
 
     if _file_identity(path) in (None, before):
@@ -891,7 +898,8 @@ def _complete_file(path: Path, before: tuple[int, int, int] | None) -> bool:
         runs = store.run_info(path)["runs"]
     except (StoreError, OSError, RuntimeError, KeyError):
         return False
-    return bool(runs) and all(r["status"] == "complete" for r in runs.values())
+    expected = list(point_exp.run_names) + (["theory"] if point_exp.theory is not None else [])
+    return all(name in runs and runs[name]["status"] == "complete" for name in expected)
 
 
 # ============================================================================ the output directory

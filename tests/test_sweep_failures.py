@@ -860,3 +860,41 @@ def test_ctrl_c_waits_while_the_pool_starts_its_workers(tmp_path, monkeypatch):
             "signal.getsignal(signal.SIGINT) == signal.SIG_IGN)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.split() == ["False", "True"], done.stderr
+
+
+def test_a_point_without_its_theory_yet_is_not_taken_as_complete(tmp_path, monkeypatch):
+    """The theory run is added after the runs end: a worker stopped in between leaves a file
+    whose runs are all complete, but not the point's whole file (its theory is missing)."""
+    from fastrace import config, sweep as sweep_module
+
+    exp = load_experiment(BASE.format(steps=20) + "\n[theory]\nb0 = 0.1\n")
+    out = tmp_path / "p000.h5"
+    monkeypatch.setattr(config, "_add_theory", lambda out, solution: None)
+    config.run_experiment(exp, out, threads=1)
+    assert not sweep_module._complete_file(out, None, exp)  # the runs, not the theory
+    monkeypatch.undo()
+    config.run_experiment(exp, out, threads=1, resume=True)  # adds the theory
+    assert sweep_module._complete_file(out, None, exp)
+
+
+def test_the_sweep_lock_of_another_user_is_taken_read_only(tmp_path, monkeypatch):
+    """In a shared directory the lock file may be another user's (mode 0644): opening it for
+    writing is refused, but flock needs only a descriptor."""
+    from fastrace import sweep as sweep_module
+
+    (tmp_path / sweep_module._LOCK_NAME).touch()
+    real_open = os.open
+
+    def not_for_writing(path, flags, *args):
+        if str(path).endswith(sweep_module._LOCK_NAME) and flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", not_for_writing)
+    fd = sweep_module._lock_out_dir(tmp_path)
+    assert fd is not None
+    try:
+        with pytest.raises(fr.ConfigError, match="being written by another sweep"):
+            sweep_module._lock_out_dir(tmp_path)
+    finally:
+        os.close(fd)
