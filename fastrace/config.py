@@ -566,13 +566,14 @@ def _add_theory(out: Path, solution: Any) -> None:
     target = store._output_path(out)  # a symlink's target: the link stays a link
     theory = Path(f"{target}.theory.partial")
     partial = Path(f"{target}.partial")
+    # what a run killed while adding the theory leaves (the theory's writer's own files too)
+    leftovers = [theory, partial, Path(f"{theory}.partial"), Path(f"{theory}.lock")]
     if "theory" in store.list_runs(target):  # a resume of a finished file: nothing to write
-        _remove_leftovers(target, [theory, partial, Path(f"{theory}.partial"),
-                                   Path(f"{theory}.lock")])
+        _remove_leftovers(target, leftovers)
         return
     lock = store._WriterLock(target)  # no writer of out may start meanwhile
     try:
-        for leftover in (theory, partial):  # left by a killed run
+        for leftover in leftovers:
             leftover.unlink(missing_ok=True)
         if "theory" in store.list_runs(target):
             return

@@ -426,16 +426,20 @@ class _WriterLock:
             warnings.warn(f"could not lock {self.path}; concurrent writers are not detected",
                           stacklevel=4)
             return True
-        try:
-            at_path = os.stat(self.path)
-        except FileNotFoundError:
-            at_path = None
-        held = os.fstat(self.fd)
-        if at_path is not None and (at_path.st_dev, at_path.st_ino) == (held.st_dev, held.st_ino):
+        if self._holds_file_at_path():
             return True
         os.close(self.fd)  # (which drops the lock)
         self.fd = None
         return False
+
+    def _holds_file_at_path(self) -> bool:
+        """Whether the file at ``self.path`` is the one ``self.fd`` holds."""
+        try:
+            at_path = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(self.fd)
+        return (at_path.st_dev, at_path.st_ino) == (held.st_dev, held.st_ino)
 
     def release(self) -> None:
         """Remove the lock file, if the file at the path is still the one held (a user may have
@@ -443,8 +447,7 @@ class _WriterLock:
         if self.fd is None:
             return
         with contextlib.suppress(OSError):
-            held, at_path = os.fstat(self.fd), os.stat(self.path)
-            if (held.st_dev, held.st_ino) == (at_path.st_dev, at_path.st_ino):
+            if self._holds_file_at_path():
                 self.path.unlink()
         os.close(self.fd)
         self.fd = None

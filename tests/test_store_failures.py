@@ -64,6 +64,14 @@ def _child(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedPr
                           env=env, timeout=timeout)
 
 
+def _child_or_fail(code: str, *args: str, hangs: str) -> subprocess.CompletedProcess:
+    """``_child``, failing the test with ``hangs`` if the child is still running after 30 s."""
+    try:
+        return _child(code, *args, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(hangs)
+
+
 # ------------------------------------------------------------------ a full disk
 
 
@@ -305,10 +313,7 @@ def test_a_fifo_at_the_output_path_is_refused(tmp_path):
             "    t.TrajectoryWriter(sys.argv[1], {'sim': t.SPEC}, mode='resume')\n"
             "except t.StoreError as e:\n"
             "    print('StoreError:', e)\n")
-    try:
-        out = _child(code, str(path), timeout=30)
-    except subprocess.TimeoutExpired:
-        pytest.fail("resume on a FIFO hangs")
+    out = _child_or_fail(code, str(path), hangs="resume on a FIFO hangs")
     assert out.returncode == 0 and "not a regular file" in out.stdout, out.stdout + out.stderr
     assert stat.S_ISFIFO(os.lstat(path).st_mode)
 
@@ -324,10 +329,7 @@ def test_reading_a_fifo_is_refused_at_once(tmp_path):
             "        read(sys.argv[1])\n"
             "    except t.StoreError as e:\n"
             "        print('StoreError:', e)\n")
-    try:
-        out = _child(code, str(path), timeout=30)
-    except subprocess.TimeoutExpired:
-        pytest.fail("reading a FIFO hangs")
+    out = _child_or_fail(code, str(path), hangs="reading a FIFO hangs")
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("not a regular file") == 3, out.stdout + out.stderr
 

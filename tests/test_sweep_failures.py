@@ -711,6 +711,14 @@ def _fake_pools(monkeypatch, round_):
     monkeypatch.setattr(fs, "_run_round", lambda executor, todo, run, pool=None: round_(todo, run))
 
 
+def _every_point_completes(todo, run):
+    """A round of _fake_pools in which every point completes."""
+    for point, _ in todo:
+        point.status = "complete"
+        run.finished(point)
+    return []
+
+
 def test_worker_deaths_with_no_point_to_blame_count_only_in_a_row(tmp_path, monkeypatch):
     def one_point_then_a_death(todo, run):  # each round: one point finishes, then a worker dies
         point = todo[0][0]
@@ -736,13 +744,7 @@ def test_ctrl_c_while_the_cache_warms_marks_the_points_interrupted(tmp_path, mon
 
 
 def test_a_closed_stdout_does_not_stop_the_cli_sweep(tmp_path, monkeypatch):
-    def every_point(todo, run):
-        for point, _ in todo:
-            point.status = "complete"
-            run.finished(point)
-        return []
-
-    _fake_pools(monkeypatch, every_point)
+    _fake_pools(monkeypatch, _every_point_completes)
     toml = tmp_path / "sweep.toml"
     toml.write_text(BASE.format(steps=200) + '\n[sweep]\n"train.lr" = [0.01, 0.02, 0.03]\n')
     read, write = os.pipe()
@@ -777,13 +779,7 @@ def test_a_point_finished_as_the_sweep_is_interrupted_is_complete(tmp_path, monk
 def test_a_second_sweep_into_a_directory_being_written_is_refused(tmp_path, monkeypatch):
     import fcntl
 
-    def every_point(todo, run):
-        for point, _ in todo:
-            point.status = "complete"
-            run.finished(point)
-        return []
-
-    _fake_pools(monkeypatch, every_point)
+    _fake_pools(monkeypatch, _every_point_completes)
     out = tmp_path / "out"
     out.mkdir()
     notes = out / f".fastrace-running-{os.getpid()}-x1"  # the running sweep's
