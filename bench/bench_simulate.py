@@ -378,6 +378,111 @@ def test_data_scaling(benchmark, sampled):
     benchmark.pedantic(run, rounds=5, warmup_rounds=1)
 
 
+# ------------------------------------------------------------------ samples engine, one run
+SAMPLES_P, SAMPLES_STEPS, SAMPLES_M = 2000, 5, 8
+
+
+@pytest.fixture(scope="module")
+def per_sample_gates():
+    """8 input nodes (64) -> h (256) -> y (64); every sample opens a random half of the inputs
+    (~2000 distinct gate patterns for 2000 samples): too many contexts for the moments engine,
+    so "auto" takes the samples engine."""
+    rng = np.random.default_rng(0)
+    M, P = SAMPLES_M, SAMPLES_P
+    net = fr.Network()
+    for i in range(M):
+        net.add_node(f"x{i}", 64)
+    net.add_node("h", 256)
+    net.add_node("y", 64)
+    for i in range(M):
+        net.add_edge(f"x{i}", "h")
+    net.add_edge("h", "y")
+    data = fr.Dataset({f"x{i}": rng.standard_normal((P, 64)) for i in range(M)},
+                      {"y": rng.standard_normal((P, 64))},
+                      node_gates={f"x{i}": (rng.random(P) < 0.5).astype(float)
+                                  for i in range(M)})
+    weights = fr.init.gaussian(net, 0.05, seed=1)
+    assert GradientEngine.for_data(net, data).engine == "samples"
+    return net, data, weights
+
+
+def samples_fastrace(net, data, weights, threads):
+    return fr.simulate(net, data, weights, lr=LR, steps=SAMPLES_STEPS, record_every=SAMPLES_STEPS,
+                       svals=False, threads=threads).final_weights
+
+
+def samples_numpy(net, data, weights):
+    """Hand-written gradients, all samples at once, every gate as a mask (what a user writes),
+    OpenBLAS on its own 2 threads."""
+    M = SAMPLES_M
+    X = np.stack([data.inputs[f"x{i}"] for i in range(M)])          # (M, P, 64)
+    G = np.stack([data.node_gates[f"x{i}"] for i in range(M)])      # (M, P)
+    W_in = np.stack([weights[f"x{i}->h"] for i in range(M)])        # (M, 256, 64)
+    W_out = weights["h->y"].copy()
+    Y, p = data.targets["y"], data.weights
+    with threadpool_limits(2, user_api="blas"):
+        for _ in range(SAMPLES_STEPS):
+            parts = G[:, :, None] * (X @ W_in.transpose(0, 2, 1))   # (M, P, 256)
+            h = parts.sum(axis=0)
+            err = p[:, None] * (h @ W_out.T - Y)                    # dL/dy
+            g_out = err.T @ h
+            d_h = err @ W_out
+            g_in = (G[:, :, None] * d_h).transpose(0, 2, 1) @ X     # (M, 256, 64)
+            W_in -= LR * g_in
+            W_out -= LR * g_out
+    return W_in, W_out
+
+
+def samples_torch(net, data, weights):
+    """The same in PyTorch (autograd, gates as masks, SGD) on 2 threads."""
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(2)
+    M = SAMPLES_M
+    X = torch.tensor(np.stack([data.inputs[f"x{i}"] for i in range(M)]))
+    G = torch.tensor(np.stack([data.node_gates[f"x{i}"] for i in range(M)]))[:, :, None]
+    W_in = torch.tensor(np.stack([weights[f"x{i}->h"] for i in range(M)])).requires_grad_()
+    W_out = torch.tensor(weights["h->y"]).requires_grad_()
+    Y, p = torch.tensor(data.targets["y"]), torch.tensor(data.weights)[:, None]
+    opt = torch.optim.SGD([W_in, W_out], lr=LR)
+    for _ in range(SAMPLES_STEPS):
+        opt.zero_grad(set_to_none=True)
+        h = (G * torch.bmm(X, W_in.transpose(1, 2))).sum(0)
+        loss = 0.5 * (p * (h @ W_out.T - Y) ** 2).sum()
+        loss.backward()
+        opt.step()
+    return W_in.detach().numpy(), W_out.detach().numpy()
+
+
+def test_samples_agree(per_sample_gates):
+    net, data, weights = per_sample_gates
+    ours = samples_fastrace(net, data, weights, 2)
+    W_in, W_out = samples_numpy(net, data, weights)
+    assert np.allclose(ours["h->y"], W_out, rtol=1e-9, atol=1e-12)
+    for i in range(SAMPLES_M):
+        assert np.allclose(ours[f"x{i}->h"], W_in[i], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("how", ["fastrace, 2 threads", "fastrace, 1 thread",
+                                 "numpy, all samples at once, BLAS 2 threads",
+                                 "PyTorch, 2 threads"])
+@pytest.mark.benchmark(group=f"samples engine: one run, {SAMPLES_P} samples with their own "
+                             f"gates, {SAMPLES_STEPS} steps")
+def test_samples_engine_one_run(benchmark, per_sample_gates, how):
+    """One run of the samples engine: its samples in fixed blocks, shared by the threads."""
+    net, data, weights = per_sample_gates
+    if how.startswith("fastrace"):
+        threads = 2 if "2 threads" in how else 1
+        if threads == 2:
+            benchmark.extra_info["baseline"] = True
+        samples_fastrace(net, data, weights, threads)
+        benchmark.pedantic(samples_fastrace, args=(net, data, weights, threads), rounds=5,
+                           warmup_rounds=1)
+    elif how.startswith("numpy"):
+        benchmark.pedantic(samples_numpy, args=(net, data, weights), rounds=5, warmup_rounds=1)
+    else:
+        benchmark.pedantic(samples_torch, args=(net, data, weights), rounds=5, warmup_rounds=1)
+
+
 # ------------------------------------------------------------------ batch of 64 runs, threads
 @pytest.fixture(scope="module")
 def batch():

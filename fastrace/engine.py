@@ -27,10 +27,17 @@ from .stats import SampleFits, gated_moments, reference_maps
 
 #: below this much work per call (runs × steps × flops per step) the runs go serially
 PARALLEL_MIN_FLOPS = 2e7
-#: the samples engine shares a batch's runs between threads only for runs of at least this
-#: much work per evaluation (samples × parameters): below it, its many small numpy calls
-#: spend more on the GIL than the threads gain (2 routing runs: 918 against 602 ms)
+#: the samples engine shares its work between threads only for runs of at least this much
+#: work per evaluation (samples × parameters): below it, its many small numpy calls spend
+#: more on the GIL than the threads gain (2 routing runs: 918 against 602 ms)
 SAMPLES_THREADS_MIN_WORK = 2e7
+#: the samples engine cuts a run's samples into at most this many blocks of at least
+#: SAMPLES_BLOCK_MIN_WORK work and SAMPLES_BLOCK_MIN_ROWS samples each: the cut depends on
+#: the problem only, never on the thread count, and the blocks' losses and gradients are
+#: added in block order, so every thread count gives the same bits
+SAMPLES_MAX_BLOCKS = 8
+SAMPLES_BLOCK_MIN_WORK = SAMPLES_THREADS_MIN_WORK / 2
+SAMPLES_BLOCK_MIN_ROWS = 64
 # operand sources of a plan (see _kernels/plan.py)
 _STATE, _CONST, _WEIGHTS = 0, 1, 2
 _AXPBY, _DOT, _OUTPUT = 4, 5, 6  # opcodes 0-3 are products: 2·(A transposed) + (B transposed)
@@ -634,6 +641,15 @@ def parallel_allowed() -> bool:
     return not _serial_only
 
 
+def sample_blocks(n_samples: int, n_params: int) -> list[slice]:
+    """The samples engine's cut of ``n_samples`` samples into consecutive blocks of nearly
+    equal size (see SAMPLES_MAX_BLOCKS): one block for small problems."""
+    n = min(SAMPLES_MAX_BLOCKS, n_samples // SAMPLES_BLOCK_MIN_ROWS,
+            int(n_samples * n_params // SAMPLES_BLOCK_MIN_WORK))
+    n = max(n, 1)
+    return [slice(n_samples * b // n, n_samples * (b + 1) // n) for b in range(n)]
+
+
 class GradientEngine:
     """Loss, gradient and gradient-descent steps of ``net`` on ``data`` for flat weight vectors.
 
@@ -653,6 +669,9 @@ class GradientEngine:
         self.offsets = dict(zip(self.edges, np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()))
         self.n_params = int(sum(sizes))
         self.plan = MomentsPlan(net, data, self.offsets) if self.engine == "moments" else None
+        if self.plan is None:
+            self._gates = data.gate_matrix(net)
+            self._blocks = sample_blocks(data.n_samples, self.n_params)
         self._states = threading.local()
         self._status = threading.local()  # last_status, per calling thread
 
@@ -779,40 +798,7 @@ class GradientEngine:
             g_off = int(self.plan.layout[1])
             # (an evaluation computes the gradient rows even when the loss is not finite)
             return losses[:, 0], state[:, g_off:g_off + self.n_params].copy()
-        losses = np.empty(w.shape[0])
-        grads = np.empty_like(w)
-
-        def one(i: int) -> None:
-            L, G = _loss_gradient_samples(self.net, self.data, self.unpack(w[i]), True)
-            losses[i] = L
-            grads[i] = np.concatenate([G[e].ravel() for e in self.edges])
-
-        self._each_run(one, w.shape[0])
-        return losses, grads
-
-    def _each_run(self, task: Any, n_runs: int) -> None:
-        """``task(i)`` for every run i, the samples engine's way: numpy (BLAS at one thread),
-        the runs of a batch shared by numba's thread count of Python threads (numpy leaves the
-        GIL free in its products). Each run's numbers are those it gets alone."""
-        import numba
-
-        threads = min(numba.get_num_threads(), n_runs)
-        # (threads pay off only for runs of enough work: small numpy calls fight for the GIL)
-        if self.data.n_samples * self.n_params < SAMPLES_THREADS_MIN_WORK:
-            threads = 1
-        with one_blas_thread():
-            if threads < 2:
-                for i in range(n_runs):
-                    task(i)
-                return
-            # runs dealt in turn to the threads, as the moments engine's lanes are; each in a
-            # copy of the caller's context, which holds numpy's error state (np.errstate)
-            def lane(t: int, context: contextvars.Context) -> None:
-                for i in range(t, n_runs, threads):
-                    context.run(task, i)
-
-            list(_run_pool().map(lane, range(threads),  # (list: re-raises a run's error)
-                                 [contextvars.copy_context() for _ in range(threads)]))
+        return self._samples_eval(w, True)  # type: ignore[return-value]
 
     def loss(self, w: np.ndarray) -> np.ndarray:
         """Loss (n_runs,) of weights (n_runs, n_params)."""
@@ -820,13 +806,61 @@ class GradientEngine:
         if self.plan is not None:
             return self._run_plan(w, None, np.zeros(w.shape[0]), 1, 0.0, 0.0, False, np.inf,
                                   loss_only=True)[1][:, 0]
-        losses = np.empty(w.shape[0])
+        return self._samples_eval(w, False)[0]
 
-        def one(i: int) -> None:
-            losses[i] = _loss_gradient_samples(self.net, self.data, self.unpack(w[i]), False)[0]
+    def _samples_eval(self, w: np.ndarray, need_grad: bool) -> tuple[np.ndarray,
+                                                                     np.ndarray | None]:
+        """The samples engine: loss (n_runs,) and, with ``need_grad``, flat gradient
+        (n_runs, n_params) of weights (n_runs, n_params).
 
-        self._each_run(one, w.shape[0])
-        return losses
+        The work is one piece per run and block of samples (``sample_blocks``), done with numpy
+        (BLAS at one thread). Pieces of enough work go to numba's thread count of Python threads
+        (numpy leaves the GIL free in its products), as many at a time as there are threads,
+        and are added in order as they come back, so a piece's gradient is held only until
+        then and every thread count adds the same numbers in the same order."""
+        n_runs = w.shape[0]
+        losses = np.empty(n_runs)
+        grads = np.empty_like(w) if need_grad else None
+        pieces = [(i, b) for i in range(n_runs) for b in range(len(self._blocks))]
+
+        def compute(piece: tuple[int, int]) -> tuple[float, dict | None]:
+            i, b = piece
+            return _loss_gradient_samples(self.net, self.data, self.unpack(w[i]), need_grad,
+                                          self._blocks[b], self._gates)
+
+        def add(piece: tuple[int, int], part: tuple[float, dict | None]) -> None:
+            (i, b), (loss, grad) = piece, part
+            losses[i] = loss if b == 0 else losses[i] + loss
+            if grads is not None:
+                row = self.unpack(grads[i])
+                for e in self.edges:
+                    if b == 0:
+                        row[e][...] = grad[e]
+                    else:
+                        row[e] += grad[e]
+
+        import numba
+
+        threads = min(numba.get_num_threads(), len(pieces))
+        # (threads pay off only for runs of enough work: small numpy calls fight for the GIL)
+        if self.data.n_samples * self.n_params < SAMPLES_THREADS_MIN_WORK:
+            threads = 1
+        with one_blas_thread():
+            if threads < 2:
+                for piece in pieces:
+                    add(piece, compute(piece))
+                return losses, grads
+            pool = _run_pool()
+            for first in range(0, len(pieces), threads):
+                wave = pieces[first:first + threads]
+                # each piece in a copy of the caller's context, which holds numpy's error
+                # state (np.errstate); list() re-raises a piece's error
+                contexts = [contextvars.copy_context() for _ in wave]
+                parts = list(pool.map(lambda piece, ctx: ctx.run(compute, piece), wave,
+                                      contexts))
+                for piece, part in zip(wave, parts):
+                    add(piece, part)
+        return losses, grads
 
     def descend(self, w: np.ndarray, velocity: np.ndarray, lr: np.ndarray, n_steps: int,
                 momentum: float = 0.0, weight_decay: float = 0.0,

@@ -77,68 +77,99 @@ def choose_engine(net: Network, data: Dataset, engine: str = "auto") -> str:
 
 
 # ---------------------------------------------------------------------- samples engine
-def _forward_samples(net: Network, data: Dataset, W: Weights):
-    g_nodes, g_edges = data.gate_matrix(net)
+def _edge_samples(a: np.ndarray, g_src: np.ndarray) -> tuple[slice | np.ndarray | None,
+                                                              np.ndarray | None]:
+    """The samples an edge's products need, given ``a`` (its gate times its target's gate) and
+    its source's gate (where either is 0 the edge carries nothing, forward or back): a slice if
+    all of them, indices if some, None if none; and ``a`` on them, None where it is all 1
+    (the common ungated edge: no multiply)."""
+    live = np.flatnonzero((a != 0) & (g_src != 0))
+    if live.size == 0:
+        return None, None
+    sel: slice | np.ndarray = slice(None) if live.size == a.size else live
+    a_sel = a[sel]
+    return sel, (None if np.all(a_sel == 1.0) else a_sel)
+
+
+def _accumulate(total: np.ndarray | None, sel: slice | np.ndarray, part: np.ndarray,
+                P: int) -> np.ndarray:
+    """``total`` (P, d) plus ``part`` on the samples ``sel`` (in place), or the sum's first
+    term (``total`` None)."""
+    if total is None:
+        if isinstance(sel, slice):
+            return part
+        total = np.zeros((P, part.shape[1]))
+    total[sel] += part
+    return total
+
+
+def _forward_samples(net: Network, data: Dataset, W: Weights, samples: slice = slice(None),
+                     gates: tuple[np.ndarray, np.ndarray] | None = None):
+    """Activity of every node on the data's rows ``samples`` (views of the data: no copy),
+    and each edge's samples (``_edge_samples``); ``gates``: the data's ``gate_matrix(net)``,
+    if the caller keeps it."""
+    g_nodes, g_edges = data.gate_matrix(net) if gates is None else gates
+    g_nodes, g_edges = g_nodes[samples], g_edges[samples]
     node_col = {v: i for i, v in enumerate(net.nodes)}
     edge_col = {e: i for i, e in enumerate(net.edges)}
-    P = data.n_samples
+    P = g_nodes.shape[0]
     h: dict[str, np.ndarray] = {}
+    on: dict[str, tuple] = {}
     for v in net.order:
         gv = g_nodes[:, node_col[v]]
         if not net.in_edges(v):
-            h[v] = gv[:, None] * data.inputs[v]
+            h[v] = gv[:, None] * data.inputs[v][samples]
             continue
-        z = np.zeros((P, net.dim(v)))
+        z = None
         for e in net.in_edges(v):
             src = net.edge(e).source
-            a = g_edges[:, edge_col[e]] * gv
-            rows = np.flatnonzero(a)
-            if rows.size == P:
-                z += a[:, None] * (h[src] @ W[e].T)
-            elif rows.size:
-                z[rows] += a[rows, None] * (h[src][rows] @ W[e].T)
-        h[v] = z
-    return h, g_nodes, g_edges, node_col, edge_col
+            on[e] = sel, scale = _edge_samples(g_edges[:, edge_col[e]] * gv,
+                                               g_nodes[:, node_col[src]])
+            if sel is None:
+                continue
+            prod = h[src][sel] @ W[e].T
+            if scale is not None:
+                prod *= scale[:, None]
+            z = _accumulate(z, sel, prod, P)
+        h[v] = np.zeros((P, net.dim(v))) if z is None else z
+    return h, on
 
 
-def _loss_gradient_samples(net: Network, data: Dataset, W: Weights, need_grad: bool):
-    h, g_nodes, g_edges, node_col, edge_col = _forward_samples(net, data, W)
-    w = data.weights
+def _loss_gradient_samples(net: Network, data: Dataset, W: Weights, need_grad: bool,
+                           samples: slice = slice(None),
+                           gates: tuple[np.ndarray, np.ndarray] | None = None):
+    """Loss and {edge: gradient} (None without ``need_grad``) over the data's rows
+    ``samples``."""
+    h, on = _forward_samples(net, data, W, samples, gates)
+    w = data.weights[samples]
     delta: dict[str, np.ndarray] = {}
     loss = 0.0
     for out in net.outputs:
-        r = h[out] - data.targets[out]
+        r = h[out] - data.targets[out][samples]
         loss += 0.5 * float(np.einsum("n,ni,ni->", w, r, r))
         delta[out] = w[:, None] * r
     if not need_grad:
         return loss, None
-    P = data.n_samples
+    P = w.shape[0]
     grad: Weights = {}
     for v in reversed(net.order):
-        if v not in delta:  # no path from v to an output carries gradient (cannot happen) or input
+        if not net.in_edges(v):  # an input: its edges' gradients are done
+            continue
+        if v not in delta:  # no path from v to an output carries gradient (cannot happen)
             delta[v] = np.zeros((P, net.dim(v)))
         dv = delta[v]
         for e in net.in_edges(v):
             src = net.edge(e).source
-            a = g_edges[:, edge_col[e]] * g_nodes[:, node_col[v]]
-            rows = np.flatnonzero(a)
-            if rows.size == P:
-                ad = a[:, None] * dv
-                grad[e] = ad.T @ h[src]
-                back = ad @ W[e]
-            elif rows.size:
-                ad = a[rows, None] * dv[rows]
-                grad[e] = ad.T @ h[src][rows]
-                back = np.zeros((P, net.dim(src)))
-                back[rows] = ad @ W[e]
-            else:
+            sel, scale = on[e]
+            if sel is None:
                 grad[e] = np.zeros(net.weight_shape(e))
                 continue
+            ad = dv[sel]
+            if scale is not None:
+                ad = scale[:, None] * ad
+            grad[e] = ad.T @ h[src][sel]
             if net.in_edges(src):  # inputs need no delta
-                if src in delta:
-                    delta[src] += back
-                else:
-                    delta[src] = back
+                delta[src] = _accumulate(delta.get(src), sel, ad @ W[e], P)
     return loss, {e: grad[e] for e in net.edges}
 
 

@@ -1,11 +1,13 @@
 """The compiled moments plan: equal to the reference gradient, batched, thread-independent."""
 
+import contextlib
 import os
 import subprocess
 import sys
 
 import numba
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -560,3 +562,84 @@ def test_concurrent_calls_give_the_numbers_of_one_call():
     finally:
         stop.set()
         thread.join()
+
+
+# ------------------------------------------------------------------ samples engine in blocks
+@contextlib.contextmanager
+def numba_threads(n):
+    previous = numba.get_num_threads()
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
+
+
+@given(n_samples=st.integers(1, 10**6), n_params=st.integers(1, 10**7))
+def test_sample_blocks_cut_every_sample_once(n_samples, n_params):
+    from fastrace import engine as eng_mod
+
+    blocks = eng_mod.sample_blocks(n_samples, n_params)
+    assert 1 <= len(blocks) <= eng_mod.SAMPLES_MAX_BLOCKS
+    assert blocks[0].start == 0 and blocks[-1].stop == n_samples
+    assert all(a.stop == b.start for a, b in zip(blocks, blocks[1:]))
+    sizes = [b.stop - b.start for b in blocks]
+    assert max(sizes) - min(sizes) <= 1
+    if len(blocks) > 1:  # only problems with enough work per block are cut
+        assert min(sizes) >= eng_mod.SAMPLES_BLOCK_MIN_ROWS
+        assert min(sizes) * n_params >= eng_mod.SAMPLES_BLOCK_MIN_WORK * (1 - 1e-9) - n_params
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), gates=st.sampled_from(["binary", "real", "none"]),
+       max_blocks=st.integers(2, 9))
+def test_samples_engine_in_blocks_equals_the_whole_sum(seed, gates, max_blocks):
+    """Cut into as many blocks as there may be (the limits lowered so that small random cases
+    are cut), the samples engine's loss and gradient equal the sum over all samples at once;
+    threads, a batch and the loss alone give the same bits."""
+    from fastrace import engine as eng_mod
+
+    rng = np.random.default_rng(seed)
+    net = random_dag(rng, n_inputs=int(rng.integers(1, 4)), n_hidden=int(rng.integers(1, 5)),
+                     extra_edges=int(rng.integers(0, 5)))
+    data = random_data(rng, net, n_samples=int(rng.integers(1, 60)), gates=gates)
+    inits = [fr.init.gaussian(net, 0.6, seed=rng) for _ in range(3)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(eng_mod, "SAMPLES_MAX_BLOCKS", max_blocks)
+        mp.setattr(eng_mod, "SAMPLES_BLOCK_MIN_ROWS", 1)
+        mp.setattr(eng_mod, "SAMPLES_BLOCK_MIN_WORK", 1)
+        mp.setattr(eng_mod, "SAMPLES_THREADS_MIN_WORK", 0)
+        eng = GradientEngine(net, data, "samples")
+        assert len(eng._blocks) == min(max_blocks, data.n_samples)
+        w = eng.pack_many(inits)
+        results = {}
+        for threads in (1, 2):
+            with numba_threads(threads):
+                results[threads] = eng.loss_and_gradient(w)
+        alone = [eng.loss_and_gradient(w[i]) for i in range(len(inits))]
+        loss_only = eng.loss(w)
+    loss, grad = results[1]
+    assert np.array_equal(results[2][0], loss) and np.array_equal(results[2][1], grad)
+    assert np.array_equal(loss_only, loss)
+    for i, init in enumerate(inits):
+        assert alone[i][0][0] == loss[i] and np.array_equal(alone[i][1][0], grad[i])
+        L, G = fr.loss_and_gradient(net, data, init, engine="samples")  # all samples at once
+        ref = eng.pack(G)
+        assert abs(loss[i] - L) <= 1e-12 * max(1.0, abs(L))
+        assert np.abs(grad[i] - ref).max() <= 1e-12 * max(np.abs(ref).max(), 1e-300)
+
+
+def test_samples_engine_pieces_keep_the_callers_error_state():
+    """The pieces of a threaded samples evaluation run in the caller's numpy error state."""
+    from fastrace import engine as eng_mod
+
+    net, data, inits = _random_sample_gates_case()
+    eng = GradientEngine(net, data, "samples")
+    assert len(eng._blocks) > 1 and data.n_samples * eng.n_params >= \
+        eng_mod.SAMPLES_THREADS_MIN_WORK  # (cut, and threaded)
+    huge = eng.pack(inits[0])[None] * 1e120
+    with numba_threads(2):
+        with np.errstate(over="raise"), pytest.raises(FloatingPointError):
+            eng.loss(huge)
+        with np.errstate(all="ignore"):
+            assert not np.isfinite(eng.loss(huge)[0])
