@@ -643,10 +643,11 @@ def parallel_allowed() -> bool:
 
 def sample_blocks(n_samples: int, n_params: int) -> list[slice]:
     """The samples engine's cut of ``n_samples`` samples into consecutive blocks of nearly
-    equal size (see SAMPLES_MAX_BLOCKS): one block for small problems."""
+    equal size (see SAMPLES_MAX_BLOCKS): one block for small problems, else a power of 2 of
+    them, which 2, 4 or 8 threads share evenly."""
     n = min(SAMPLES_MAX_BLOCKS, n_samples // SAMPLES_BLOCK_MIN_ROWS,
             int(n_samples * n_params // SAMPLES_BLOCK_MIN_WORK))
-    n = max(n, 1)
+    n = 1 << (max(n, 1).bit_length() - 1)
     return [slice(n_samples * b // n, n_samples * (b + 1) // n) for b in range(n)]
 
 
@@ -846,19 +847,31 @@ class GradientEngine:
         if self.data.n_samples * self.n_params < SAMPLES_THREADS_MIN_WORK:
             threads = 1
         with one_blas_thread():
-            if threads < 2:
+            try:
+                pool = _run_pool() if threads > 1 else None
+            except RuntimeError:  # "can't register atexit after shutdown" (of the interpreter)
+                pool = None
+            if pool is None:
                 for piece in pieces:
                     add(piece, compute(piece))
                 return losses, grads
-            pool = _run_pool()
+            err = np.geterr()  # (numpy 1.x keeps it per thread, not in the context)
+
+            def in_error_state(piece: tuple[int, int]) -> tuple[float, dict | None]:
+                with np.errstate(**err):
+                    return compute(piece)
+
             for first in range(0, len(pieces), threads):
                 wave = pieces[first:first + threads]
                 # each piece in a copy of the caller's context, which holds numpy's error
-                # state (np.errstate); list() re-raises a piece's error
+                # state (np.errstate) in numpy 2; list() re-raises a piece's error
                 contexts = [contextvars.copy_context() for _ in wave]
-                parts = list(pool.map(lambda piece, ctx: ctx.run(compute, piece), wave,
-                                      contexts))
-                for piece, part in zip(wave, parts):
+                try:  # (map submits every piece now)
+                    parts = pool.map(lambda piece, ctx: ctx.run(in_error_state, piece), wave,
+                                     contexts)
+                except RuntimeError:  # "cannot schedule new futures after (interpreter) shutdown"
+                    parts = map(compute, wave)  # the caller does them
+                for piece, part in zip(wave, list(parts)):
                     add(piece, part)
         return losses, grads
 

@@ -105,9 +105,9 @@ def _accumulate(total: np.ndarray | None, sel: slice | np.ndarray, part: np.ndar
 
 def _forward_samples(net: Network, data: Dataset, W: Weights, samples: slice = slice(None),
                      gates: tuple[np.ndarray, np.ndarray] | None = None):
-    """Activity of every node on the data's rows ``samples`` (views of the data: no copy),
-    and each edge's samples (``_edge_samples``); ``gates``: the data's ``gate_matrix(net)``,
-    if the caller keeps it."""
+    """Activity of every node on the data's rows ``samples`` (a slice: the data's arrays are
+    read through views), and each edge's samples (``_edge_samples``); ``gates``: the data's
+    ``gate_matrix(net)``, if the caller keeps it."""
     g_nodes, g_edges = data.gate_matrix(net) if gates is None else gates
     g_nodes, g_edges = g_nodes[samples], g_edges[samples]
     node_col = {v: i for i, v in enumerate(net.nodes)}

@@ -580,7 +580,7 @@ def test_sample_blocks_cut_every_sample_once(n_samples, n_params):
     from fastrace import engine as eng_mod
 
     blocks = eng_mod.sample_blocks(n_samples, n_params)
-    assert 1 <= len(blocks) <= eng_mod.SAMPLES_MAX_BLOCKS
+    assert 1 <= len(blocks) <= eng_mod.SAMPLES_MAX_BLOCKS and len(blocks) & (len(blocks) - 1) == 0
     assert blocks[0].start == 0 and blocks[-1].stop == n_samples
     assert all(a.stop == b.start for a, b in zip(blocks, blocks[1:]))
     sizes = [b.stop - b.start for b in blocks]
@@ -592,7 +592,7 @@ def test_sample_blocks_cut_every_sample_once(n_samples, n_params):
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1), gates=st.sampled_from(["binary", "real", "none"]),
-       max_blocks=st.integers(2, 9))
+       max_blocks=st.integers(2, 16))
 def test_samples_engine_in_blocks_equals_the_whole_sum(seed, gates, max_blocks):
     """Cut into as many blocks as there may be (the limits lowered so that small random cases
     are cut), the samples engine's loss and gradient equal the sum over all samples at once;
@@ -610,7 +610,7 @@ def test_samples_engine_in_blocks_equals_the_whole_sum(seed, gates, max_blocks):
         mp.setattr(eng_mod, "SAMPLES_BLOCK_MIN_WORK", 1)
         mp.setattr(eng_mod, "SAMPLES_THREADS_MIN_WORK", 0)
         eng = GradientEngine(net, data, "samples")
-        assert len(eng._blocks) == min(max_blocks, data.n_samples)
+        assert len(eng._blocks) == 1 << (min(max_blocks, data.n_samples).bit_length() - 1)
         w = eng.pack_many(inits)
         results = {}
         for threads in (1, 2):
@@ -643,3 +643,47 @@ def test_samples_engine_pieces_keep_the_callers_error_state():
             eng.loss(huge)
         with np.errstate(all="ignore"):
             assert not np.isfinite(eng.loss(huge)[0])
+
+
+def test_samples_engine_pieces_keep_the_error_state_outside_the_context():
+    """numpy 1.x keeps its error state per thread, not in the context that the pieces get:
+    the pieces run in the caller's error state all the same."""
+    import contextvars
+
+    net, data, inits = _random_sample_gates_case()
+    eng = GradientEngine(net, data, "samples")
+    huge = eng.pack(inits[0])[None] * 1e120
+    with numba_threads(2), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(contextvars, "copy_context", contextvars.Context)  # (carries nothing)
+        with np.errstate(over="raise"), pytest.raises(FloatingPointError):
+            eng.loss(huge)
+
+
+def test_samples_engine_runs_on_threads_left_at_interpreter_shutdown():
+    """A thread still evaluating when the main thread has ended (the pool takes no more work,
+    nor can it be made): the caller does its pieces itself, with the same numbers."""
+    script = """
+import threading, time
+import numba, numpy as np
+import fastrace as fr
+from fastrace.engine import GradientEngine
+rng = np.random.default_rng(0)
+net = fr.Network.chain([100, 64, 64, 8], ["x", "h1", "h2", "y"])
+data = fr.Dataset({"x": rng.standard_normal((3000, 100))}, {"y": rng.standard_normal((3000, 8))})
+eng = GradientEngine(net, data, "samples")
+w = eng.pack(fr.init.gaussian(net, 0.1, seed=0))[None]
+numba.set_num_threads(2)
+before = eng.loss_and_gradient(w) if USED else None
+def late():
+    time.sleep(0.5)  # the main thread has ended
+    numba.set_num_threads(2)
+    L, G = eng.loss_and_gradient(w)
+    print(before is None or (np.array_equal(L, before[0]) and np.array_equal(G, before[1])))
+threading.Thread(target=late).start()
+"""
+    for used in (True, False):  # the pool made before the end, or not
+        done = subprocess.run([sys.executable, "-c", script.replace("USED", str(used))],
+                              capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, NUMBA_NUM_THREADS="2"))
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.split() == ["True"], (used, done.stderr[-2000:])
