@@ -285,6 +285,8 @@ def warmup(report: Callable[[str], None] | None = None) -> dict[str, float]:
         engine.descend(w, np.zeros_like(w), np.full(2, 0.01), 2, parallel=True)
 
     step("gradient descent, runs in parallel", parallel_descent)
+    step("simulate, samples engine",  # (its kernels that gather and add rows by index)
+         lambda: simulate(net, data, one, lr=0.01, steps=2, engine="samples", threads=1))
     step("simulate, gradient flow",
          lambda: simulate(net, data, two, method="flow", t_end=0.01, n_records=2,
                              engine="moments", threads=1))

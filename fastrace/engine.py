@@ -12,16 +12,17 @@ import contextvars
 import os
 import sys
 import threading
-from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, wait
+from contextlib import contextmanager, nullcontext
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from .data import Dataset
 from .errors import WeightsError
-from .gradient import (_loss_gradient_samples, check_edge_names, check_weights, choose_engine,
-                       weight_array)
+from .gradient import (_loss_gradient_samples, _Workspace, check_edge_names, check_weights,
+                       choose_engine, samples_of_edges, weight_array)
 from .network import Network
 from .stats import SampleFits, gated_moments, reference_maps
 
@@ -36,7 +37,7 @@ SAMPLES_THREADS_MIN_WORK = 2e7
 #: the problem only, never on the thread count, and the blocks' losses and gradients are
 #: added in block order, so every thread count gives the same bits
 SAMPLES_MAX_BLOCKS = 8
-SAMPLES_BLOCK_MIN_WORK = SAMPLES_THREADS_MIN_WORK / 2
+SAMPLES_BLOCK_MIN_WORK = 5e7  # (each block pays a fixed cost: its gradient, added in order)
 SAMPLES_BLOCK_MIN_ROWS = 64
 # operand sources of a plan (see _kernels/plan.py)
 _STATE, _CONST, _WEIGHTS = 0, 1, 2
@@ -671,9 +672,11 @@ class GradientEngine:
         self.n_params = int(sum(sizes))
         self.plan = MomentsPlan(net, data, self.offsets) if self.engine == "moments" else None
         if self.plan is None:
-            self._gates = data.gate_matrix(net)
             self._blocks = sample_blocks(data.n_samples, self.n_params)
+            gates = data.gate_matrix(net)  # each edge's samples in each block, once
+            self._edge_rows = [samples_of_edges(net, data, b, gates) for b in self._blocks]
         self._states = threading.local()
+        self._work = threading.local()  # the samples engine's work arrays, per calling thread
         self._status = threading.local()  # last_status, per calling thread
 
     @classmethod
@@ -809,6 +812,21 @@ class GradientEngine:
                                   loss_only=True)[1][:, 0]
         return self._samples_eval(w, False)[0]
 
+    @contextmanager
+    def reusing_memory(self) -> Iterator[None]:
+        """Within the block, the samples engine's evaluations on this thread write into the
+        same work arrays (fresh memory costs page faults: ~0.25 ms per MB here), which are let
+        go at its end (the engine is kept on the data set). For loops of evaluations: descend
+        takes it itself."""
+        outer = getattr(self._work, "spaces", None)
+        if outer is None:
+            self._work.spaces = []
+        try:
+            yield
+        finally:
+            if outer is None:
+                self._work.spaces = None
+
     def _samples_eval(self, w: np.ndarray, need_grad: bool) -> tuple[np.ndarray,
                                                                      np.ndarray | None]:
         """The samples engine: loss (n_runs,) and, with ``need_grad``, flat gradient
@@ -824,10 +842,23 @@ class GradientEngine:
         grads = np.empty_like(w) if need_grad else None
         pieces = [(i, b) for i in range(n_runs) for b in range(len(self._blocks))]
 
-        def compute(piece: tuple[int, int]) -> tuple[float, dict | None]:
+        import numba
+
+        threads = min(numba.get_num_threads(), len(pieces))
+        # (threads pay off only for runs of enough work: small numpy calls fight for the GIL)
+        if self.data.n_samples * self.n_params < SAMPLES_THREADS_MIN_WORK:
+            threads = 1
+        # the work arrays of each piece of a wave (of a block's size: the pieces of one call
+        # share them in turn, and those of calls in ``reusing_memory`` too)
+        spaces = getattr(self._work, "spaces", None)
+        if spaces is None:
+            spaces = []
+        spaces.extend(_Workspace() for _ in range(threads - len(spaces)))
+
+        def compute(piece: tuple[int, int], lane: int = 0) -> tuple[float, dict | None]:
             i, b = piece
             return _loss_gradient_samples(self.net, self.data, self.unpack(w[i]), need_grad,
-                                          self._blocks[b], self._gates)
+                                          self._blocks[b], self._edge_rows[b], spaces[lane])
 
         def add(piece: tuple[int, int], part: tuple[float, dict | None]) -> None:
             (i, b), (loss, grad) = piece, part
@@ -840,12 +871,6 @@ class GradientEngine:
                     else:
                         row[e] += grad[e]
 
-        import numba
-
-        threads = min(numba.get_num_threads(), len(pieces))
-        # (threads pay off only for runs of enough work: small numpy calls fight for the GIL)
-        if self.data.n_samples * self.n_params < SAMPLES_THREADS_MIN_WORK:
-            threads = 1
         with one_blas_thread():
             try:
                 pool = _run_pool() if threads > 1 else None
@@ -857,21 +882,29 @@ class GradientEngine:
                 return losses, grads
             err = np.geterr()  # (numpy 1.x keeps it per thread, not in the context)
 
-            def in_error_state(piece: tuple[int, int]) -> tuple[float, dict | None]:
+            def in_error_state(piece: tuple[int, int], lane: int) -> tuple[float, dict | None]:
                 with np.errstate(**err):
-                    return compute(piece)
+                    return compute(piece, lane)
+
+            def submit(piece: tuple[int, int], lane: int) -> Future | None:
+                # in a copy of the caller's context, which holds numpy's error state in numpy 2
+                try:
+                    return pool.submit(contextvars.copy_context().run, in_error_state, piece,
+                                       lane)
+                except RuntimeError:  # "cannot schedule new futures after (interpreter)
+                    return None       # shutdown": the caller does the piece itself
 
             for first in range(0, len(pieces), threads):
+                # the caller does a wave's first piece, the pool the others
                 wave = pieces[first:first + threads]
-                # each piece in a copy of the caller's context, which holds numpy's error
-                # state (np.errstate) in numpy 2; list() re-raises a piece's error
-                contexts = [contextvars.copy_context() for _ in wave]
-                try:  # (map submits every piece now)
-                    parts = pool.map(lambda piece, ctx: ctx.run(in_error_state, piece), wave,
-                                     contexts)
-                except RuntimeError:  # "cannot schedule new futures after (interpreter) shutdown"
-                    parts = map(compute, wave)  # the caller does them
-                for piece, part in zip(wave, list(parts)):
+                futures = [submit(piece, lane) for lane, piece in enumerate(wave[1:], 1)]
+                try:
+                    parts = [compute(wave[0])]
+                finally:  # (a piece still running must not outlive the call: its work arrays)
+                    wait([f for f in futures if f is not None])
+                parts += [compute(piece, lane) if f is None else f.result()
+                          for lane, (piece, f) in enumerate(zip(wave[1:], futures), 1)]
+                for piece, part in zip(wave, parts):
                     add(piece, part)
         return losses, grads
 
@@ -918,35 +951,36 @@ class GradientEngine:
                 velocity[...] = vv
             self._status.value = status  # losses after a run's stop were not computed: NaN
             return losses
-        losses = np.full((w.shape[0], n_steps), np.nan)
-        status = np.full(w.shape[0], -1, dtype=np.int64)
-        active = np.ones(w.shape[0], dtype=bool)
-        snap = 0
-        for k in range(n_steps):
-            L, G = self.loss_and_gradient(w)
-            losses[active, k] = L[active]
-            # as in the kernels, a run whose loss is not finite stops before this step: its
-            # weights (and velocity) stay those the loss was evaluated at
-            bad_loss = active & ~np.isfinite(L)
-            move = active & ~bad_loss
-            if weight_decay:
-                G += weight_decay * w
-            if momentum:
-                velocity[move] = momentum * velocity[move] + G[move]
-                step = velocity
-            else:
-                step = G
-            w[move] -= lr[move, None] * step[move]
-            with np.errstate(invalid="ignore"):  # the kernels' test: finite and within max_abs
-                bad_w = move & ~(np.isfinite(w) & (np.abs(w) <= max_abs)).all(axis=1)
-            status[bad_loss] = k
-            status[bad_w] = k + 1
-            active &= ~(bad_loss | bad_w)
-            if snapshot_steps is not None and snap < snapshot_steps.size \
-                    and snapshot_steps[snap] == k + 1:
-                snapshots[:, snap] = w
-                snap += 1
-            if not active.any():
-                break
+        with self.reusing_memory():  # (the steps' evaluations write into the same arrays)
+            losses = np.full((w.shape[0], n_steps), np.nan)
+            status = np.full(w.shape[0], -1, dtype=np.int64)
+            active = np.ones(w.shape[0], dtype=bool)
+            snap = 0
+            for k in range(n_steps):
+                L, G = self.loss_and_gradient(w)
+                losses[active, k] = L[active]
+                # as in the kernels, a run whose loss is not finite stops before this step: its
+                # weights (and velocity) stay those the loss was evaluated at
+                bad_loss = active & ~np.isfinite(L)
+                move = active & ~bad_loss
+                if weight_decay:
+                    G += weight_decay * w
+                if momentum:
+                    velocity[move] = momentum * velocity[move] + G[move]
+                    step = velocity
+                else:
+                    step = G
+                w[move] -= lr[move, None] * step[move]
+                with np.errstate(invalid="ignore"):  # the kernels' test: finite and within max_abs
+                    bad_w = move & ~(np.isfinite(w) & (np.abs(w) <= max_abs)).all(axis=1)
+                status[bad_loss] = k
+                status[bad_w] = k + 1
+                active &= ~(bad_loss | bad_w)
+                if snapshot_steps is not None and snap < snapshot_steps.size \
+                        and snapshot_steps[snap] == k + 1:
+                    snapshots[:, snap] = w
+                    snap += 1
+                if not active.any():
+                    break
         self._status.value = status
         return losses

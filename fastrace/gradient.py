@@ -91,63 +91,118 @@ def _edge_samples(a: np.ndarray, g_src: np.ndarray) -> tuple[slice | np.ndarray 
     return sel, (None if np.all(a_sel == 1.0) else a_sel)
 
 
-def _accumulate(total: np.ndarray | None, sel: slice | np.ndarray, part: np.ndarray,
-                P: int) -> np.ndarray:
-    """``total`` (P, d) plus ``part`` on the samples ``sel`` (in place), or the sum's first
-    term (``total`` None)."""
+class _Workspace:
+    """Arrays that one evaluation of the samples engine after another writes into, by name
+    (fresh memory costs page faults: ~0.25 ms per MB here, a large part of a step)."""
+
+    def __init__(self) -> None:
+        self._arrays: dict[tuple[str, str], np.ndarray] = {}
+
+    def get(self, key: tuple[str, str], shape: tuple[int, ...]) -> np.ndarray:
+        a = self._arrays.get(key)
+        if a is None or a.shape != shape:
+            a = self._arrays[key] = np.empty(shape)
+        return a
+
+
+def _buffer(work: _Workspace | None, key: tuple[str, str], shape: tuple[int, ...],
+            zero: bool = False) -> np.ndarray:
+    """An array of ``shape`` to write into: ``work``'s, or a new one; zeroed with ``zero``."""
+    a = np.empty(shape) if work is None else work.get(key, shape)
+    if zero:
+        a.fill(0.0)
+    return a
+
+
+def _take_rows(src: np.ndarray, sel: np.ndarray, work: _Workspace | None,
+               key: tuple[str, str]) -> np.ndarray:
+    """``src[sel]`` (rows), in ``work``'s array ``key``."""
+    from ._kernels.rows import take_rows
+
+    out = _buffer(work, key, (sel.size, src.shape[1]))
+    take_rows(src, sel, out)
+    return out
+
+
+def _add_rows(total: np.ndarray | None, sel: slice | np.ndarray, part: np.ndarray,
+              work: _Workspace | None, key: tuple[str, str], P: int) -> np.ndarray:
+    """``total`` (P, d) plus ``part`` on the samples ``sel``, in place; the sum's first term
+    (``total`` None) is ``part`` itself if it covers every sample."""
     if total is None:
         if isinstance(sel, slice):
             return part
-        total = np.zeros((P, part.shape[1]))
-    total[sel] += part
+        total = _buffer(work, key, (P, part.shape[1]), zero=True)
+    if isinstance(sel, slice):
+        total += part
+    else:
+        from ._kernels.rows import add_rows
+
+        add_rows(total, sel, part)
     return total
 
 
-def _forward_samples(net: Network, data: Dataset, W: Weights, samples: slice = slice(None),
-                     gates: tuple[np.ndarray, np.ndarray] | None = None):
-    """Activity of every node on the data's rows ``samples`` (a slice: the data's arrays are
-    read through views), and each edge's samples (``_edge_samples``); ``gates``: the data's
-    ``gate_matrix(net)``, if the caller keeps it."""
+def samples_of_edges(net: Network, data: Dataset, samples: slice = slice(None),
+                     gates: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, tuple]:
+    """{edge: ``_edge_samples``} on the data's rows ``samples`` (``gates``: the data's
+    ``gate_matrix(net)``, if the caller keeps it)."""
     g_nodes, g_edges = data.gate_matrix(net) if gates is None else gates
     g_nodes, g_edges = g_nodes[samples], g_edges[samples]
     node_col = {v: i for i, v in enumerate(net.nodes)}
-    edge_col = {e: i for i, e in enumerate(net.edges)}
-    P = g_nodes.shape[0]
+    return {e: _edge_samples(g_edges[:, i] * g_nodes[:, node_col[net.edge(e).target]],
+                             g_nodes[:, node_col[net.edge(e).source]])
+            for i, e in enumerate(net.edges)}
+
+
+def _forward_samples(net: Network, data: Dataset, W: Weights, samples: slice = slice(None),
+                     on: dict[str, tuple] | None = None, work: _Workspace | None = None):
+    """Activity of every node on the data's rows ``samples`` (a slice: the data's arrays are
+    read through views); each edge's samples (``samples_of_edges``, if the caller keeps them)
+    and the source activity its products take. ``work``: where to put the arrays (new ones
+    without)."""
+    if on is None:
+        on = samples_of_edges(net, data, samples)
+    P = data.weights[samples].shape[0]
     h: dict[str, np.ndarray] = {}
-    on: dict[str, tuple] = {}
+    taken: dict[str, np.ndarray] = {}
     for v in net.order:
-        gv = g_nodes[:, node_col[v]]
         if not net.in_edges(v):
-            h[v] = gv[:, None] * data.inputs[v][samples]
+            gv = data.node_gates.get(v)
+            x = data.inputs[v][samples]
+            h[v] = x if gv is None else np.multiply(
+                gv[samples, None], x, out=_buffer(work, ("h", v), (P, net.dim(v))))
             continue
         z = None
         for e in net.in_edges(v):
             src = net.edge(e).source
-            on[e] = sel, scale = _edge_samples(g_edges[:, edge_col[e]] * gv,
-                                               g_nodes[:, node_col[src]])
+            sel, scale = on[e]
             if sel is None:
                 continue
-            prod = h[src][sel] @ W[e].T
+            full = isinstance(sel, slice)
+            taken[e] = x = h[src] if full else _take_rows(h[src], sel, work, ("x", e))
+            # the first product over every sample goes straight into the node's array
+            key = ("h", v) if z is None and full else ("p", e)
+            prod = np.matmul(x, W[e].T, out=_buffer(work, key, (x.shape[0], net.dim(v))))
             if scale is not None:
                 prod *= scale[:, None]
-            z = _accumulate(z, sel, prod, P)
-        h[v] = np.zeros((P, net.dim(v))) if z is None else z
-    return h, on
+            z = _add_rows(z, sel, prod, work, ("h", v), P)
+        h[v] = _buffer(work, ("h", v), (P, net.dim(v)), zero=True) if z is None else z
+    return h, on, taken
 
 
 def _loss_gradient_samples(net: Network, data: Dataset, W: Weights, need_grad: bool,
-                           samples: slice = slice(None),
-                           gates: tuple[np.ndarray, np.ndarray] | None = None):
+                           samples: slice = slice(None), on: dict[str, tuple] | None = None,
+                           work: _Workspace | None = None):
     """Loss and {edge: gradient} (None without ``need_grad``) over the data's rows
-    ``samples``."""
-    h, on = _forward_samples(net, data, W, samples, gates)
+    ``samples``. With ``work``, the gradients are its arrays: read them before its next use."""
+    h, on, taken = _forward_samples(net, data, W, samples, on, work)
     w = data.weights[samples]
     delta: dict[str, np.ndarray] = {}
     loss = 0.0
     for out in net.outputs:
-        r = h[out] - data.targets[out][samples]
+        r = np.subtract(h[out], data.targets[out][samples],
+                        out=_buffer(work, ("r", out), h[out].shape))
         loss += 0.5 * float(np.einsum("n,ni,ni->", w, r, r))
-        delta[out] = w[:, None] * r
+        delta[out] = np.multiply(w[:, None], r, out=_buffer(work, ("d", out), r.shape))
     if not need_grad:
         return loss, None
     P = w.shape[0]
@@ -156,20 +211,26 @@ def _loss_gradient_samples(net: Network, data: Dataset, W: Weights, need_grad: b
         if not net.in_edges(v):  # an input: its edges' gradients are done
             continue
         if v not in delta:  # no path from v to an output carries gradient (cannot happen)
-            delta[v] = np.zeros((P, net.dim(v)))
+            delta[v] = _buffer(work, ("d", v), (P, net.dim(v)), zero=True)
         dv = delta[v]
         for e in net.in_edges(v):
             src = net.edge(e).source
             sel, scale = on[e]
             if sel is None:
-                grad[e] = np.zeros(net.weight_shape(e))
+                grad[e] = _buffer(work, ("g", e), net.weight_shape(e), zero=True)
                 continue
-            ad = dv[sel]
-            if scale is not None:
-                ad = scale[:, None] * ad
-            grad[e] = ad.T @ h[src][sel]
+            if isinstance(sel, slice):
+                ad = dv if scale is None else np.multiply(
+                    scale[:, None], dv, out=_buffer(work, ("a", e), dv.shape))
+            else:
+                ad = _take_rows(dv, sel, work, ("a", e))
+                if scale is not None:
+                    np.multiply(scale[:, None], ad, out=ad)
+            grad[e] = np.matmul(ad.T, taken[e], out=_buffer(work, ("g", e), net.weight_shape(e)))
             if net.in_edges(src):  # inputs need no delta
-                delta[src] = _accumulate(delta.get(src), sel, ad @ W[e], P)
+                back = np.matmul(ad, W[e], out=_buffer(work, ("b", e),
+                                                        (ad.shape[0], net.dim(src))))
+                delta[src] = _add_rows(delta.get(src), sel, back, work, ("d", src), P)
     return loss, {e: grad[e] for e in net.edges}
 
 
@@ -284,7 +345,8 @@ def gradient(net: Network, data: Dataset, weights: Mapping[str, object],
 def forward(net: Network, data: Dataset, weights: Mapping[str, object]) -> dict[str, np.ndarray]:
     """Activity of every node for every sample: {node: (P, dim)}."""
     data.check(net)
-    return _forward_samples(net, data, check_weights(net, weights))[0]
+    h = _forward_samples(net, data, check_weights(net, weights))[0]
+    return {v: a if a.flags.writeable else a.copy() for v, a in h.items()}  # (not the data's)
 
 
 def path_gradient(net: Network, data: Dataset, weights: Mapping[str, object],

@@ -1739,7 +1739,7 @@ def _execute(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: np.n
         bar = _Progress(progress, float(np.sum(plan.t_end[[r.index for r in runs]])), "")
     rec.threads = threads
     try:
-        with _thread_limits(threads, len(runs)):
+        with _thread_limits(threads, len(runs)), engine.reusing_memory():
             if plan.method == "gd":
                 _drive_gd(engine, plan, runs, W, V, rec, writer, bar)
             else:

@@ -104,6 +104,9 @@ def test_warmup_compiles_every_kernel(monkeypatch, capsys):
     assert {"simulate, gradient descent (batch)", "integrate rosenbrock (numba)",
             "integrate gd map (numba)"} <= set(times)
     assert all(t >= 0 for t in times.values())
+    from fastrace._kernels.rows import add_rows, take_rows
+
+    assert take_rows.signatures and add_rows.signatures  # (the samples engine's, compiled)
 
 
 def test_console_entry_point_runs():

@@ -468,7 +468,7 @@ def _random_sample_gates_case(P=3000):
 
 
 def test_runs_give_the_same_bits_with_any_thread_count_for_both_engines():
-    net, data, inits = _random_sample_gates_case()
+    net, data, inits = _random_sample_gates_case(P=10000)  # (in blocks)
     for engine in ("moments", "samples"):
         runs = {threads: fr.simulate(net, data, inits[0], lr=0.01, steps=4, engine=engine,
                                      svals=False, threads=threads, progress=False)
@@ -633,7 +633,7 @@ def test_samples_engine_pieces_keep_the_callers_error_state():
     """The pieces of a threaded samples evaluation run in the caller's numpy error state."""
     from fastrace import engine as eng_mod
 
-    net, data, inits = _random_sample_gates_case()
+    net, data, inits = _random_sample_gates_case(P=10000)  # (in blocks)
     eng = GradientEngine(net, data, "samples")
     assert len(eng._blocks) > 1 and data.n_samples * eng.n_params >= \
         eng_mod.SAMPLES_THREADS_MIN_WORK  # (cut, and threaded)
@@ -650,7 +650,7 @@ def test_samples_engine_pieces_keep_the_error_state_outside_the_context():
     the pieces run in the caller's error state all the same."""
     import contextvars
 
-    net, data, inits = _random_sample_gates_case()
+    net, data, inits = _random_sample_gates_case(P=10000)  # (in blocks)
     eng = GradientEngine(net, data, "samples")
     huge = eng.pack(inits[0])[None] * 1e120
     with numba_threads(2), pytest.MonkeyPatch.context() as mp:
@@ -669,8 +669,9 @@ import fastrace as fr
 from fastrace.engine import GradientEngine
 rng = np.random.default_rng(0)
 net = fr.Network.chain([100, 64, 64, 8], ["x", "h1", "h2", "y"])
-data = fr.Dataset({"x": rng.standard_normal((3000, 100))}, {"y": rng.standard_normal((3000, 8))})
+data = fr.Dataset({"x": rng.standard_normal((10000, 100))}, {"y": rng.standard_normal((10000, 8))})
 eng = GradientEngine(net, data, "samples")
+assert len(eng._blocks) > 1
 w = eng.pack(fr.init.gaussian(net, 0.1, seed=0))[None]
 numba.set_num_threads(2)
 before = eng.loss_and_gradient(w) if USED else None
@@ -687,3 +688,9 @@ threading.Thread(target=late).start()
                               env=dict(os.environ, NUMBA_NUM_THREADS="2"))
         assert done.returncode == 0, done.stderr[-2000:]
         assert done.stdout.split() == ["True"], (used, done.stderr[-2000:])
+
+
+def test_a_samples_run_in_blocks_is_cut():
+    """The cases above that test the threads on the samples engine are cut into blocks."""
+    net, data, _ = _random_sample_gates_case(P=10000)
+    assert len(GradientEngine(net, data, "samples")._blocks) > 1
