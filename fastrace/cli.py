@@ -255,6 +255,8 @@ def warmup(report: Callable[[str], None] | None = None) -> dict[str, float]:
     # explicit imports: once a submodule is imported, ``fastrace.simulate`` (the attribute)
     # may be the module rather than the function
     from . import init, tasks
+    from .data import Dataset
+    from .network import Network
     from .integrate import integrate_system
     from .reduce import reduce
     from .simulate import simulate
@@ -285,8 +287,15 @@ def warmup(report: Callable[[str], None] | None = None) -> dict[str, float]:
         engine.descend(w, np.zeros_like(w), np.full(2, 0.01), 2, parallel=True)
 
     step("gradient descent, runs in parallel", parallel_descent)
-    step("simulate, samples engine",  # (its kernels that gather and add rows by index)
-         lambda: simulate(net, data, one, lr=0.01, steps=2, engine="samples", threads=1))
+    def samples_engine() -> None:  # its kernels that gather and add rows by index, on
+        # gated inputs (writable arrays) and on an ungated input (the data's read-only array)
+        simulate(net, data, one, lr=0.01, steps=2, engine="samples", threads=1)
+        chain = Network.chain([2, 2, 1], ["x", "h", "y"])
+        gated = Dataset({"x": np.eye(2)}, {"y": np.ones((2, 1))}, node_gates={"h": [1.0, 0.0]})
+        simulate(chain, gated, init.orthogonal(chain, 0.5, seed=0), lr=0.01, steps=2,
+                 engine="samples", threads=1)
+
+    step("simulate, samples engine", samples_engine)
     step("simulate, gradient flow",
          lambda: simulate(net, data, two, method="flow", t_end=0.01, n_records=2,
                              engine="moments", threads=1))

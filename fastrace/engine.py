@@ -642,6 +642,21 @@ def parallel_allowed() -> bool:
     return not _serial_only
 
 
+def _wait_all(futures: Sequence[Future | None]) -> None:
+    """Wait for every future (None: no future), through an interrupt too, which is raised
+    again once they are done."""
+    caught: BaseException | None = None
+    pending = [f for f in futures if f is not None]
+    while pending:
+        try:
+            wait(pending)
+        except BaseException as exc:  # noqa: BLE001 - e.g. KeyboardInterrupt: raised below
+            caught = exc
+        pending = [f for f in pending if not f.done()]
+    if caught is not None:
+        raise caught
+
+
 def sample_blocks(n_samples: int, n_params: int) -> list[slice]:
     """The samples engine's cut of ``n_samples`` samples into consecutive blocks of nearly
     equal size (see SAMPLES_MAX_BLOCKS): one block for small problems, else a power of 2 of
@@ -897,11 +912,13 @@ class GradientEngine:
             for first in range(0, len(pieces), threads):
                 # the caller does a wave's first piece, the pool the others
                 wave = pieces[first:first + threads]
-                futures = [submit(piece, lane) for lane, piece in enumerate(wave[1:], 1)]
+                futures: list[Future | None] = []
                 try:
+                    for lane, piece in enumerate(wave[1:], 1):
+                        futures.append(submit(piece, lane))
                     parts = [compute(wave[0])]
                 finally:  # (a piece still running must not outlive the call: its work arrays)
-                    wait([f for f in futures if f is not None])
+                    _wait_all(futures)
                 parts += [compute(piece, lane) if f is None else f.result()
                           for lane, (piece, f) in enumerate(zip(wave[1:], futures), 1)]
                 for piece, part in zip(wave, parts):

@@ -99,10 +99,13 @@ class _Workspace:
         self._arrays: dict[tuple[str, str], np.ndarray] = {}
 
     def get(self, key: tuple[str, str], shape: tuple[int, ...]) -> np.ndarray:
+        # the front of the memory kept under ``key``, made bigger only when too small: the
+        # blocks a lane does in turn differ in rows (and in the samples their gates open)
+        size = int(np.prod(shape))
         a = self._arrays.get(key)
-        if a is None or a.shape != shape:
-            a = self._arrays[key] = np.empty(shape)
-        return a
+        if a is None or a.size < size:
+            a = self._arrays[key] = np.empty(size)
+        return a[:size].reshape(shape)
 
 
 def _buffer(work: _Workspace | None, key: tuple[str, str], shape: tuple[int, ...],

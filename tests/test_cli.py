@@ -107,6 +107,8 @@ def test_warmup_compiles_every_kernel(monkeypatch, capsys):
     from fastrace._kernels.rows import add_rows, take_rows
 
     assert take_rows.signatures and add_rows.signatures  # (the samples engine's, compiled)
+    # from a gated input and from an ungated one (the data's read-only array)
+    assert {sig[0].mutable for sig in take_rows.signatures} == {True, False}
 
 
 def test_console_entry_point_runs():

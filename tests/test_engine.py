@@ -694,3 +694,52 @@ def test_a_samples_run_in_blocks_is_cut():
     """The cases above that test the threads on the samples engine are cut into blocks."""
     net, data, _ = _random_sample_gates_case(P=10000)
     assert len(GradientEngine(net, data, "samples")._blocks) > 1
+
+
+def test_samples_engine_reuses_its_work_arrays_across_blocks():
+    """In ``reusing_memory``, a lane that does blocks of different sizes (rows, or samples an
+    edge's gates open) in turn keeps its work arrays: no fresh memory per piece."""
+    rng = np.random.default_rng(1)
+    P = 10001  # (blocks of 5000 and 5001 samples)
+    net = fr.Network.chain([100, 64, 64, 8], ["x", "h1", "h2", "y"])
+    data = fr.Dataset({"x": rng.standard_normal((P, 100))}, {"y": rng.standard_normal((P, 8))},
+                      node_gates={"h1": (rng.random(P) < 0.5).astype(float)})
+    eng = GradientEngine(net, data, "samples")
+    assert len(eng._blocks) == 2
+    w = eng.pack(fr.init.gaussian(net, 0.1, seed=0))[None]
+    with numba_threads(1), eng.reusing_memory():
+        first = eng.loss_and_gradient(w)
+        (space,) = eng._work.spaces
+        kept = dict(space._arrays)
+        again = eng.loss_and_gradient(w)
+        assert all(space._arrays[k] is a for k, a in kept.items())
+    assert np.array_equal(first[0], again[0]) and np.array_equal(first[1], again[1])
+    assert eng._work.spaces is None  # (let go)
+
+
+def test_an_interrupt_while_waiting_for_pieces_is_raised_once_they_are_done(monkeypatch):
+    """A piece still running must not outlive its call (the next call would reuse its work
+    arrays): Ctrl-C while the caller waits for the pool is raised once the pieces are done."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import wait as real_wait
+
+    from fastrace import engine as eng_mod
+
+    calls = []
+
+    def interrupted_once(futures):
+        calls.append(len(futures))
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real_wait(futures)
+
+    monkeypatch.setattr(eng_mod, "wait", interrupted_once)
+    release = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(lambda: (release.wait(5), time.sleep(0.05)))
+        threading.Timer(0.1, release.set).start()
+        with pytest.raises(KeyboardInterrupt):
+            eng_mod._wait_all([slow, None])
+        assert slow.done() and len(calls) == 2
