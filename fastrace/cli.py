@@ -256,8 +256,8 @@ def warmup(report: Callable[[str], None] | None = None) -> dict[str, float]:
     # may be the module rather than the function
     from . import init, tasks
     from .data import Dataset
-    from .network import Network
     from .integrate import integrate_system
+    from .network import Network
     from .reduce import reduce
     from .simulate import simulate
 
@@ -287,8 +287,9 @@ def warmup(report: Callable[[str], None] | None = None) -> dict[str, float]:
         engine.descend(w, np.zeros_like(w), np.full(2, 0.01), 2, parallel=True)
 
     step("gradient descent, runs in parallel", parallel_descent)
-    def samples_engine() -> None:  # its kernels that gather and add rows by index, on
-        # gated inputs (writable arrays) and on an ungated input (the data's read-only array)
+    def samples_engine() -> None:
+        # its kernels that gather and add rows by index: on gated inputs (writable arrays),
+        # then on an ungated input whose target is gated (the data's read-only array)
         simulate(net, data, one, lr=0.01, steps=2, engine="samples", threads=1)
         chain = Network.chain([2, 2, 1], ["x", "h", "y"])
         gated = Dataset({"x": np.eye(2)}, {"y": np.ones((2, 1))}, node_gates={"h": [1.0, 0.0]})

@@ -21,8 +21,8 @@ import numpy as np
 
 from .data import Dataset
 from .errors import WeightsError
-from .gradient import (_loss_gradient_samples, _Workspace, check_edge_names, check_weights,
-                       choose_engine, samples_of_edges, weight_array)
+from .gradient import (_loss_gradient_samples, _samples_of_edges, _Workspace, check_edge_names,
+                       check_weights, choose_engine, weight_array)
 from .network import Network
 from .stats import SampleFits, gated_moments, reference_maps
 
@@ -657,7 +657,7 @@ def _wait_all(futures: Sequence[Future | None]) -> None:
         raise caught
 
 
-def sample_blocks(n_samples: int, n_params: int) -> list[slice]:
+def _sample_blocks(n_samples: int, n_params: int) -> list[slice]:
     """The samples engine's cut of ``n_samples`` samples into consecutive blocks of nearly
     equal size (see SAMPLES_MAX_BLOCKS): one block for small problems, else a power of 2 of
     them, which 2, 4 or 8 threads share evenly."""
@@ -687,9 +687,9 @@ class GradientEngine:
         self.n_params = int(sum(sizes))
         self.plan = MomentsPlan(net, data, self.offsets) if self.engine == "moments" else None
         if self.plan is None:
-            self._blocks = sample_blocks(data.n_samples, self.n_params)
+            self._blocks = _sample_blocks(data.n_samples, self.n_params)
             gates = data.gate_matrix(net)  # each edge's samples in each block, once
-            self._edge_rows = [samples_of_edges(net, data, b, gates) for b in self._blocks]
+            self._edge_samples = [_samples_of_edges(net, data, b, gates) for b in self._blocks]
         self._states = threading.local()
         self._work = threading.local()  # the samples engine's work arrays, per calling thread
         self._status = threading.local()  # last_status, per calling thread
@@ -847,11 +847,12 @@ class GradientEngine:
         """The samples engine: loss (n_runs,) and, with ``need_grad``, flat gradient
         (n_runs, n_params) of weights (n_runs, n_params).
 
-        The work is one piece per run and block of samples (``sample_blocks``), done with numpy
-        (BLAS at one thread). Pieces of enough work go to numba's thread count of Python threads
-        (numpy leaves the GIL free in its products), as many at a time as there are threads,
-        and are added in order as they come back, so a piece's gradient is held only until
-        then and every thread count adds the same numbers in the same order."""
+        The work is one piece per run and block of samples (``_sample_blocks``), done with numpy
+        (BLAS at one thread). For runs of enough work (SAMPLES_THREADS_MIN_WORK) the pieces go
+        to numba's thread count of Python threads (numpy leaves the GIL free in its products)
+        in waves of one per thread, the caller doing the first; a wave's pieces are added in
+        order once all are done, so a piece's gradient is held only until then and every
+        thread count adds the same numbers in the same order."""
         n_runs = w.shape[0]
         losses = np.empty(n_runs)
         grads = np.empty_like(w) if need_grad else None
@@ -873,7 +874,7 @@ class GradientEngine:
         def compute(piece: tuple[int, int], lane: int = 0) -> tuple[float, dict | None]:
             i, b = piece
             return _loss_gradient_samples(self.net, self.data, self.unpack(w[i]), need_grad,
-                                          self._blocks[b], self._edge_rows[b], spaces[lane])
+                                          self._blocks[b], self._edge_samples[b], spaces[lane])
 
         def add(piece: tuple[int, int], part: tuple[float, dict | None]) -> None:
             (i, b), (loss, grad) = piece, part

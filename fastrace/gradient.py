@@ -144,7 +144,7 @@ def _add_rows(total: np.ndarray | None, sel: slice | np.ndarray, part: np.ndarra
     return total
 
 
-def samples_of_edges(net: Network, data: Dataset, samples: slice = slice(None),
+def _samples_of_edges(net: Network, data: Dataset, samples: slice = slice(None),
                      gates: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, tuple]:
     """{edge: ``_edge_samples``} on the data's rows ``samples`` (``gates``: the data's
     ``gate_matrix(net)``, if the caller keeps it)."""
@@ -157,13 +157,14 @@ def samples_of_edges(net: Network, data: Dataset, samples: slice = slice(None),
 
 
 def _forward_samples(net: Network, data: Dataset, W: Weights, samples: slice = slice(None),
-                     on: dict[str, tuple] | None = None, work: _Workspace | None = None):
+                     edge_samples: dict[str, tuple] | None = None,
+                     work: _Workspace | None = None):
     """Activity of every node on the data's rows ``samples`` (a slice: the data's arrays are
-    read through views); each edge's samples (``samples_of_edges``, if the caller keeps them)
+    read through views); each edge's samples (``_samples_of_edges``, if the caller keeps them)
     and the source activity its products take. ``work``: where to put the arrays (new ones
     without)."""
-    if on is None:
-        on = samples_of_edges(net, data, samples)
+    if edge_samples is None:
+        edge_samples = _samples_of_edges(net, data, samples)
     P = data.weights[samples].shape[0]
     h: dict[str, np.ndarray] = {}
     taken: dict[str, np.ndarray] = {}
@@ -177,7 +178,7 @@ def _forward_samples(net: Network, data: Dataset, W: Weights, samples: slice = s
         z = None
         for e in net.in_edges(v):
             src = net.edge(e).source
-            sel, scale = on[e]
+            sel, scale = edge_samples[e]
             if sel is None:
                 continue
             full = isinstance(sel, slice)
@@ -189,15 +190,16 @@ def _forward_samples(net: Network, data: Dataset, W: Weights, samples: slice = s
                 prod *= scale[:, None]
             z = _add_rows(z, sel, prod, work, ("h", v), P)
         h[v] = _buffer(work, ("h", v), (P, net.dim(v)), zero=True) if z is None else z
-    return h, on, taken
+    return h, edge_samples, taken
 
 
 def _loss_gradient_samples(net: Network, data: Dataset, W: Weights, need_grad: bool,
-                           samples: slice = slice(None), on: dict[str, tuple] | None = None,
+                           samples: slice = slice(None),
+                           edge_samples: dict[str, tuple] | None = None,
                            work: _Workspace | None = None):
     """Loss and {edge: gradient} (None without ``need_grad``) over the data's rows
     ``samples``. With ``work``, the gradients are its arrays: read them before its next use."""
-    h, on, taken = _forward_samples(net, data, W, samples, on, work)
+    h, edge_samples, taken = _forward_samples(net, data, W, samples, edge_samples, work)
     w = data.weights[samples]
     delta: dict[str, np.ndarray] = {}
     loss = 0.0
@@ -218,7 +220,7 @@ def _loss_gradient_samples(net: Network, data: Dataset, W: Weights, need_grad: b
         dv = delta[v]
         for e in net.in_edges(v):
             src = net.edge(e).source
-            sel, scale = on[e]
+            sel, scale = edge_samples[e]
             if sel is None:
                 grad[e] = _buffer(work, ("g", e), net.weight_shape(e), zero=True)
                 continue

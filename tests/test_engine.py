@@ -579,7 +579,7 @@ def numba_threads(n):
 def test_sample_blocks_cut_every_sample_once(n_samples, n_params):
     from fastrace import engine as eng_mod
 
-    blocks = eng_mod.sample_blocks(n_samples, n_params)
+    blocks = eng_mod._sample_blocks(n_samples, n_params)
     assert 1 <= len(blocks) <= eng_mod.SAMPLES_MAX_BLOCKS and len(blocks) & (len(blocks) - 1) == 0
     assert blocks[0].start == 0 and blocks[-1].stop == n_samples
     assert all(a.stop == b.start for a, b in zip(blocks, blocks[1:]))
@@ -629,6 +629,7 @@ def test_samples_engine_in_blocks_equals_the_whole_sum(seed, gates, max_blocks):
         assert np.abs(grad[i] - ref).max() <= 1e-12 * max(np.abs(ref).max(), 1e-300)
 
 
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 numba threads")
 def test_samples_engine_pieces_keep_the_callers_error_state():
     """The pieces of a threaded samples evaluation run in the caller's numpy error state."""
     from fastrace import engine as eng_mod
@@ -645,6 +646,7 @@ def test_samples_engine_pieces_keep_the_callers_error_state():
             assert not np.isfinite(eng.loss(huge)[0])
 
 
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 numba threads")
 def test_samples_engine_pieces_keep_the_error_state_outside_the_context():
     """numpy 1.x keeps its error state per thread, not in the context that the pieces get:
     the pieces run in the caller's error state all the same."""
