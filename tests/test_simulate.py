@@ -704,10 +704,10 @@ simulate(net, data, inits, lr=[0.05, 0.02], steps=4000, record_every=5, save_wei
 """
 
 
-def _kill_script_when(path, ready) -> None:
-    """Run KILL_SCRIPT writing ``path`` and SIGKILL it as soon as ``ready()`` is true."""
+def _kill_script_when(path, ready, script=KILL_SCRIPT) -> None:
+    """Run ``script`` writing ``path`` and SIGKILL it as soon as ``ready()`` is true."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([PACKAGE_ROOT, TESTS]))
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(path)], env=env)
+    proc = subprocess.Popen([sys.executable, "-c", script, str(path)], env=env)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not ready():
@@ -752,6 +752,53 @@ def test_sigkill_then_resume_is_bit_for_bit(tmp_path):
     assert partial.status == "running"
     assert 0 < partial.series["t"].shape[0] < 801
     _assert_resume_is_the_uninterrupted_run(path)
+
+
+def samples_engine_case():
+    """A samples-engine run whose samples are cut into blocks (shared by the threads), with
+    momentum: x(100) -> h1(64) -> h2(64) -> y(8), h1 gated per sample."""
+    rng = np.random.default_rng(3)
+    P = 10000
+    net = fr.Network.chain([100, 64, 64, 8], ["x", "h1", "h2", "y"])
+    data = fr.Dataset({"x": rng.standard_normal((P, 100))}, {"y": rng.standard_normal((P, 8))},
+                      node_gates={"h1": (rng.random(P) < 0.7).astype(float)})
+    return net, data, fr.init.gaussian(net, 0.1, seed=0)
+
+
+SAMPLES_KILL_SCRIPT = """
+import sys
+from test_simulate import samples_engine_case
+from fastrace.simulate import simulate
+net, data, init = samples_engine_case()
+simulate(net, data, init, lr=0.05, momentum=0.9, steps=150, record_every=10, engine="samples",
+         checkpoint_every=20, threads=2, out=sys.argv[1], progress=False)
+"""
+
+
+def test_a_killed_samples_engine_run_in_blocks_resumes_bit_for_bit(tmp_path):
+    """The samples engine's blocks, threads and reused work arrays: a run killed after a
+    checkpoint and resumed (on 1 thread) gives the bits of the run made in one go."""
+    from fastrace.engine import GradientEngine
+
+    net, data, init = samples_engine_case()
+    assert len(GradientEngine(net, data, "samples")._blocks) > 1
+    path = tmp_path / "samples.h5"
+
+    def checkpointed_past_40() -> bool:
+        time.sleep(0.02)
+        try:
+            info = store.run_info(path)["runs"]
+        except fr.StoreError:
+            return False
+        return min(r["checkpoint_step"] or 0 for r in info.values()) >= 40
+
+    _kill_script_when(path, checkpointed_past_40, SAMPLES_KILL_SCRIPT)
+    assert store.read_run(path, "simulation").status == "running"
+    resumed = resume(path, net, data, threads=1)
+    full = simulate(net, data, init, lr=0.05, momentum=0.9, steps=150, record_every=10,
+                    engine="samples", threads=2, progress=False)
+    same_trajectory(resumed, full)
+    assert resumed.status == "complete"
 
 
 def test_a_run_killed_as_soon_as_its_file_appears_can_be_resumed(tmp_path):
