@@ -86,6 +86,8 @@ def _edge_samples(a: np.ndarray, g_src: np.ndarray) -> tuple[slice | np.ndarray 
     live = np.flatnonzero((a != 0) & (g_src != 0))
     if live.size == 0:
         return None, None
+    if a.size <= np.iinfo(np.int32).max:  # (an engine keeps these for every edge and block)
+        live = live.astype(np.int32)
     sel: slice | np.ndarray = slice(None) if live.size == a.size else live
     a_sel = a[sel]
     return sel, (None if np.all(a_sel == 1.0) else a_sel)
