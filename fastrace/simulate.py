@@ -1165,17 +1165,18 @@ def _drive_flow(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: n
     if live:
         idx = np.array([r.index for r in live])
         loss, F[idx] = _flow_field(engine, W[idx], plan.weight_decay)
+        # checkpoint first (a new file takes its path once every run has its first): before
+        # the row at the start (a resume records it again), before the starting step is found
+        # (h = 0 in it: a resume finds the same step again) and before the start is checked
+        # (the runs a divergence stops can be resumed, as in descent)
         for k, r in enumerate(live):
             r.loss = float(loss[k])
-            # a bad start is a divergence at step 0 (no row kept, as in descent), found before
-            # a starting step is looked for (none can be, where the field is not finite)
-            _check_flow_state(engine, plan, r, W[r.index])
-        # checkpoint first (a new file takes its path once every run has its first): before
-        # the row at the start (a resume records it again) and before the starting step is
-        # found (h = 0 in it: a resume finds the same step again)
-        for r in live:
             if writer is not None and r.last_checkpoint != r.pos:
                 _flow_checkpoint(rec, r, W)
+        for r in live:
+            # a bad start is a divergence at step 0 (no row kept, as in descent), found before
+            # a starting step is looked for (none can be, where the field is not finite)
+            _check_flow_state(engine, plan, r, W[r.index], r.loss, r.pos, r.t)
         for k, r in enumerate(live):
             times = plan.save_times[r.index]
             if r.next_save < len(times) and times[r.next_save] == r.t:
@@ -1249,6 +1250,9 @@ def _drive_flow(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: n
                         "check divergence_threshold and the weights")
         if accepted:
             acc = np.array(accepted)
+            for k in accepted:  # before the rows inside the step are kept (descent keeps none)
+                _check_flow_state(engine, plan, live[k], Y1[k], float(L7[k]), live[k].pos + 1,
+                                  float(t_end[k]) if last[k] else float(t0[k] + h[k]))
             _flow_outputs(engine, plan, rec, [live[k] for k in accepted], Y0[acc], Y1[acc],
                           [K[i][acc] for i in range(7)], t0[acc], h[acc], last[acc], L7[acc])
             for k in accepted:
@@ -1258,7 +1262,6 @@ def _drive_flow(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: n
                 r.t = float(t_end[k]) if last[k] else float(t0[k] + h[k])
                 r.loss = float(L7[k])
                 r.pos += 1
-                _check_flow_state(engine, plan, r, Y1[k])
                 if last[k]:
                     r.done = True
                 if writer is not None and (r.done or (every and r.pos % every == 0)):
@@ -1266,12 +1269,13 @@ def _drive_flow(engine: GradientEngine, plan: _Plan, runs: list[_RunState], W: n
         progress.update(float(sum(r.t for r in runs)))
 
 
-def _check_flow_state(engine: GradientEngine, plan: _Plan, r: _RunState, w: np.ndarray) -> None:
-    """Raise DivergenceError if the loss at the run's state or its weights ``w`` are bad."""
-    if not np.isfinite(r.loss):
-        raise _divergence(engine, plan, r, r.pos, r.t, "loss", w, r.loss)
+def _check_flow_state(engine: GradientEngine, plan: _Plan, r: _RunState, w: np.ndarray,
+                      loss: float, step: int, t: float) -> None:
+    """Raise DivergenceError if run ``r``'s ``loss`` or weights ``w`` at ``step`` are bad."""
+    if not np.isfinite(loss):
+        raise _divergence(engine, plan, r, step, t, "loss", w, loss)
     if _weights_bad(w[None], plan.divergence_threshold)[0]:
-        raise _divergence(engine, plan, r, r.pos, r.t, "weights", w)
+        raise _divergence(engine, plan, r, step, t, "weights", w)
 
 
 def _flow_checkpoint(rec: _Recorder, r: _RunState, W: np.ndarray) -> None:

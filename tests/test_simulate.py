@@ -984,6 +984,27 @@ def test_a_flow_run_stopped_by_max_steps_stops_again_when_resumed(tmp_path):
     assert store.run_status(path, "simulation").startswith("failed: IntegrationError")
 
 
+@pytest.mark.parametrize("checkpoint_every", [None, 1])
+def test_a_diverged_flow_step_keeps_no_row(tmp_path, checkpoint_every):
+    # x->h from 1.85 to 1.9003 (> 1.9) in one step: the save times inside that step were
+    # recorded, weights over the threshold included, before the step was checked; the runs
+    # it stopped resume to what they give alone
+    net, _ = _scalar_chain()
+    data = fr.Dataset({"x": np.ones((1, 1))}, {"y": np.ones((1, 1))})
+    inits = [{"x->h": np.array([[a]]), "h->y": np.array([[b]])}
+             for a, b in ((0.1, 0.1), (1.85, 0.01))]
+    kw = dict(method="flow", t_end=5.0, n_records=501, divergence_threshold=1.9,
+              save_weights=True, progress=False)
+    path = tmp_path / "f.h5"
+    with pytest.raises(fr.DivergenceError) as info:
+        simulate(net, data, inits, out=path, checkpoint_every=checkpoint_every, **kw)
+    assert info.value.run == "seed_01" and info.value.edge == "x->h"
+    rows = store.read_run(path, "seed_01").series
+    assert len(rows["t"]) > 0 and rows["step"].max() < info.value.step
+    assert np.abs(rows["weights/x->h"]).max() <= 1.9
+    same_trajectory(resume(path, net, data, run="seed_00"), simulate(net, data, inits[0], **kw))
+
+
 @pytest.mark.parametrize("checkpoint_every", [None, 1, 50])
 def test_threshold_crossing_inside_a_chunk_is_divergence(tmp_path, checkpoint_every):
     # w: 0, 1.9, 0.19, 1.729, ...: over the threshold at step 1 and back under it at step 2;
@@ -1054,6 +1075,25 @@ def test_starting_weights_above_the_threshold_diverge_at_step_0(tmp_path, method
                  divergence_threshold=2.0, out=tmp_path / "f.h5", progress=False, **kw)
     assert info.value.step == 0 and info.value.value == 5.0
     assert store.run_status(tmp_path / "f.h5", "simulation").startswith("failed: diverged")
+
+
+@pytest.mark.parametrize("method, kw", [("gd", dict(lr=1e-3, steps=10)),
+                                        ("flow", dict(t_end=0.01))])
+def test_a_run_stopped_at_the_start_by_another_can_be_resumed(tmp_path, method, kw):
+    # flow checked the starting weights before the first checkpoints: the run the divergence
+    # stopped had none and resume refused it ("start it again"); descent checkpoints first
+    net = fr.Network()
+    net.add_node("x", 1).add_node("y", 1).add_edge("x", "y")
+    data = fr.Dataset({"x": np.ones((1, 1))}, {"y": np.ones((1, 1))})
+    inits = [{"x->y": np.array([[0.5]])}, {"x->y": np.array([[5.0]])}]
+    path = tmp_path / "f.h5"
+    with pytest.raises(fr.DivergenceError, match="seed_01"):
+        simulate(net, data, inits, method=method, divergence_threshold=2.0, out=path,
+                 progress=False, **kw)
+    assert store.run_status(path, "seed_00").startswith("failed: stopped")
+    same_trajectory(resume(path, net, data, run="seed_00"),
+                    simulate(net, data, inits[0], method=method, divergence_threshold=2.0,
+                             progress=False, **kw))
 
 
 @pytest.mark.parametrize("method, kw", [("gd", dict(lr=1e-3, steps=10)),
