@@ -343,6 +343,9 @@ def _check_train_combination(train: dict[str, Any]) -> None:
         if "rtol" in train and train["rtol"] < _MIN_RTOL:
             raise ConfigError(f"train.rtol = {train['rtol']:g} is below what float64 can "
                               f"deliver; use at least {_MIN_RTOL:.1e}")
+        if "rtol" in train and train["rtol"] >= 1.0:
+            raise ConfigError(f"train.rtol = {train['rtol']:g} lets each step's error be as "
+                              "large as the weights themselves; use rtol < 1")
     if has_steps:
         steps, every = train["steps"], train.get("record_every", 1)
         if steps > _MAX_STEPS:

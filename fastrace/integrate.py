@@ -210,6 +210,9 @@ def integrate_system(system: RaceSystem, b0: ArrayLike, *, method: str = "auto",
             raise ConfigError("lr and steps apply to method='gd'; give t_end/save_at instead")
         t_end_value, t = _ode_schedule(t_end, save_at)
         rtol, atol = _positive(rtol, "rtol"), _positive(atol, "atol")
+        if rtol >= 1.0:
+            raise ConfigError(f"rtol={rtol:g} lets each step's error be as large as the state "
+                              "itself; use rtol < 1")
         if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) \
                 or max_steps < 1:
             raise ConfigError(f"max_steps must be a positive int, got {max_steps!r}")

@@ -1563,6 +1563,9 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
     if rtol < _MIN_RTOL:
         raise ConfigError(f"rtol={rtol:g} is below what float64 can deliver; use at least "
                           f"{_MIN_RTOL:.1e}")
+    if rtol >= 1.0:
+        raise ConfigError(f"rtol={rtol:g} lets each step's error be as large as the weights "
+                          "themselves; use rtol < 1")
     if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
         raise ConfigError(f"max_steps must be a positive integer, got {max_steps!r}")
     atol = _positive("atol", atol)

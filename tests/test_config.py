@@ -522,9 +522,11 @@ def test_a_theory_too_big_for_memory_is_refused_before_it_is_computed(tmp_path, 
     ('method = "flow"\nt_end = 1.0\nn_records = 1', "train.n_records must be at least 2"),
     ('method = "flow"\nt_end = 1.0\nrtol = 1e-20',
      "train.rtol = 1e-20 is below what float64 can deliver"),
+    ('method = "flow"\nt_end = 1.0\nrtol = 2.0', "train.rtol = 2 lets each step's error"),
     ('lr = 0.05\nsteps = 40\nsave_weights = true\nweights_dtype = "float32"\n'
      "divergence_threshold = 1e39", "set train.divergence_threshold at most that"),
-], ids=["gd_n_records", "flow_steps_n_records", "one_record", "rtol", "float32_threshold"])
+], ids=["gd_n_records", "flow_steps_n_records", "one_record", "rtol", "rtol_above_1",
+        "float32_threshold"])
 def test_cli_errors_name_the_keys_of_the_file(tmp_path, capsys, train, message):
     """simulate's messages name its keywords (record=, record='log', weights_dtype='float32'),
     which a file cannot hold: the file's settings are refused in its own words."""

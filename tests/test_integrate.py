@@ -563,6 +563,7 @@ def test_solution_init_is_the_dataclass_one():
     (dict(save_at=[0.0, 20.0]), ConfigError, "past t_end"),
     (dict(save_at=[-1.0, 1.0]), ConfigError, "t >= 0"),
     (dict(rtol=0.0), ConfigError, "rtol"),
+    (dict(rtol=1.0), ConfigError, "use rtol < 1"),
     (dict(atol=float("nan")), ConfigError, "atol"),
     (dict(max_steps=0), ConfigError, "max_steps"),
     (dict(events=[1.0, 2.0]), ConfigError, "events"),

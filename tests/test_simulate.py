@@ -885,6 +885,7 @@ def test_a_new_file_takes_its_path_with_every_runs_first_checkpoint(tmp_path, mo
     (dict(lr=0.1, steps=10, record=["a"]), "record"),
     (dict(lr=0.1, steps=10, record={1, 2}), "record"),
     (dict(method="flow", t_end=1.0, rtol=1e-16), "rtol"),
+    (dict(method="flow", t_end=1.0, rtol=1e10), "use rtol < 1"),
     (dict(method="flow", lr=1e300, steps=10**10, record="log"), "overflows"),
     (dict(method="flow", t_end=1.0, n_records=10**12), "n_records"),
 ])
