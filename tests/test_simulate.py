@@ -801,6 +801,51 @@ def test_a_killed_samples_engine_run_in_blocks_resumes_bit_for_bit(tmp_path):
     assert resumed.status == "complete"
 
 
+FLOW_KILL_SCRIPT = """
+import sys, time
+import numpy as np
+import fastrace as fr
+from test_simulate import case
+from fastrace.simulate import simulate
+net, data, _ = case(16)
+inits = [fr.init.gaussian(net, std=0.5, seed=s) for s in range(2)]
+def slow(W):
+    time.sleep(0.002)
+    return np.float64(np.linalg.norm(W[net.edges[0]]))
+simulate(net, data, inits, method="flow", t_end=40.0, n_records=400, rtol=1e-9,
+         checkpoint_every=10, out=sys.argv[1], quantities={"n": slow}, progress=False)
+"""
+
+
+def test_a_killed_flow_run_resumes_bit_for_bit(tmp_path):
+    """Gradient flow (adaptive steps, each run its own): killed after a checkpoint, resumed,
+    the same numbers as the run made in one go."""
+    path = tmp_path / "flow.h5"
+
+    def checkpointed_past_30() -> bool:
+        time.sleep(0.02)
+        try:
+            info = store.run_info(path)["runs"]
+        except fr.StoreError:
+            return False
+        return min(r["checkpoint_step"] or 0 for r in info.values()) >= 30
+
+    _kill_script_when(path, checkpointed_past_30, FLOW_KILL_SCRIPT)
+    assert store.read_run(path, "seed_00").status == "running"
+    net, data, _ = case(16)
+    inits = [fr.init.gaussian(net, std=0.5, seed=s) for s in range(2)]
+
+    def norm(W):
+        return np.float64(np.linalg.norm(W[net.edges[0]]))
+
+    resumed = resume(path, net, data, quantities={"n": norm})
+    full = simulate(net, data, inits, method="flow", t_end=40.0, n_records=400, rtol=1e-9,
+                    quantities={"n": norm}, progress=False)
+    for a, b in zip(resumed, full):
+        same_trajectory(a, b)
+        assert a.status == "complete" and a.n_saved == 400
+
+
 def test_a_run_killed_as_soon_as_its_file_appears_can_be_resumed(tmp_path):
     # the file takes its path once it holds each run's first checkpoint (it used to appear
     # ~0.1 s before: a kill then left a file that resume refused, "start it again")
