@@ -139,6 +139,9 @@ def domain_alignment(reps: np.ndarray) -> np.ndarray:
     same hidden vector (a shared, abstract representation), about 0 for unrelated random maps.
     """
     r = np.asarray(reps, dtype=np.float64)
+    if r.ndim < 3:
+        raise DataError(f"domain_alignment: reps must be (..., n_domains, n_items, dim), "
+                        f"got shape {r.shape}")
     n_dom, n_items = r.shape[-3], r.shape[-2]
     if n_dom < 2:
         raise DataError("domain_alignment needs at least two domains")
@@ -179,12 +182,17 @@ def crossing_times(x: np.ndarray, level, t: np.ndarray | None = None,
     level) or "down". NaN where the level is never reached; t[0] where x starts beyond it.
     """
     x = np.asarray(x, dtype=np.float64)
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise DataError(f"crossing_times: x must be (n_saved, ...) with n_saved >= 1, "
+                        f"got shape {x.shape}")
     if direction not in ("up", "down"):
         raise ConfigError(f"direction must be 'up' or 'down', got {direction!r}")
     level = np.broadcast_to(np.asarray(level, dtype=np.float64), x.shape[1:])
     t = np.arange(x.shape[0], dtype=np.float64) if t is None else np.asarray(t, np.float64)
     if t.shape != (x.shape[0],):
         raise DataError(f"t must have shape ({x.shape[0]},), got {t.shape}")
+    if not np.all(np.isfinite(t)):
+        raise DataError("crossing_times: t holds NaN or inf values")
     gap = x - level if direction == "up" else level - x
     with np.errstate(invalid="ignore"):
         reached = gap >= 0

@@ -164,6 +164,40 @@ def _antiderivative(u: np.ndarray, gap: np.ndarray, depth: int) -> np.ndarray:
     return -(depth / (depth - 2.0)) * u ** (2.0 - depth) - log_gap - logs
 
 
+def _tail(x: np.ndarray, depth: int) -> np.ndarray:
+    """``integral_0^x v^(1-2/D) / (1 - v) dv`` for 0 <= x <= 1/2 (D >= 2), by its power series.
+
+    Above the fixed point, x = 1/y turns the time integral into this one: no term of size ln y
+    cancels, so tiny times far above s/d keep their relative precision.
+    """
+    c = 2.0 - 2.0 / depth
+    n = np.arange(60.0)  # x <= 1/2: the tail of the series is below 2^-60
+    x = np.asarray(x, dtype=np.float64)
+    return x**c * np.sum(x[..., None] ** n / (n + c), axis=-1)
+
+
+def _span(y0: np.ndarray, gap0: np.ndarray, y1: np.ndarray, gap1: np.ndarray,
+          depth: int) -> np.ndarray:
+    """``A_D(u1) - A_D(u0)`` for y1 between y0 and 1, without cancellation far above the fixed
+    point: the part of the way above y = 2 comes from ``_tail`` in x = 1/y."""
+    y0, gap0, y1, gap1 = np.broadcast_arrays(*(np.asarray(a, dtype=np.float64)
+                                               for a in (y0, gap0, y1, gap1)))
+    high0 = y0 > 2.0
+    if depth == 1 or not np.any(high0):  # D = 1: -ln|1 - y| has no cancelling terms
+        return (_antiderivative(y1 ** (1.0 / depth), gap1, depth)
+                - _antiderivative(y0 ** (1.0 / depth), gap0, depth))
+    high1 = high0 & (y1 > 2.0)  # y1 lies between y0 and 1
+    low_start = np.where(high0, 2.0, y0)
+    low_gap = np.where(high0, -1.0, gap0)
+    low_end = np.where(high1, 2.0, y1)
+    end_gap = np.where(high1, -1.0, gap1)
+    closed = (_antiderivative(low_end ** (1.0 / depth), end_gap, depth)
+              - _antiderivative(low_start ** (1.0 / depth), low_gap, depth))
+    x0 = 1.0 / np.maximum(y0, 2.0)
+    x1 = 1.0 / np.maximum(y1, 2.0)
+    return np.where(high0, _tail(x1, depth) - _tail(x0, depth), 0.0) + closed
+
+
 def _quad_integrand(z: float, depth: int) -> float:
     """Integrand of the quadrature form, in z = ln u: exp((2-D) z) (1 - u^(2D-2)) / (1 - u^D).
 
@@ -264,8 +298,7 @@ def single_path_time(pi1: ArrayLike, s: ArrayLike, d: ArrayLike, pi0: ArrayLike,
         y0, y1 = (d * pi0 / s)[live], (d * pi1 / s)[live]
         g0, g1 = gap0[live], gap1[live]
         if method == "closed":
-            u0, u1 = y0 ** (1.0 / depth), y1 ** (1.0 / depth)
-            scaled = _antiderivative(u1, g1, depth) - _antiderivative(u0, g0, depth)
+            scaled = _span(y0, g0, y1, g1, depth)
         else:
             scaled = np.array([_scaled_time_quad(*args, depth) for args in zip(y0, g0, y1, g1)])
         result[live] = _time_scale(s[live], d[live], depth, tau) * scaled
@@ -302,11 +335,10 @@ def _solve_scaled_time(target: float, y0: float, gap0: float, depth: int) -> flo
         def point(w: float) -> tuple[float, float]:
             return 1.0 + math.exp(-w), -math.exp(-w)
         w0 = -math.log(-gap0)
-    a0 = float(_antiderivative(np.array(y0 ** (1.0 / depth)), np.array(gap0), depth))
 
     def excess(w: float) -> float:
         y, gap = point(w)
-        return float(_antiderivative(np.array(y ** (1.0 / depth)), np.array(gap), depth)) - a0 - target
+        return float(_span(y0, gap0, y, gap, depth)) - target
 
     if excess(w0) >= 0.0:  # target below the resolution of A_D at y0 (only for huge A_D)
         return y0
@@ -722,8 +754,14 @@ def learning_times(system, b0, *, fraction: float = 0.5, min_share: float = 0.05
         raise ConfigError(f"fraction must lie in (0, 1), got {fraction!r}")
     if not 0.0 <= float(min_share) < 1.0:
         raise ConfigError(f"min_share must lie in [0, 1), got {min_share!r}")
+    max_doublings = _integer("max_doublings", max_doublings, 0)
     n_modes, n_paths = system.n_modes, system.n_paths
-    b0 = np.broadcast_to(np.asarray(b0, dtype=np.float64), (n_modes, system.n_edges)).copy()
+    b0 = _as_floats("b0", b0)
+    try:
+        b0 = np.broadcast_to(b0, (n_modes, system.n_edges)).copy()
+    except ValueError:
+        raise ConfigError(f"b0 must broadcast to (n_modes, n_edges) = ({n_modes}, "
+                          f"{system.n_edges}), got shape {b0.shape}") from None
     horizon = float(t_end) if t_end is not None else 100.0
     if not (np.isfinite(horizon) and horizon > 0):
         raise ConfigError(f"t_end must be positive and finite, got {t_end!r}")

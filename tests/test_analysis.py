@@ -222,3 +222,14 @@ def test_relative_discrepancy():
     assert analysis.relative_discrepancy(np.array([1.0]), np.array([0.0])) == math.inf
     with pytest.raises(DataError):
         analysis.relative_discrepancy(ref, ref[:2])
+
+
+def test_bad_series_and_reps_raise_data_errors():
+    with pytest.raises(DataError, match="reps"):
+        analysis.domain_alignment(np.ones((3, 4)))
+    with pytest.raises(DataError, match="x"):
+        analysis.crossing_times(np.zeros((0, 3)), 0.5)
+    with pytest.raises(DataError, match="x"):
+        analysis.crossing_times(np.array(1.0), 0.5)
+    with pytest.raises(DataError, match="t"):
+        analysis.crossing_times(np.array([0.0, 1.0, 2.0]), 1.5, t=np.array([0.0, np.nan, 2.0]))

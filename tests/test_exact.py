@@ -444,3 +444,30 @@ def test_learning_times_rejects_bad_fraction():
     system = RaceSystem.from_paths([[0, 1]], s=[[1.0]], d=[[[1.0]]])
     with pytest.raises(ConfigError, match="fraction"):
         exact.learning_times(system, 0.1, fraction=1.5)
+
+
+@pytest.mark.parametrize("depth", [2, 3, 4, 6, 10])
+def test_time_and_strength_far_above_the_fixed_point(depth):
+    # decay from y = d pi0 / s >> 1: the time integral is tiny while each term of the closed
+    # antiderivative is ~ln y, so a plain difference of antiderivatives loses every digit
+    # (it even gave negative times). Reference: the integral in x = 1/y by plain quadrature.
+    s, d = 1.0, 1.0
+    for pi0, pi1 in [(1e5, 1e4), (1e8, 1e6), (1e12, 1e10), (1e5, 1.5)]:
+        a = 1.0 - 2.0 / depth  # dt = x^a / (1 - x) dx * (time scale), x = 1/y
+        ref, _ = quad(lambda x: x**a / (1.0 - x), 1.0 / pi0, 1.0 / pi1, epsabs=0.0,
+                      epsrel=1e-13, limit=200)
+        ref /= depth
+        got = exact.single_path_time(pi1, s, d, pi0, depth=depth)
+        assert got == pytest.approx(ref, rel=1e-9, abs=0.0)
+        back = exact.single_path_strength(ref, s, d, pi0, depth=depth)
+        assert back == pytest.approx(pi1, rel=1e-8, abs=0.0)
+
+
+def test_learning_times_rejects_bad_b0_shape_and_doublings():
+    from fastrace.system import RaceSystem
+
+    system = RaceSystem.from_paths([[0, 1]], s=[[1.0]], d=[[[1.0]]])
+    with pytest.raises(ConfigError, match="b0"):
+        exact.learning_times(system, np.full(3, 0.1))
+    with pytest.raises(ConfigError, match="max_doublings"):
+        exact.learning_times(system, 0.1, max_doublings=-1)
