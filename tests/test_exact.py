@@ -452,8 +452,8 @@ def test_time_and_strength_far_above_the_fixed_point(depth):
     # antiderivative is ~ln y, so a plain difference of antiderivatives loses every digit
     # (it even gave negative times). Reference: the integral in x = 1/y by plain quadrature.
     s, d = 1.0, 1.0
+    a = 1.0 - 2.0 / depth  # dt = x^a / (1 - x) dx * (time scale), x = 1/y
     for pi0, pi1 in [(1e5, 1e4), (1e8, 1e6), (1e12, 1e10), (1e5, 1.5)]:
-        a = 1.0 - 2.0 / depth  # dt = x^a / (1 - x) dx * (time scale), x = 1/y
         ref, _ = quad(lambda x: x**a / (1.0 - x), 1.0 / pi0, 1.0 / pi1, epsabs=0.0,
                       epsrel=1e-13, limit=200)
         ref /= depth
