@@ -510,7 +510,7 @@ def _n_save_points(train: Mapping[str, Any]) -> int:
 def _check_theory_memory(exp: Experiment, reduction: Any) -> None:
     """ConfigError if the theory's rows (it is held in memory, the runs' rows are not) would
     not fit in the memory available now."""
-    from .simulate import _refuse_if_no_room
+    from ._memory import refuse_if_no_room as _refuse_if_no_room
 
     system = reduction.system
     # per save point: the schedule (steps, times), t, loss, b, the modes' losses (made twice)

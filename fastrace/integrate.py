@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike
 
+from ._memory import refuse_if_no_room as _refuse_if_no_room
+from .data import real_array
 from .errors import ConfigError, DataError, DivergenceError, IntegrationError
 from .system import RaceSystem, _writable
 
@@ -180,9 +182,10 @@ def integrate_system(system: RaceSystem, b0: ArrayLike, *, method: str = "auto",
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                or threads < 1):
-        raise ConfigError(f"threads must be a positive int or None, got {threads!r}")
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+            raise ConfigError(f"threads must be a positive int or None, got {threads!r}")
+        threads = int(threads)
 
     # b0 may be handed to the kernels as it is (they only read it) unless the trajectories go
     # into the caller's array, which b0 could overlap
@@ -200,7 +203,10 @@ def integrate_system(system: RaceSystem, b0: ArrayLike, *, method: str = "auto",
         if events is not None:
             raise ConfigError("events are computed by the ODE methods only (dopri5, rosenbrock, "
                           "auto)")
-        lr_value, record, t = _gd_schedule(lr, steps, t_end, save_at)
+        # bytes per saved time: record and t, and the trajectories unless they go into out (the
+        # C core's gd_map writes a fresh array that is then copied into out)
+        row = 16 + (n_edges * 8 * math.prod(lead) if out is None or backend == "c" else 0)
+        lr_value, record, t = _gd_schedule(lr, steps, t_end, save_at, row)
         buffer = _out_buffer(out, lead, t.size, n_edges)
         args = structure + (b0_flat, s_flat, system.d, rate_flat, lr_value, record)
         out, status, stats = _run(backend, "gd", args, threads, buffer)
@@ -209,13 +215,16 @@ def integrate_system(system: RaceSystem, b0: ArrayLike, *, method: str = "auto",
         if lr is not None or steps is not None:
             raise ConfigError("lr and steps apply to method='gd'; give t_end/save_at instead")
         t_end_value, t = _ode_schedule(t_end, save_at)
+        if out is None:
+            _refuse_if_no_room(t.size * (n_edges * 8 * math.prod(lead)), "save fewer times",
+                               "the trajectories")
         rtol, atol = _positive(rtol, "rtol"), _positive(atol, "atol")
         if rtol >= 1.0:
             raise ConfigError(f"rtol={rtol:g} lets each step's error be as large as the state "
                               "itself; use rtol < 1")
         if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) \
-                or max_steps < 1:
-            raise ConfigError(f"max_steps must be a positive int, got {max_steps!r}")
+                or not 1 <= max_steps < 2**63:
+            raise ConfigError(f"max_steps must be a positive int below 2**63, got {max_steps!r}")
         h0_value = 0.0 if h0 is None else _positive(h0, "h0")
         hmax_value = 0.0 if hmax is None else _positive(hmax, "hmax")
         thresholds = None if events is None else _thresholds(events, n_paths)
@@ -291,9 +300,9 @@ def _finite_input(value, name: str) -> tuple[np.ndarray, bool]:
     """value as a float64 array of finite numbers, and whether the C core can read it as it
     is (C-contiguous and aligned; never when the core is absent)."""
     try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise DataError(f"{name} must be an array of numbers") from None
+        arr = real_array(value)  # complex would lose its imaginary part, str would be parsed
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{name} must be an array of real numbers: {exc}") from None
     if _value_check(arr):
         raise DataError(f"{name} holds NaN or inf values")
     flags = arr.flags
@@ -389,10 +398,10 @@ def _ode_schedule(t_end, save_at) -> tuple[float, np.ndarray]:
             raise ConfigError("give t_end or save_at")
         t_end_value = _positive(t_end, "t_end")
         return t_end_value, np.linspace(0.0, t_end_value, 101)
-    try:
-        t = np.require(save_at, dtype=np.float64, requirements="CA")  # as the C core reads it
-    except (TypeError, ValueError):
-        raise DataError("save_at must be an array of numbers") from None
+    try:  # C-contiguous and aligned, as the C core reads it
+        t = np.require(real_array(save_at), requirements="CA")
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"save_at must be an array of real numbers: {exc}") from None
     if t.ndim != 1 or t.size < 1:
         raise ConfigError(f"save_at must be a non-empty 1-d array of times, got shape {t.shape}")
     code = _value_check(t, True)
@@ -411,14 +420,20 @@ def _ode_schedule(t_end, save_at) -> tuple[float, np.ndarray]:
     return t_end_value, t
 
 
-def _gd_schedule(lr, steps, t_end, save_at) -> tuple[float, np.ndarray, np.ndarray]:
-    """-> lr, record steps (int64, increasing), times."""
+def _gd_schedule(lr, steps, t_end, save_at,
+                 row_bytes: int = 16) -> tuple[float, np.ndarray, np.ndarray]:
+    """-> lr, record steps (int64, increasing), times; refused when ``row_bytes`` per saved
+    step would not fit in memory."""
     if lr is None:
         raise ConfigError("method='gd' needs a learning rate lr")
     lr_value = _positive(lr, "lr")
 
     def to_steps(times: np.ndarray, name: str) -> np.ndarray:
-        k = np.rint(times / lr_value)
+        with np.errstate(over="ignore"):
+            k = np.rint(times / lr_value)
+        if np.any(np.abs(k) >= 2.0**62):  # (int64, with room for the step count + 1)
+            raise ConfigError(f"{name} / lr = {float(np.max(np.abs(k))):g}: too many steps "
+                              f"of lr = {lr_value}")
         if np.any(np.abs(times / lr_value - k) > 1e-9 * np.maximum(1.0, np.abs(k))):
             raise ConfigError(f"{name} must be multiples of lr = {lr_value} for method='gd'")
         return k.astype(np.int64)
@@ -433,6 +448,8 @@ def _gd_schedule(lr, steps, t_end, save_at) -> tuple[float, np.ndarray, np.ndarr
     if save_at is None:
         if n_steps is None:
             raise ConfigError("method='gd' needs steps, t_end or save_at")
+        _refuse_if_no_room((n_steps + 1) * row_bytes, "save fewer steps (save_at)",
+                           "the trajectories")
         record = np.arange(n_steps + 1, dtype=np.int64)
     else:
         raw = np.asarray(save_at)
@@ -446,6 +463,8 @@ def _gd_schedule(lr, steps, t_end, save_at) -> tuple[float, np.ndarray, np.ndarr
             raise ConfigError("save_at steps must be non-negative and strictly increasing")
         if n_steps is not None and record[-1] > n_steps:
             raise ConfigError(f"save_at runs past the last step {n_steps}")
+        _refuse_if_no_room(record.size * row_bytes, "save fewer steps (save_at)",
+                           "the trajectories")
     record = np.require(record, dtype=np.int64, requirements="CA")
     return lr_value, record, record * lr_value
 
@@ -454,9 +473,9 @@ def _thresholds(events, n_paths: int) -> np.ndarray | None:
     if events is None:
         return None
     try:
-        arr = np.asarray(events, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ConfigError("events must be a number or an array of thresholds") from None
+        arr = real_array(events)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"events must be a number or an array of thresholds: {exc}") from None
     if arr.ndim == 0:
         arr = np.full(n_paths, float(arr))
     if arr.shape != (n_paths,):

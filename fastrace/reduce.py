@@ -359,6 +359,10 @@ def reduce(net: Network, data: Dataset, tol: float = 1e-8, approximate: bool = F
     and the result records ``approximate=True`` and the residual. ``seed`` fixes the random
     combinations used to split degenerate singular values.
     """
+    if not isinstance(net, Network):
+        raise ConfigError(f"reduce: net must be a Network, got {type(net).__name__}")
+    if not isinstance(data, Dataset):
+        raise ConfigError(f"reduce: data must be a Dataset, got {type(data).__name__}")
     data.check(net)
     try:
         tol = float(tol)

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from ._memory import refuse_if_no_room as _refuse_if_no_room
 from .data import Dataset
 from .engine import GradientEngine, one_blas_thread
 from .errors import (
@@ -68,7 +69,6 @@ _EPS = float(np.finfo(float).eps)
 _MAX_STEPS = 2**53  # steps and times are exact float64 integers (t = lr * step) below it
 _MAX_SAVE_POINTS = 10**9  # more would not fit in memory as a schedule (8 GB), let alone rows
 DIVERGED = "failed: diverged"  # status prefix of a diverged run (resume refuses it)
-_ROOM_CHECK_BYTES = 16 << 20  # kept rows above this are checked against the memory available
 
 Weights = dict[str, np.ndarray]
 Quantity = Callable[[Weights], Any]
@@ -1671,30 +1671,6 @@ def simulate(net: Network, data: Dataset, weights: Mapping[str, Any] | Sequence[
     return result if batch else result[0]
 
 
-def _available_memory() -> int | None:
-    """Bytes of memory available to a new allocation, or None if unknown: Linux's MemAvailable,
-    or less when the process's cgroup (a container, say) has a memory limit closer."""
-    room = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    room = int(line.split()[1]) * 1024
-                    break
-    except (OSError, ValueError, IndexError):
-        pass
-    try:  # cgroup v2: memory.max is "max" (no limit) or bytes
-        with open("/sys/fs/cgroup/memory.max") as f:
-            limit = f.read().strip()
-        if limit != "max":
-            with open("/sys/fs/cgroup/memory.current") as f:
-                free = int(limit) - int(f.read().strip())
-            room = free if room is None else min(room, free)
-    except (OSError, ValueError):
-        pass
-    return room
-
-
 def _check_room(plan: _Plan, rec: _Recorder, streamed: bool) -> None:
     """ConfigError if the rows kept in memory would not fit in the memory available now."""
     need = sum(len(times) for times in plan.save_times) * rec.row_bytes
@@ -1708,15 +1684,6 @@ def _row_bytes(series: Mapping[str, Mapping[str, Any]]) -> int:
     """Bytes of one row of every series, from ``store.run_info``'s {name: {shape, dtype}}."""
     return sum(math.prod(spec["shape"][1:]) * np.dtype(spec["dtype"]).itemsize
                for spec in series.values())
-
-
-def _refuse_if_no_room(need: int, hint: str, what: str = "the recorded rows") -> None:
-    if need < _ROOM_CHECK_BYTES:
-        return  # (reading the memory figures costs ~25 µs: small runs skip it)
-    room = _available_memory()
-    if room is not None and need > room:
-        raise ConfigError(f"{what} need {need / 2**30:.1f} GiB of memory and "
-                          f"{room / 2**30:.1f} GiB are available: {hint}")
 
 
 def _run_specs(plan: _Plan, rec: _Recorder, data: Dataset,

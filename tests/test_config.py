@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import fastrace as fr
+from fastrace import _memory
 from fastrace import cli, store
 from fastrace.config import dumps, experiment_from_table, load_experiment, run_experiment
 
@@ -88,8 +89,8 @@ def test_orthogonal_experiment_equals_direct_simulate(tmp_path):
 def test_an_experiment_keeps_its_rows_in_the_file_only(tmp_path, monkeypatch):
     # however little memory is free (room for the runs' weights and state, ~21 kB here),
     # `fastrace run` does not hold the rows: they go to the file
-    monkeypatch.setattr(sys.modules["fastrace.simulate"], "_available_memory", lambda: 30_000)
-    monkeypatch.setattr(sys.modules["fastrace.simulate"], "_ROOM_CHECK_BYTES", 0)
+    monkeypatch.setattr(_memory, "available_memory", lambda: 30_000)
+    monkeypatch.setattr(_memory, "ROOM_CHECK_BYTES", 0)
     out = tmp_path / "small_memory.h5"
     summary = run_experiment(load_experiment(ORTHOGONAL), out, threads=1)
     assert {r["status"] for r in summary["runs"].values()} == {"complete"}
@@ -506,7 +507,7 @@ def test_a_theory_too_big_for_memory_is_refused_before_it_is_computed(tmp_path, 
         raise AssertionError("the theory was computed before its memory was checked")
 
     monkeypatch.setattr(config, "integrate_theory", no_compute)
-    monkeypatch.setattr(sys.modules["fastrace.simulate"], "_available_memory", lambda: 100 << 20)
+    monkeypatch.setattr(_memory, "available_memory", lambda: 100 << 20)
     exp = load_experiment(ALIGNED.replace("steps = 40", "steps = 10000000"))
     with pytest.raises(fr.ConfigError, match=r"the theory's rows .* save fewer points \(a "
                                              r"larger train.record_every\)"):

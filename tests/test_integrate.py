@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from scipy.integrate import quad, solve_ivp
 from test_race_system import race_systems
 
+from fastrace import _memory
 from fastrace.errors import ConfigError, DataError, DivergenceError, IntegrationError
 from fastrace.integrate import RaceSolution, _flatten_batch, integrate_system
 from fastrace.system import RaceSystem
@@ -718,3 +719,49 @@ def test_race_system_methods_take_misaligned_arrays_and_leave_inputs_writable():
     RaceSystem(n_edges=3, path_ptr=path_ptr, path_edges=path_edges, target_ptr=[0, 1],
                target_paths=[0], s=[[1.0]], d=[[1.0]])
     assert path_ptr.flags.writeable and path_edges.flags.writeable
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(b0=[0.1 + 1j, 0.1]), DataError, "b0.*complex"),
+    (dict(b0=np.array(["0.1", "0.1"])), DataError, "b0.*str"),
+    (dict(s=np.ones((1, 1), dtype=complex)), DataError, "s.*complex"),
+    (dict(rate=np.array([1.0, 1.0 + 2j])), DataError, "rate.*complex"),
+    (dict(events=np.array([0.5 + 1j])), ConfigError, "events.*complex"),
+    (dict(save_at=np.array([0.0, 1.0 + 1j])), DataError, "save_at.*complex"),
+    (dict(method="gd", lr=0.1, save_at=np.array([0.0, 0.1 + 1j])), DataError, "save_at.*complex"),
+])
+def test_complex_and_string_inputs_are_refused_not_truncated(kwargs, error, match):
+    """np.asarray(x, float64) drops imaginary parts with only a warning and parses strings."""
+    args = dict(b0=[0.1, 0.1], t_end=1.0)
+    args.update(kwargs)
+    if args.get("method") == "gd":
+        args.pop("t_end")
+    with pytest.raises(error, match=match):
+        integrate_system(d2_system(), **args)
+
+
+@pytest.mark.parametrize("kwargs", [dict(lr=1e-300, t_end=1e10), dict(lr=0.1, save_at=[0.0, 1e30])])
+def test_gd_step_counts_beyond_int64_are_refused(kwargs):
+    """t_end / lr overflowing int64 used to give an empty 'successful' trajectory."""
+    with pytest.raises(ConfigError, match="too many steps"):
+        integrate_system(d2_system(), [0.1, 0.1], method="gd", **kwargs)
+
+
+def test_numpy_integer_threads_and_huge_max_steps():
+    sol = integrate_system(d2_system(), [0.1, 0.1], t_end=1.0, threads=np.int64(1))
+    assert sol.ok
+    with pytest.raises(ConfigError, match="max_steps"):
+        integrate_system(d2_system(), [0.1, 0.1], t_end=1.0, max_steps=2**70)
+
+
+@pytest.mark.parametrize("backend", ["c", "numba"])
+@pytest.mark.parametrize("method", ["gd", "dopri5"])
+def test_outputs_larger_than_memory_are_refused_before_allocating(monkeypatch, backend, method):
+    """Outputs beyond the memory available would be touched page by page (OOM killer)."""
+    monkeypatch.setattr(_memory, "available_memory", lambda: 1 << 20)
+    timing = dict(lr=0.01, steps=2 * 10**6) if method == "gd" else dict(
+        save_at=np.linspace(0.0, 1.0, 2 * 10**6))
+    with pytest.raises(ConfigError, match="GiB of memory"):
+        integrate_system(d2_system(), [0.1, 0.1], method=method, backend=backend, **timing)
+    small = dict(lr=0.01, steps=10) if method == "gd" else dict(t_end=1.0)
+    assert integrate_system(d2_system(), [0.1, 0.1], method=method, backend=backend, **small).ok

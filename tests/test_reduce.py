@@ -477,3 +477,11 @@ def test_reduced_trajectory_streams_to_hdf5(tmp_path):
     np.testing.assert_array_equal(data["modes/pi"], th.path_strengths)
     with pytest.raises(fr.StoreError, match="does not exist"):
         red.integrate(0.08, method="gd", lr=0.02, steps=5, out=tmp_path / "no" / "x.h5")
+
+
+def test_reduce_refuses_arguments_of_the_wrong_type():
+    net, data = case(0, "generic")
+    with pytest.raises(ConfigError, match="Dataset"):
+        reduce(net, {"x0": np.eye(2)})
+    with pytest.raises(ConfigError, match="Network"):
+        reduce(None, data)

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastrace as fr
+from fastrace import _memory
 from conftest import random_dag, random_data
 from fastrace import store
 from fastrace.simulate import Trajectory, resume, simulate
@@ -1261,9 +1262,8 @@ def test_a_run_kept_in_its_file_only_holds_few_rows_in_memory(tmp_path, monkeypa
 
 
 def test_rows_that_would_not_fit_in_memory_are_refused_before_the_run(tmp_path, monkeypatch):
-    simulate_module = sys.modules[simulate.__module__]
-    monkeypatch.setattr(simulate_module, "_available_memory", lambda: 100_000)  # 100 kB free
-    monkeypatch.setattr(simulate_module, "_ROOM_CHECK_BYTES", 0)  # (small runs skip the check)
+    monkeypatch.setattr(_memory, "available_memory", lambda: 100_000)  # 100 kB free
+    monkeypatch.setattr(_memory, "ROOM_CHECK_BYTES", 0)  # (small runs skip the check)
     net, data, W0 = case(32)
     kw = dict(lr=0.05, steps=2000, record_every=1, save_weights=True, progress=False)
     path = tmp_path / "big.h5"
@@ -1282,9 +1282,9 @@ def test_rows_that_would_not_fit_in_memory_are_refused_before_the_run(tmp_path, 
     again = resume(path, net, data, in_memory=False)
     np.testing.assert_array_equal(again.weights(-1)[net.edges[0]], run.weights(-1)[net.edges[0]])
     monkeypatch.undo()
-    assert SIM._available_memory() > 0  # (this machine's own figure is read)
-    # rows under _ROOM_CHECK_BYTES are not checked (reading the figures costs ~25 µs)
-    monkeypatch.setattr(simulate_module, "_available_memory", lambda: 0)
+    assert _memory.available_memory() > 0  # (this machine's own figure is read)
+    # rows under ROOM_CHECK_BYTES are not checked (reading the figures costs ~25 µs)
+    monkeypatch.setattr(_memory, "available_memory", lambda: 0)
     simulate(net, data, W0, lr=0.05, steps=20, save_weights=True, progress=False)
 
 
@@ -1407,10 +1407,9 @@ def test_run_names_of_a_batch_are_checked():
 
 
 def test_a_batch_too_big_for_memory_is_refused_before_it_starts(monkeypatch):
-    simulate_module = sys.modules["fastrace.simulate"]
     net, data, W0 = case(3)
-    monkeypatch.setattr(simulate_module, "_ROOM_CHECK_BYTES", 0)
-    monkeypatch.setattr(simulate_module, "_available_memory", lambda: 10_000)
+    monkeypatch.setattr(_memory, "ROOM_CHECK_BYTES", 0)
+    monkeypatch.setattr(_memory, "available_memory", lambda: 10_000)
     with pytest.raises(fr.ConfigError, match="1000 runs need .* split the batch"):
         simulate(net, data, [W0] * 1000, lr=0.01, steps=2, svals=False, progress=False)
 
