@@ -37,14 +37,23 @@ __all__ = [
 
 
 def singular_values(weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Singular values of every edge, largest first: {edge: (..., min(out, in))}."""
+    """Singular values of every edge, largest first: {edge: (..., min(out, in))}.
+
+    A matrix with a non-finite entry (a diverged run) gives NaNs, as ``simulate`` records them.
+    """
     out = {}
     for edge, w in weights.items():
         arr = np.asarray(w, dtype=np.float64)
         if arr.ndim < 2:
             raise DataError(f"singular_values: weights of {edge!r} must be (..., out, in), "
                             f"got shape {arr.shape}")
-        out[edge] = np.linalg.svd(arr, compute_uv=False)
+        finite = np.isfinite(arr).all(axis=(-2, -1))
+        if finite.all():
+            out[edge] = np.linalg.svd(arr, compute_uv=False)
+        else:
+            sv = np.full(arr.shape[:-2] + (min(arr.shape[-2:]),), np.nan)
+            sv[finite] = np.linalg.svd(arr[finite], compute_uv=False)
+            out[edge] = sv
     return out
 
 
@@ -166,6 +175,8 @@ def generalisation_errors(task, weights: Mapping[str, np.ndarray]) -> dict[str, 
 
 
 def _check_pair(task, i: int, j: int) -> None:
+    if not all(isinstance(k, (int, np.integer)) and not isinstance(k, bool) for k in (i, j)):
+        raise ConfigError(f"pair ({i!r}, {j!r}): domain indices must be integers")
     if not (0 <= i < task.M and 0 <= j < task.M):
         raise ConfigError(f"pair ({i}, {j}) is outside the {task.M} x {task.M} domains")
 
@@ -193,6 +204,8 @@ def crossing_times(x: np.ndarray, level, t: np.ndarray | None = None,
         raise DataError(f"t must have shape ({x.shape[0]},), got {t.shape}")
     if not np.all(np.isfinite(t)):
         raise DataError("crossing_times: t holds NaN or inf values")
+    if np.any(np.diff(t) <= 0):
+        raise DataError("crossing_times: t must be strictly increasing")
     gap = x - level if direction == "up" else level - x
     with np.errstate(invalid="ignore"):
         reached = gap >= 0
@@ -234,9 +247,13 @@ def routing_plateaus(s: np.ndarray, M: int, K: int, n_items: int, n_out: int,
     Returns (plateaus (n_distinct + 1,), levels (n_distinct,)): the loss before any mode and
     after each distinct value is learnt, and the midpoints between consecutive plateaus.
     """
-    s = np.sort(np.asarray(s, dtype=np.float64))[::-1]
+    s = np.asarray(s, dtype=np.float64)
+    if s.ndim != 1 or not np.all(np.isfinite(s) & (s >= 0)):
+        raise DataError(f"routing_plateaus: s must be a 1-d array of finite non-negative "
+                        f"singular values, got {s!r}")
+    s = np.sort(s)[::-1]
     scale = M * K / (n_items * n_out)
-    distinct = _distinct(s)
+    distinct = _distinct(s[s > 0])  # a zero singular value is no mode: no plateau, no drop
     remaining = [float(np.sum(s[s < v * (1 - 1e-9)] ** 2)) for v in distinct]
     plateaus = constant + scale * np.array([float(np.sum(s ** 2))] + remaining)
     return plateaus, 0.5 * (plateaus[:-1] + plateaus[1:])
@@ -244,9 +261,9 @@ def routing_plateaus(s: np.ndarray, M: int, K: int, n_items: int, n_out: int,
 
 def _distinct(s: np.ndarray, rtol: float = 1e-9) -> np.ndarray:
     """Distinct values of a descending array (values within rtol merge)."""
-    out = [float(s[0])]
-    for v in s[1:]:
-        if abs(v - out[-1]) > rtol * abs(out[-1]):
+    out: list[float] = []
+    for v in s:
+        if not out or abs(v - out[-1]) > rtol * abs(out[-1]):
             out.append(float(v))
     return np.array(out)
 

@@ -10,17 +10,23 @@ from __future__ import annotations
 import numpy as np
 
 from .data import real_array
-from .errors import WeightsError
+from .errors import ConfigError, WeightsError
 from .network import Network
 
 Seed = int | np.random.Generator | np.random.SeedSequence | None
 
 
 def as_generator(seed: Seed) -> np.random.Generator:
-    """A numpy Generator from an int, a SeedSequence, a Generator or None."""
+    """A numpy Generator from an int >= 0, a SeedSequence, a Generator or None."""
     if isinstance(seed, np.random.Generator):
         return seed
-    return np.random.default_rng(seed)
+    if not isinstance(seed, (bool, np.bool_)):  # numpy would take True for 1
+        try:
+            return np.random.default_rng(seed)
+        except (TypeError, ValueError):
+            pass
+    raise ConfigError(f"seed must be a non-negative int, a numpy SeedSequence or Generator, "
+                      f"or None, got {seed!r}")
 
 
 def _real_scalar(name: str, value) -> float:

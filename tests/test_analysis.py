@@ -37,6 +37,18 @@ def test_singular_values_match_svd_with_leading_axes():
         analysis.singular_values({"c": np.ones(3)})
 
 
+def test_singular_values_of_non_finite_matrices_are_nan():
+    """A diverged trajectory: NaN for its non-finite matrices, as ``simulate`` records them,
+    and the others unaffected (numpy's SVD would refuse the whole stack)."""
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((4, 3, 5))
+    w[1, 0, 2], w[3, 2, 2] = np.nan, np.inf
+    sv = analysis.singular_values({"a": w})["a"]
+    assert sv.shape == (4, 3) and np.all(np.isnan(sv[[1, 3]]))
+    np.testing.assert_array_equal(sv[[0, 2]], analysis.singular_values({"a": w[[0, 2]]})["a"])
+    assert np.all(np.isnan(analysis.singular_values({"b": np.full((2, 2), np.nan)})["b"]))
+
+
 def test_project_on_bases_recovers_mode_strengths():
     rng = np.random.default_rng(1)
     L, R = _random_orthonormal(rng, 7, 7), _random_orthonormal(rng, 5, 5)
@@ -74,6 +86,11 @@ def test_pathway_map_and_errors_match_explicit_loops(small_task):
         full, fr.init.orthogonal(full.network, 0.5, seed=0))["untrained"])
     with pytest.raises(ConfigError):
         analysis.pathway_map(task, W, 0, 3)
+    np.testing.assert_array_equal(analysis.pathway_map(task, W, np.int64(1), 2),
+                                  analysis.pathway_map(task, W, 1, 2))
+    for i, j in [(1.0, 0), (0, True), ("1", 0)]:
+        with pytest.raises(ConfigError, match="pair"):
+            analysis.pathway_map(task, W, i, j)
 
 
 def test_routing_bases_are_the_svd_of_the_targets():
@@ -180,6 +197,17 @@ def test_routing_plateaus_of_the_reference_data():
     # M K / (n_items n_out) = 1 here: plateaus are |Y|² minus the learnt s² (s = 3 twice)
     np.testing.assert_allclose(plateaus, [244.0, 59.0, 18.0, 0.0], atol=1e-10)
     np.testing.assert_allclose(levels, [151.5, 38.5, 9.0], atol=1e-10)
+    # a zero singular value is no mode (routing_bases drops it): no extra plateau or drop
+    with_zero = analysis.routing_plateaus(np.append(s, 0.0), 7, 4, 4, 7)
+    np.testing.assert_array_equal(with_zero[0], plateaus)
+    np.testing.assert_array_equal(with_zero[1], levels)
+    # no mode at all: one plateau, the constant, and no drop
+    none, no_levels = analysis.routing_plateaus([], 7, 4, 4, 7, constant=2.5)
+    np.testing.assert_array_equal(none, [2.5])
+    assert no_levels.shape == (0,)
+    for bad in ([3.0, -1.0], [3.0, np.nan], np.ones((2, 2))):
+        with pytest.raises(DataError, match="routing_plateaus: s"):
+            analysis.routing_plateaus(bad, 7, 4, 4, 7)
 
 
 def _euler_crossing(s, M, K, b0, h, fraction):
@@ -233,3 +261,8 @@ def test_bad_series_and_reps_raise_data_errors():
         analysis.crossing_times(np.array(1.0), 0.5)
     with pytest.raises(DataError, match="t"):
         analysis.crossing_times(np.array([0.0, 1.0, 2.0]), 1.5, t=np.array([0.0, np.nan, 2.0]))
+    for t in ([2.0, 1.0, 0.0], [0.0, 1.0, 1.0]):
+        with pytest.raises(DataError, match="t must be strictly increasing"):
+            analysis.crossing_times(np.array([0.0, 1.0, 2.0]), 1.5, t=np.array(t))
+    with pytest.raises(DataError, match="t must be strictly increasing"):
+        analysis.loss_drop_times(np.array([2.0, 1.0, 0.0]), [0.5], t=[0.0, 2.0, 1.0])

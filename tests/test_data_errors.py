@@ -190,6 +190,20 @@ def test_initialisers_and_mode_strengths_must_be_real_numbers():
     red.reconstruct(b.astype(np.float32))
 
 
+@pytest.mark.parametrize("seed", ["x", -1, 1.5, True, np.float64(2.0), [1, -2]])
+@pytest.mark.parametrize("init", [fr.init.gaussian, fr.init.orthogonal])
+def test_bad_seeds_raise_config_errors(net, init, seed):
+    with pytest.raises(fr.ConfigError, match="seed"):
+        init(net, 0.5, seed=seed)
+
+
+def test_every_documented_seed_kind_still_works(net):
+    ref = fr.init.orthogonal(net, 0.5, seed=3)["x->h"]
+    for seed in (3, np.int64(3), np.random.SeedSequence(3), np.random.default_rng(3)):
+        np.testing.assert_array_equal(fr.init.orthogonal(net, 0.5, seed=seed)["x->h"], ref)
+    assert fr.init.gaussian(net, 0.5, seed=None)["x->h"].shape == (4, 3)
+
+
 def test_copied_and_pickled_datasets_stay_read_only(net):
     """A deep copy or an unpickled Dataset (as sent to a worker process) gets fresh arrays:
     they are read-only again, and the cache (engines with thread-local state) is rebuilt."""
