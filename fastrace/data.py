@@ -133,6 +133,11 @@ class Dataset:
                  node_gates: Mapping[str, object] | None = None,
                  edge_gates: Mapping[str, object] | None = None,
                  weights: object | None = None) -> None:
+        for name, value in (("inputs", inputs), ("targets", targets),
+                            ("node_gates", node_gates), ("edge_gates", edge_gates)):
+            if value is not None and not isinstance(value, Mapping):
+                raise DataError(f"{name}: expected a mapping {{node or edge name: array}}, got "
+                                f"{type(value).__name__}")
         if not inputs:
             raise DataError("inputs: at least one input node is needed")
         if not targets:
@@ -161,6 +166,8 @@ class Dataset:
                 raise DataError(f"weights: expected shape ({n},), got {w.shape}")
             if np.any(w < 0):
                 raise DataError(f"weights: negative sample weight at index {int(np.argmax(w < 0))}")
+            if not np.any(w > 0):  # the loss and its gradient would be 0 whatever the data
+                raise DataError("weights: every sample weight is 0")
             self.weights = w
         self._cache: dict[tuple, object] = {}
 
@@ -264,8 +271,23 @@ class Dataset:
         return np.concatenate([self.targets[w] for w in net.outputs], axis=1)
 
     def subset(self, index) -> Dataset:
-        """The samples selected by ``index`` (weights kept as they are, not renormalised)."""
-        idx = np.asarray(index)
+        """The samples selected by ``index``, a 1-d array of integers (repeats allowed) or of
+        P booleans (weights kept as they are, not renormalised)."""
+        idx, n = np.asarray(index), self.n_samples
+        if idx.ndim != 1:
+            raise DataError(f"subset: index must be 1-d, got shape {idx.shape}")
+        if idx.size == 0:
+            raise DataError("subset: no samples selected")
+        if idx.dtype.kind == "b":
+            if idx.shape != (n,):
+                raise DataError(f"subset: a boolean index needs {n} entries, got {idx.size}")
+        elif idx.dtype.kind in "iu":
+            bad = (idx < -n) | (idx >= n)
+            if np.any(bad):
+                raise DataError(f"subset: index {idx[np.argmax(bad)]} is out of range for "
+                                f"{n} samples")
+        else:
+            raise DataError(f"subset: index must hold integers or booleans, got dtype {idx.dtype}")
         return Dataset({k: v[idx] for k, v in self.inputs.items()},
                        {k: v[idx] for k, v in self.targets.items()},
                        {k: v[idx] for k, v in self.node_gates.items()},

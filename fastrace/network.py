@@ -91,7 +91,7 @@ class Network:
     def add_edge(self, source: str, target: str, name: str | None = None) -> Network:
         """Add the edge ``source -> target`` (named ``"source->target"`` unless ``name`` is given)."""
         for node in (source, target):
-            if node not in self._dims:
+            if not isinstance(node, str) or node not in self._dims:
                 raise NetworkError(f"edge {source!r} -> {target!r}: unknown node {node!r}")
         if name is None:
             name = f"{source}->{target}"
@@ -137,14 +137,14 @@ class Network:
         """Number of units of ``node``."""
         try:
             return self._dims[node]
-        except KeyError:
+        except (KeyError, TypeError):  # TypeError: an unhashable name
             raise NetworkError(f"unknown node {node!r}") from None
 
     def edge(self, name: str) -> Edge:
         """The edge called ``name``."""
         try:
             return self._edges[name]
-        except KeyError:
+        except (KeyError, TypeError):  # TypeError: an unhashable name
             raise NetworkError(f"unknown edge {name!r}") from None
 
     def weight_shape(self, edge: str) -> tuple[int, int]:
@@ -275,13 +275,23 @@ class Network:
         return result
 
     def _walk(self, node: str) -> Iterator[list[str]]:
-        for e in self._out[node]:
+        """The edge chains from ``node`` to the outputs, depth first in edge order (with an
+        explicit stack: a network may be deeper than Python's recursion limit)."""
+        chain: list[str] = []
+        stack = [iter(self._out[node])]
+        while stack:
+            e = next(stack[-1], None)
+            if e is None:
+                stack.pop()
+                if chain:
+                    chain.pop()
+                continue
             target = self._edges[e].target
             if not self._out[target]:
-                yield [e]
+                yield [*chain, e]
             else:
-                for rest in self._walk(target):
-                    yield [e, *rest]
+                chain.append(e)
+                stack.append(iter(self._out[target]))
 
     def paths_through(self, edge: str, limit: int = DEFAULT_PATH_LIMIT) -> tuple[Path, ...]:
         """P(e): every input-to-output path through ``edge``."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .data import Contexts, Dataset
+from .errors import DataError
 from .network import DEFAULT_PATH_LIMIT, Network, Path
 
 
@@ -59,13 +60,19 @@ def gated_moments(net: Network, data: Dataset) -> GatedMoments:
     yy = np.zeros(n_ctx)
     order = np.argsort(ctx.index, kind="stable")
     bounds = np.searchsorted(ctx.index[order], np.arange(n_ctx + 1))
-    for c in range(n_ctx):
-        rows = order[bounds[c]:bounds[c + 1]]
-        xc, yc, wc = x[rows], y[rows], w[rows]
-        wx = xc * wc[:, None]
-        xx[c] = wx.T @ xc
-        yx[c] = yc.T @ wx
-        yy[c] = np.einsum("n,ni,ni->", wc, yc, yc)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below
+        for c in range(n_ctx):
+            rows = order[bounds[c]:bounds[c + 1]]
+            xc, yc, wc = x[rows], y[rows], w[rows]
+            wx = xc * wc[:, None]
+            xx[c] = wx.T @ xc
+            yx[c] = yc.T @ wx
+            yy[c] = np.einsum("n,ni,ni->", wc, yc, yc)
+    for name, arr in (("xx", xx), ("yx", yx), ("yy", yy)):
+        if not np.all(np.isfinite(arr)):
+            raise DataError(f"the gated second moments overflow ({name} is not finite): the "
+                            "inputs, targets or weights are too large; rescale them")
+        arr.flags.writeable = False  # shared by every user of the cache
     moments = GatedMoments(ctx, _slices(net, net.inputs), _slices(net, net.outputs), xx, yx, yy)
     data._cache[key] = moments
     return moments
@@ -163,6 +170,8 @@ def least_squares(net: Network, data: Dataset) -> LeastSquares:
     m = gated_moments(net, data)
     best, miss = reference_maps(m.yx, m.xx)
     result = LeastSquares(best, miss, SampleFits(net, data).context_losses(best))
+    for arr in (result.best, result.miss, result.loss):
+        arr.flags.writeable = False  # shared by every user of the cache
     data._cache[key] = result
     return result
 

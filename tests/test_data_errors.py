@@ -47,6 +47,16 @@ def W(net):
      r"edge_gates\['x->h'\]: expected shape \(5,\)"),
     (lambda X, Y: fr.Dataset(X, Y, node_gates={"h": [np.nan] * 5}), fr.DataError,
      r"node_gates\['h'\]: contains NaN"),
+    (lambda X, Y: fr.Dataset(X, Y, weights=np.zeros(5)), fr.DataError,
+     r"weights: every sample weight is 0"),
+    (lambda X, Y: fr.Dataset(X["x"], Y), fr.DataError, r"inputs: expected a mapping"),
+    (lambda X, Y: fr.Dataset(X, [Y["y"]]), fr.DataError, r"targets: expected a mapping"),
+    (lambda X, Y: fr.Dataset(X, Y, node_gates=[np.ones(5)]), fr.DataError,
+     r"node_gates: expected a mapping"),
+    (lambda X, Y: fr.Dataset({"x": X["x"] * 1e200}, Y), fr.DataError,
+     r"gated second moments .*overflow"),
+    (lambda X, Y: fr.Dataset(X, Y, weights=np.full(5, 1e308)), fr.DataError,
+     r"gated second moments .*overflow"),
 ])
 def test_bad_data(net, make, cls, message):
     X, Y = good()
@@ -216,3 +226,35 @@ def test_copied_and_pickled_datasets_stay_read_only(net):
     for other in (copy.deepcopy(data), pickle.loads(pickle.dumps(data))):
         assert all(not arr.flags.writeable for arr in other._arrays())
         assert fr.loss(net, other, W(net), engine="moments") == before
+
+
+def test_the_cached_moments_and_fits_are_read_only(net):
+    """gated_moments and least_squares are cached on the data set and shared with the moments
+    engine: writing into what they return must not change later losses and gradients."""
+    X, Y = good()
+    data = fr.Dataset(X, Y, node_gates={"h": [1.0, 0.0, 1.0, 1.0, 0.5]})
+    w = W(net)
+    before = fr.loss(net, data, w, engine="moments")
+    m, ls = fr.gated_moments(net, data), fr.stats.least_squares(net, data)
+    for arr in (m.xx, m.yx, m.yy, ls.best, ls.miss, ls.loss):
+        assert not arr.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            arr[0] = 0.0
+    assert fr.loss(net, data, w, engine="moments") == before
+
+
+@pytest.mark.parametrize("index, message", [
+    ([], r"subset: no samples selected"),
+    ([0.0, 1.0], r"subset: index must hold integers or booleans"),
+    ([7], r"subset: index 7 is out of range for 5 samples"),
+    ([-6], r"subset: index -6 is out of range for 5 samples"),
+    ([True, False], r"subset: a boolean index needs 5 entries, got 2"),
+    ([[0, 1]], r"subset: index must be 1-d"),
+    (2, r"subset: index must be 1-d"),
+])
+def test_bad_subset_index(index, message):
+    data = fr.Dataset(*good())
+    with pytest.raises(fr.DataError, match=message):
+        data.subset(index)
+    assert data.subset([4, 4, -1]).n_samples == 3
+    assert data.subset(np.arange(5) > 2).n_samples == 2

@@ -59,6 +59,15 @@ def test_path_explosion_is_an_error_not_a_hang():
         net.paths()
 
 
+def test_deep_networks_have_paths():
+    """Path enumeration is not limited by Python's recursion depth."""
+    net = fr.Network.chain([1] * 3000)
+    (p,) = net.paths()
+    assert len(p) == 2999 and p.source == "h0" and p.target == "h2999"
+    net.add_node("skip", 1).add_edge("h0", "skip").add_edge("skip", "h2999")
+    assert [len(q) for q in net.paths()] == [2999, 2]
+
+
 def test_json_round_trip():
     net = random_dag(np.random.default_rng(3))
     again = fr.Network.from_json(net.to_json())
@@ -74,6 +83,9 @@ def test_json_round_trip():
     (lambda n: n.add_edge("h", "x"), "would create a cycle"),
     (lambda n: n.add_edge("y", "y"), "would create a cycle"),
     (lambda n: n.add_edge("x", "h"), "duplicate edge name 'x->h'"),
+    (lambda n: n.add_edge(["x"], "h"), "unknown node \\[.x.\\]"),
+    (lambda n: n.dim(["x"]), "unknown node \\[.x.\\]"),
+    (lambda n: n.edge({"x->h"}), "unknown edge {'x->h'}"),
 ])
 def test_bad_graphs(build, message):
     net = fr.Network()
