@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .data import Contexts, Dataset
-from .errors import DataError
+from .errors import DataError, PathExplosionError
 from .network import DEFAULT_PATH_LIMIT, Network, Path
 
 
@@ -201,6 +201,28 @@ class PathCorrelations:
     xx: dict[tuple[int, int], np.ndarray]
 
 
+#: bytes a pair's entry of PathCorrelations.xx costs besides its numbers (key, array object)
+_PAIR_OVERHEAD_BYTES = 200
+
+
+def _refuse_too_many_pairs(paths: tuple[Path, ...], targets: tuple[tuple[int, ...], ...],
+                           ins: dict[str, slice]) -> None:
+    """PathExplosionError if the input-input correlations of every pair of paths that share an
+    output (O(paths²)) would not fit in the memory available."""
+    from ._memory import available_memory
+
+    width = [ins[p.source].stop - ins[p.source].start for p in paths]
+    need = sum(len(js) * _PAIR_OVERHEAD_BYTES + 8 * width[i] * sum(width[j] for j in js)
+               for i, js in enumerate(targets))
+    room = available_memory()
+    if room is not None and need > room:
+        pairs = sum(len(js) for js in targets)
+        raise PathExplosionError(
+            f"the correlations of {pairs} pairs of paths ({len(paths)} paths) need "
+            f"{need / 2**30:.1f} GiB of memory and {room / 2**30:.1f} GiB are available; use "
+            "the forward/backward gradient (fr.gradient) instead of the path form")
+
+
 def path_correlations(net: Network, data: Dataset,
                       limit: int = DEFAULT_PATH_LIMIT) -> PathCorrelations:
     """Gated input-output and input-input correlations of every path (MATH.md §2)."""
@@ -212,6 +234,7 @@ def path_correlations(net: Network, data: Dataset,
     yx = tuple(np.einsum("c,cij->ij", g, moments.yx[:, outs[p.target], ins[p.source]])
                for g, p in zip(gates, paths))
     targets = tuple(tuple(j for j, q in enumerate(paths) if q.target == p.target) for p in paths)
+    _refuse_too_many_pairs(paths, targets, ins)
     xx = {}
     for i, p in enumerate(paths):
         for j in targets[i]:

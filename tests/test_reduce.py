@@ -485,3 +485,23 @@ def test_reduce_refuses_arguments_of_the_wrong_type():
         reduce(net, {"x0": np.eye(2)})
     with pytest.raises(ConfigError, match="Network"):
         reduce(None, data)
+
+
+def test_path_correlations_too_big_for_memory_are_refused_before_they_are_computed(monkeypatch):
+    """The input-input correlations of every pair of paths sharing an output grow as paths²:
+    past the memory available, a PathExplosionError before any is computed (not a swap storm
+    or the OOM killer)."""
+    from fastrace import _memory
+
+    net = fr.Network()
+    for name, dim in (("x", 3), ("h", 4), ("y", 2)):
+        net.add_node(name, dim)
+    for k in range(40):  # 40 parallel edges x -> h: 40 paths to y, 1600 pairs
+        net.add_edge("x", "h", name=f"e{k}")
+    net.add_edge("h", "y")
+    rng = np.random.default_rng(0)
+    data = fr.Dataset({"x": rng.standard_normal((20, 3))}, {"y": rng.standard_normal((20, 2))})
+    assert len(fr.path_correlations(net, data).xx) == 1600  # fits
+    monkeypatch.setattr(_memory, "available_memory", lambda: 100_000)
+    with pytest.raises(fr.PathExplosionError, match="1600 pairs of paths"):
+        fr.path_correlations(net, data)
