@@ -411,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
         # the output went into a program that stopped reading (`fastrace info f.h5 | head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (a run's file can resume)
+        print("fastrace: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

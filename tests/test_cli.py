@@ -268,3 +268,13 @@ def test_info_of_a_failed_run_and_of_a_loss_per_pathway(tmp_path, capsys):
     assert "  per_pathway  simulation  complete        5 saved  t = 0 .. 4" in lines
     fig = tmp_path / "fig.png"
     assert cli.main(["plot", str(path), "-o", str(fig)]) == 0
+
+
+def test_ctrl_c_ends_a_command_with_one_line_and_status_130(monkeypatch, capsys):
+    def interrupted(report=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "warmup", interrupted)
+    assert cli.main(["warmup"]) == 130
+    err = capsys.readouterr().err
+    assert err == "fastrace: interrupted\n"

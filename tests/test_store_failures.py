@@ -412,12 +412,15 @@ print("complete")
 def test_a_batch_whose_file_fits_under_a_size_limit_is_not_refused(tmp_path):
     """The room kept free is the chunks a write begins and ~4 kB of metadata per dataset, not
     a whole chunk for every series of every run: a batch of 24 runs (~100 small series, whose
-    128 kB chunks compress to a few kB) was refused under a limit 1.3x its file's size."""
+    128 kB chunks compress to a few kB) was refused under a limit 1.3x its file's size (it
+    asked for 169 MB more than its file). The limit here is twice the file's size: the same
+    run's file took 9.9 to 12.2 MB from run to run (its layout follows where the writer's blocks
+    and checkpoints fall in time), so 1.3x failed at times."""
     free = _child(_BATCH_UNDER_A_LIMIT, str(tmp_path / "free.h5"), "0", timeout=300)
     assert free.returncode == 0 and "complete" in free.stdout, free.stderr[-2000:]
     size = (tmp_path / "free.h5").stat().st_size
     limited = _child(_BATCH_UNDER_A_LIMIT, str(tmp_path / "limited.h5"),
-                     str(int(1.3 * size) + (2 << 20)), timeout=300)
+                     str(2 * size + (2 << 20)), timeout=300)
     assert limited.returncode == 0 and "complete" in limited.stdout, limited.stderr[-2000:]
 
 
