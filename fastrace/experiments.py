@@ -26,8 +26,9 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -156,10 +157,53 @@ def settings(name: str, quick: bool = False, **overrides: Any):
     _check_name(name)
     base = (QUICK if quick else DEFAULTS)[name]
     try:
-        return replace(base, **overrides)
+        st = replace(base, **overrides)
     except TypeError as exc:
         raise ConfigError(f"{name}: unknown setting ({exc}); settings are "
                           f"{sorted(asdict(base))}") from None
+    _check_settings(name, st)
+    return st
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_real(x: Any) -> bool:
+    return (_is_int(x) or isinstance(x, (float, np.floating))) and math.isfinite(x)
+
+
+def _check_settings(name: str, st: Any) -> None:
+    """ConfigError naming the first setting of the wrong type or out of range (the rest, such
+    as K, hidden and epochs, are checked where they are used)."""
+    def bad(key, what):
+        raise ConfigError(f"{name}: {key} must be {what}, got {getattr(st, key)!r}")
+
+    for f in fields(st):
+        value = getattr(st, f.name)
+        if isinstance(f.default, int) and not _is_int(value):
+            bad(f.name, "an integer")
+        if isinstance(f.default, float) and not (_is_real(value) and value > 0):
+            bad(f.name, "a positive finite number")
+        if isinstance(f.default, tuple) and not isinstance(value, (tuple, list)):
+            bad(f.name, "a tuple")
+    # the single pathway of shared-vs-separate is M = 1; the others compare input domains
+    if st.M < (1 if name == "shared-vs-separate" else 2):
+        bad("M", f"an integer >= {1 if name == 'shared-vs-separate' else 2}")
+    if st.seeds < (0 if name == "shared-vs-separate" else 1):
+        bad("seeds", "a positive integer" if name != "shared-vs-separate" else ">= 0")
+    if st.seed < 0:
+        bad("seed", "a non-negative integer")
+    if name == "init-scale":
+        if not st.scales or not all(_is_real(x) and x > 0 for x in st.scales):
+            bad("scales", "a non-empty tuple of positive finite numbers")
+        if len({f"{x:.2f}" for x in st.scales}) < len(st.scales):
+            bad("scales", "distinct to 2 decimals (they name the runs)")
+    if name == "fraction-trained":
+        if not st.Ks or not all(_is_int(k) and 1 <= k <= st.M for k in st.Ks):
+            bad("Ks", f"a non-empty tuple of integers in 1..M={st.M}")
+        if len(set(st.Ks)) < len(st.Ks):
+            bad("Ks", "distinct")
 
 
 # ============================================================================ entry points
@@ -200,8 +244,16 @@ def reproduce(name: str, out_dir: str | os.PathLike = ".", quick: bool = False,
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create output directory {out}: {exc}") from None
+    if not os.access(out, os.W_OK | os.X_OK):  # before the run, which may take minutes
+        raise ConfigError(f"output directory {out} is not writable")
     outcome = compute(name, quick=quick, threads=threads, progress=progress, **overrides)
     h5 = out / f"{name}.h5"
+    summary_path = out / "summary.json"
+    # a previous run's summary must not outlive its HDF5 file if this run stops half-way
+    try:
+        summary_path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot replace {summary_path}: {exc}") from None
     write_runs(h5, outcome.runs, network_json=outcome.network_json,
                config=json.dumps(jsonable(outcome.config)),
                seed=int(outcome.config["settings"].get("seed", 0)))
@@ -216,7 +268,6 @@ def reproduce(name: str, out_dir: str | os.PathLike = ".", quick: bool = False,
             figures = outcome.figures(out)
     outcome.summary["files"] = {"h5": h5.name, "figures": [p.name for p in figures]}
     outcome.summary["seconds"] = round(time.perf_counter() - start, 3)
-    summary_path = out / "summary.json"
     try:
         summary_path.write_text(json.dumps(jsonable(outcome.summary), indent=2) + "\n")
     except OSError as exc:
@@ -402,6 +453,10 @@ def _routing(st: RoutingSettings, threads: int | None, progress: bool | None) ->
     align0 = [float(analysis.domain_alignment(analysis.hidden_representations(task, w)))
               for w in inits + [aligned]]
     seed_dev = loss_drops[:, :-1] - theory_loss_drops[:, None]
+    with warnings.catch_warnings():  # a drop no run reached (a short run) is NaN, not a warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        seed_dev_stats = {"mean": np.nanmean(seed_dev, axis=1),
+                          "max_abs": np.nanmax(np.abs(seed_dev), axis=1)}
     summary = {
         "s": s, "modes": r,
         "loss": {"initial_theory": L0, "final": {n: float(x[-1]) for n, x in zip(names, losses)},
@@ -417,8 +472,7 @@ def _routing(st: RoutingSettings, threads: int | None, progress: bool | None) ->
             "loss_theory": theory_loss_drops,
             "loss_aligned": loss_drops[:, -1],
             "loss_seeds": {n: loss_drops[:, k] for k, n in enumerate(names[:-1])},
-            "loss_seeds_minus_theory": {"mean": np.nanmean(seed_dev, axis=1),
-                                        "max_abs": np.nanmax(np.abs(seed_dev), axis=1)},
+            "loss_seeds_minus_theory": seed_dev_stats,
         },
         "fixed_points": {
             "a2_star": a2_star,
@@ -686,10 +740,12 @@ def _shared_vs_separate(st: SharedSettings, threads: int | None,
     predicted_gd = drops["single"]["integral_gd"] / drops["shared"]["integral_gd"]
 
     def at(label, epoch):
+        """Per-pathway losses at ``epoch``, or None if it was not saved."""
         c = curves[label]
         k = int(np.searchsorted(c["epochs"], epoch))
-        return {n: float(v[k]) for n, v in c["per_pathway"].items()} if k < c["epochs"].size \
-            else None
+        if k == c["epochs"].size or c["epochs"][k] != epoch:
+            return None
+        return {n: float(v[k]) for n, v in c["per_pathway"].items()}
 
     summary = {
         "s": s,

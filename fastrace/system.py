@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike
 
+from ._memory import refuse_if_no_room as _refuse_if_no_room
 from .errors import DataError
 
 try:  # the C core; absent only when the package was not built
@@ -46,12 +47,28 @@ def _numba_kernel(name: str, system: RaceSystem, *args):  # pragma: no cover - n
     return getattr(kernels, name)(st, *_writable(args))
 
 
+def _real(value, name: str) -> np.ndarray:
+    """value as a float64 array; DataError for anything but real numbers (numpy would drop an
+    imaginary part with only a warning, and read None as NaN)."""
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{name} must be a real array: {exc}") from None
+    if arr.dtype.kind not in "biuf":
+        raise DataError(f"{name} must be a real array, got dtype {arr.dtype}")
+    return arr.astype(np.float64, copy=False)
+
+
 def _int_array(value, name: str, ndim: int = 1) -> np.ndarray:
-    arr = np.asarray(value)
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{name} must be a {ndim}-d integer array: {exc}") from None
     if arr.ndim != ndim:
         raise DataError(f"{name} must be a {ndim}-d integer array, got shape {arr.shape}")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        if not np.issubdtype(arr.dtype, np.floating) or np.any(arr != np.round(arr)):
+        if not np.issubdtype(arr.dtype, np.floating) or np.any(arr != np.round(arr)) or \
+                not np.all(np.abs(arr) < 2.0 ** 63):  # inf, NaN: no int64
             raise DataError(f"{name} must hold integers, got dtype {arr.dtype}")
     out = np.array(arr, dtype=np.int64, order="C")  # a copy: the caller's array stays writable
     out.setflags(write=False)
@@ -59,10 +76,7 @@ def _int_array(value, name: str, ndim: int = 1) -> np.ndarray:
 
 
 def _float_array(value, name: str, shape: tuple[int, ...]) -> np.ndarray:
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise DataError(f"{name} must be a float array of shape {shape}: {exc}") from None
+    arr = _real(value, name)
     if arr.shape != shape:
         raise DataError(f"{name} must have shape {shape}, got {arr.shape}")
     if not np.all(np.isfinite(arr)):
@@ -85,6 +99,27 @@ def _check_csr(ptr: np.ndarray, idx: np.ndarray, n_rows: int, n_cols: int, ptr_n
         row = idx[ptr[p]:ptr[p + 1]]
         if np.unique(row).size != row.size:
             raise DataError(f"{idx_name}: row {p} lists a {what} twice")
+
+
+def _check_nodes(path_ptr: np.ndarray, path_edges: np.ndarray, src: np.ndarray,
+                 tgt: np.ndarray) -> None:
+    """Every path is a chain of edges from an input node (no edge enters it) to an output node
+    (no edge leaves it); else :meth:`RaceSystem.conserved` silently conserves nothing."""
+    owner = np.repeat(np.arange(path_ptr.size - 1), np.diff(path_ptr))
+    inner = np.flatnonzero(owner[:-1] == owner[1:])  # k and k + 1 on the same path
+    bad = inner[tgt[path_edges[inner]] != src[path_edges[inner + 1]]]
+    if bad.size:
+        k = bad[0]
+        raise DataError(f"path {owner[k]}: edge {path_edges[k]} ends at node "
+                        f"{tgt[path_edges[k]]} but the next edge {path_edges[k + 1]} leaves node "
+                        f"{src[path_edges[k + 1]]}; paths must follow edge_source / edge_target")
+    first, last = path_edges[path_ptr[:-1]], path_edges[path_ptr[1:] - 1]
+    for ends, nodes, where, what in ((src[first], tgt, "starts", "enters"),
+                                     (tgt[last], src, "ends", "leaves")):
+        bad = np.flatnonzero(np.isin(ends, nodes))
+        if bad.size:
+            raise DataError(f"path {bad[0]} {where} at node {ends[bad[0]]}, which an edge "
+                            f"{what}: paths must run from an input node to an output node")
 
 
 @dataclass(frozen=True, eq=False)
@@ -140,7 +175,7 @@ class RaceSystem:
             put(self, name, value)
 
         nnz_t = target_paths.size
-        s_in, d_in = np.asarray(self.s), np.asarray(self.d)
+        s_in, d_in = _real(self.s, "s"), _real(self.d, "d")
         if s_in.ndim == 1 and d_in.ndim == 1:
             s_in, d_in = s_in[None, :], d_in[None, :]
         if s_in.ndim != 2:
@@ -170,6 +205,7 @@ class RaceSystem:
             tgt = _int_array(self.edge_target, "edge_target")
             if src.shape != (n_edges,) or tgt.shape != (n_edges,):
                 raise DataError(f"edge_source and edge_target must have shape ({n_edges},)")
+            _check_nodes(path_ptr, path_edges, src, tgt)
             put(self, "edge_source", src)
             put(self, "edge_target", tgt)
 
@@ -196,8 +232,8 @@ class RaceSystem:
         if n_edges is None:
             used = [e for path in edge_lists for e in path]
             n_edges = (max(used) + 1) if used else 0
-        s_arr = np.asarray(s, dtype=np.float64)
-        d_arr = np.asarray(d, dtype=np.float64)
+        s_arr = _real(s, "s")
+        d_arr = _real(d, "d")
         if s_arr.ndim == 1:
             s_arr = s_arr[None, :]
         if d_arr.ndim == 2:
@@ -228,7 +264,7 @@ class RaceSystem:
     def with_modes(self, s: ArrayLike, d: ArrayLike) -> RaceSystem:
         """A copy with other modes: ``s`` (n_modes, n_paths); ``d`` either CSR values
         (n_modes, nnz_t) or dense (n_modes, n_paths, n_paths), zero outside every T(p)."""
-        d_arr = np.asarray(d, dtype=np.float64)
+        d_arr = _real(d, "d")
         if d_arr.ndim == 3:
             if d_arr.shape[1:] != (self.n_paths, self.n_paths):
                 raise DataError(f"dense d must have shape (n_modes, {self.n_paths}, "
@@ -293,7 +329,7 @@ class RaceSystem:
 
     def _mode_batch(self, b, what: str) -> tuple[np.ndarray, tuple[int, ...]]:
         """b (..., n_modes, n_edges), or (n_edges,) for every mode -> flat (n_sys, n_edges)."""
-        arr = np.asarray(b, dtype=np.float64)
+        arr = _real(b, f"{what}: b")
         if arr.ndim == 1:
             arr = np.broadcast_to(arr, (self.n_modes, arr.shape[0]))
         if arr.ndim < 2 or arr.shape[-2:] != (self.n_modes, self.n_edges):
@@ -304,7 +340,7 @@ class RaceSystem:
 
     def path_strengths(self, b: ArrayLike) -> np.ndarray:
         """pi (..., n_paths) of b (..., n_edges)."""
-        arr = np.asarray(b, dtype=np.float64)
+        arr = _real(b, "path_strengths: b")
         if arr.ndim < 1 or arr.shape[-1] != self.n_edges:
             raise DataError(f"path_strengths: b must have shape (..., {self.n_edges}), got "
                             f"{arr.shape}")
@@ -334,6 +370,9 @@ class RaceSystem:
         flat, lead = self._mode_batch(b, "jacobian")
         if flat.shape[0] == 0:
             return np.zeros(lead + (self.n_edges, self.n_edges))
+        # n_edges times the size of b, written page by page: refuse it before the OOM killer
+        _refuse_if_no_room(flat.shape[0] * self.n_edges * self.n_edges * 8,
+                           "evaluate fewer b at a time", "the Jacobians")
         if _race is not None:
             out = _race.jacobian(*self._structure(), flat, self.s, self.d, self.rate[None, :])
         else:  # pragma: no cover
@@ -353,7 +392,7 @@ class RaceSystem:
             return np.zeros(lead)
         s_rows = self.s
         if s is not None:
-            s_arr = np.asarray(s, dtype=np.float64)
+            s_arr = _real(s, "loss: s")
             s_lead = s_arr.shape[:-1]
             if s_arr.ndim < 2 or s_arr.shape[-2:] != (self.n_modes, self.n_paths) or \
                     len(s_lead) > len(lead) or lead[len(lead) - len(s_lead):] != s_lead:
@@ -370,11 +409,13 @@ class RaceSystem:
         """Per hidden node v: ``sum_{e into v} b_e²/rate_e - sum_{e out of v} b_e²/rate_e``,
         shape (..., n_hidden) for b (..., n_edges), nodes ordered as :attr:`hidden_nodes`.
 
-        Constant under the flow of every mode (with unit rates it is MATH.md's scalar law);
-        edges with rate 0 never move and are left out.  Needs edge_source / edge_target.
+        Constant under the flow of every mode (with unit rates it is MATH.md's scalar law).
+        An edge with rate 0 never moves but still feels a gradient, so a node it touches has no
+        conserved quantity: NaN there (an edge on no path has no gradient and is left out).
+        Needs edge_source / edge_target.
         """
         hidden = self.hidden_nodes
-        arr = np.asarray(b, dtype=np.float64)
+        arr = _real(b, "conserved: b")
         if arr.ndim < 1 or arr.shape[-1] != self.n_edges:
             raise DataError(f"conserved: b must have shape (..., {self.n_edges}), got "
                             f"{arr.shape}")
@@ -383,7 +424,11 @@ class RaceSystem:
         weight[moving] = 1.0 / self.rate[moving]
         sign = (self.edge_target[None, :] == hidden[:, None]).astype(float) \
             - (self.edge_source[None, :] == hidden[:, None]).astype(float)
-        return (arr * arr) @ (sign * weight[None, :]).T
+        out = (arr * arr) @ (sign * weight[None, :]).T
+        frozen = ~moving
+        frozen[np.setdiff1d(np.arange(self.n_edges), self.path_edges)] = False
+        out[..., np.any(sign[:, frozen] != 0.0, axis=1)] = np.nan
+        return out
 
     def __repr__(self) -> str:
         return (f"RaceSystem(n_edges={self.n_edges}, n_paths={self.n_paths}, "

@@ -182,3 +182,73 @@ def test_bad_settings_raise_config_errors():
         experiments.settings("routing", not_a_setting=3)
     with pytest.raises(ConfigError):
         experiments.compute("fraction-trained", quick=True, Ks=(0,))
+
+
+@pytest.mark.parametrize("name, overrides, message", [
+    ("routing", {"seeds": 0}, "seeds must be"),
+    ("routing", {"seeds": -1}, "seeds must be"),
+    ("routing", {"seeds": 1.5}, "seeds must be"),
+    ("routing", {"seed": "x"}, "seed must be"),
+    ("routing", {"seed": -1}, "seed must be"),
+    ("routing", {"seed": True}, "seed must be"),
+    ("routing", {"M": True}, "M must be"),
+    ("routing", {"M": 1, "K": 1}, "M must be an integer >= 2"),
+    ("routing", {"gain": 0.0}, "gain must be"),
+    ("routing", {"lr": "0.02"}, "lr must be"),
+    ("init-scale", {"seeds": 0}, "seeds must be"),
+    ("init-scale", {"scales": 0.2}, "scales must be"),
+    ("init-scale", {"scales": (0.2, 0.201)}, "scales must be distinct"),
+    ("init-scale", {"M": 1, "K": 1}, "M must be an integer >= 2"),
+    ("fraction-trained", {"Ks": 3}, "Ks must be"),
+    ("fraction-trained", {"Ks": (1, 1)}, "Ks must be distinct"),
+    ("fraction-trained", {"Ks": (1.5,)}, "Ks must be"),
+    ("fraction-trained", {"Ks": (True,)}, "Ks must be"),
+    ("fraction-trained", {"M": 1, "Ks": (1,)}, "M must be an integer >= 2"),
+    ("shared-vs-separate", {"seeds": -1}, "seeds must be"),
+])
+def test_bad_setting_values_are_refused_before_running(name, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        experiments.settings(name, quick=True, **overrides)
+    with pytest.raises(ConfigError, match=message):
+        experiments.compute(name, quick=True, **overrides)
+
+
+def test_loss_at_an_epoch_is_reported_only_where_it_was_saved():
+    out = experiments.compute("shared-vs-separate", quick=True, epochs_shared=100,
+                              epochs_single=105, record_every_single=7)
+    at = out.summary["per_pathway_loss_at_epoch"]
+    curves = out.data["curves"]
+    assert at["100"]["single"] is None  # saved at 98 and 105, not at 100
+    k = int(np.flatnonzero(curves["shared"]["epochs"] == 100)[0])
+    assert at["100"]["shared"]["shared_aligned"] == curves["shared"]["per_pathway"][
+        "shared_aligned"][k]
+
+
+def test_a_run_too_short_for_every_drop_gives_nan_without_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = experiments.compute("routing", quick=True, epochs=50, hidden=8)
+    dev = out.summary["drop_epochs"]["loss_seeds_minus_theory"]
+    assert np.isnan(dev["mean"]).all() and np.isnan(dev["max_abs"]).all()
+
+
+def test_a_failed_rerun_leaves_no_stale_summary_beside_the_new_file(tmp_path):
+    experiments.reproduce("routing", tmp_path, quick=True, plots=False, epochs=3, hidden=8)
+    (tmp_path / "routing_loss.png").mkdir()  # the rerun's first figure cannot be written
+    with pytest.raises(ConfigError):
+        experiments.reproduce("routing", tmp_path, quick=True, epochs=5, hidden=8)
+    assert store.read_run(tmp_path / "routing.h5", "aligned")["epoch"][-1] == 5
+    summary = tmp_path / "summary.json"
+    assert not summary.exists() or json.loads(summary.read_text())["settings"]["epochs"] == 5
+
+
+def test_an_unwritable_output_directory_is_refused_before_computing(tmp_path, monkeypatch):
+    def no_compute(*args, **kwargs):
+        raise AssertionError("computed before checking the output directory")
+
+    monkeypatch.setattr(experiments, "compute", no_compute)
+    monkeypatch.setattr(experiments.os, "access", lambda path, mode: False)
+    with pytest.raises(ConfigError, match="not writable"):
+        experiments.reproduce("routing", tmp_path, quick=True)

@@ -223,3 +223,94 @@ def test_bad_b_shapes_raise_data_error():
         system.conserved(np.zeros(2))
     with pytest.raises(DataError, match="d must have shape"):
         RaceSystem.from_paths([[0, 1]], s=[[1.0]], d=[[1.0, 2.0]])
+
+
+# ------------------------------------------------------------------------------------------
+# review: conservation with frozen edges, node structure, non-real input, memory
+
+
+def test_conserved_is_nan_at_nodes_next_to_a_frozen_edge():
+    """An edge with rate 0 on a path still feels a gradient: the law breaks at its nodes."""
+    from scipy.integrate import solve_ivp
+
+    paths = [[0, 3], [0, 2, 4], [0, 2, 5], [1, 4], [1, 5]]
+    out = [3, 3, 4, 3, 4]
+    rng = np.random.default_rng(1)
+    same = np.array([[out[j] == out[p] for p in range(5)] for j in range(5)])
+    d = rng.normal(size=(5, 5))
+    d = (d @ d.T) * same
+    system = RaceSystem.from_paths(paths, rng.normal(size=5), d,
+                                   rate=[1.0, 0.0, 2.0, 1.0, 0.5, 1.0],  # edge 1 frozen
+                                   edge_source=[0, 0, 1, 1, 2, 2], edge_target=[1, 2, 2, 3, 3, 4])
+    sol = solve_ivp(lambda t, y: system.rhs(y[None, :])[0], (0.0, 5.0),
+                    0.5 * rng.normal(size=6), method="DOP853", rtol=1e-12, atol=1e-13)
+    q = system.conserved(sol.y.T)
+    np.testing.assert_allclose(q[:, 0], q[0, 0], rtol=0, atol=1e-11)  # node 1: conserved
+    assert np.isnan(q[:, 1]).all()  # node 2 touches the frozen edge 1: no conserved quantity
+
+
+def test_conserved_constant_along_an_accurate_integration():
+    from scipy.integrate import solve_ivp
+
+    paths = [[0, 3], [0, 2, 4], [0, 2, 5], [1, 4], [1, 5]]
+    rng = np.random.default_rng(2)
+    d = rng.normal(size=(2, 5, 5))
+    system = RaceSystem.from_paths(paths, rng.normal(size=(2, 5)), d @ d.transpose(0, 2, 1),
+                                   rate=rng.uniform(0.3, 2.0, 6),
+                                   edge_source=[0, 0, 1, 1, 2, 2], edge_target=[1, 2, 2, 3, 3, 4])
+    sol = solve_ivp(lambda t, y: system.rhs(y.reshape(2, 6)).ravel(), (0.0, 5.0),
+                    0.5 * rng.normal(size=12), method="DOP853", rtol=1e-12, atol=1e-13)
+    b = sol.y.T.reshape(-1, 2, 6)
+    q = system.conserved(b)
+    np.testing.assert_allclose(q, np.broadcast_to(q[0], q.shape), rtol=0, atol=1e-11)
+    assert np.all(np.diff(system.loss(b), axis=0) <= 1e-12)
+
+
+@pytest.mark.parametrize("src, tgt, match", [
+    ([0, 5, 2, 0], [1, 2, 3, 2], "path 0"),      # edge 1 leaves node 5, edge 0 ends at 1
+    ([0, 1, 2, 1], [1, 2, 3, 2], "path 1"),      # path 1 starts at hidden node 1
+    ([0, 1, 2, 0], [1, 2, 3, 1], "path 1"),      # path 1 = (3, 2): edge 3 ends at 1, 2 leaves 2
+])
+def test_paths_must_follow_the_node_structure(src, tgt, match):
+    with pytest.raises(DataError, match=match):
+        RaceSystem.from_paths([[0, 1, 2], [3, 2]], s=[[2.0, 1.0]], d=[[[1.0, 0.0], [0.0, 1.0]]],
+                              edge_source=src, edge_target=tgt)
+
+
+@pytest.mark.parametrize("bad", [
+    np.ones((1, 2)) + 1j, "ab", [[1.0, None]], [[1.0], [1.0, 2.0]],
+])
+def test_non_real_b_raises_data_error(bad):
+    system = RaceSystem.from_paths([[0, 1]], s=[[1.0]], d=[[[1.0]]],
+                                   edge_source=[0, 1], edge_target=[1, 2])
+    for method in (system.rhs, system.jacobian, system.loss, system.path_strengths,
+                   system.conserved):
+        with pytest.raises(DataError, match="b"):
+            method(bad)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(s=np.array([[1.0 + 1.0j]])), "s must be"),
+    (dict(rate=np.array([1.0, 1.0, 1.0j])), "rate must be"),
+    (dict(path_ptr=[0, np.inf]), "path_ptr must hold integers"),
+])
+def test_non_real_fields_raise_data_error(kwargs, match):
+    fields = dict(n_edges=3, path_ptr=[0, 2], path_edges=[0, 1], target_ptr=[0, 1],
+                  target_paths=[0], s=[[1.0]], d=[[1.0]])
+    fields.update(kwargs)
+    with pytest.raises(DataError, match=match):
+        RaceSystem(**fields)
+    if "s" in kwargs:
+        with pytest.raises(DataError, match="s must be"):
+            RaceSystem.from_paths([[0, 1]], s=[[1.0 + 1.0j]], d=[[[1.0]]])
+
+
+def test_jacobian_too_big_for_memory_is_refused(monkeypatch):
+    """The output is n_edges times bigger than b: refuse it before the OOM killer does."""
+    from fastrace import _memory
+    from fastrace.errors import FastraceError
+
+    monkeypatch.setattr(_memory, "available_memory", lambda: 1 << 20)
+    system = RaceSystem.from_paths([list(range(1500))], s=[[1.0]], d=[[[1.0]]])
+    with pytest.raises(FastraceError, match="GiB"):
+        system.jacobian(np.ones(1500))

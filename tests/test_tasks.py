@@ -63,3 +63,44 @@ def test_custom_items_and_targets():
 def test_bad_arguments(kwargs, message):
     with pytest.raises(fr.ConfigError, match=message):
         fr.tasks.routing(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"M": True, "K": 1}, "M must be a positive integer"),
+    ({"M": 3, "K": True}, "K must be an integer in 1..M=3"),
+    ({"targets": [["a", "b"]]}, "targets"),
+    ({"targets": np.ones((7, 4)) * 1j}, "targets"),
+    ({"items": np.ones((4, 4), dtype=object)}, "items"),
+])
+def test_bools_and_non_numbers_are_refused(kwargs, message):
+    with pytest.raises(fr.ConfigError, match=message):
+        fr.tasks.routing(**kwargs)
+    with pytest.raises(fr.ConfigError, match="permute must be True or False"):
+        routing_gate(7, 4, permute="no")
+
+
+def test_memory_grows_with_the_trained_pairs_not_with_m_cubed():
+    # a data set over all M² pairs (M input arrays of M² n_items rows each) is built only
+    # when asked for: M = 150 with K = 1 has 600 training samples, not ~1.5 GB of arrays
+    import tracemalloc
+
+    tracemalloc.start()
+    task = fr.tasks.routing(M=150, K=1, hidden=4)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert task.data.n_samples == 600 and peak < 100 << 20
+    small = fr.tasks.routing(M=3, K=1, hidden=4)
+    assert small.all_pairs.n_samples == 9 * 4
+
+
+def test_a_data_set_too_big_for_memory_is_refused_before_allocation(monkeypatch):
+    from fastrace import _memory
+
+    monkeypatch.setattr(_memory, "available_memory", lambda: 1 << 20)
+    with pytest.raises(fr.ConfigError, match="GiB"):
+        fr.tasks.routing(M=300, K=4, hidden=4)
+
+
+def test_a_huge_gate_is_refused_with_a_config_error():
+    with pytest.raises(fr.ConfigError, match="gate need"):
+        routing_gate(10**7, 1)

@@ -11,10 +11,12 @@ squared error over the items × features entries of each pair.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
-from ..data import Dataset
+from .._memory import refuse_if_no_room
+from ..data import Dataset, real_array
 from ..errors import ConfigError
 from ..init import as_generator
 from ..network import Network
@@ -24,19 +26,26 @@ REFERENCE_TARGETS = np.array([[6, 6, 6, 6], [4, 4, 0, 0], [0, 0, 4, 4], [3, 0, 0
                               [0, 3, 0, 0], [0, 0, 3, 0], [0, 0, 0, 3]], dtype=np.float64)
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
 def routing_gate(M: int, K: int, gate: str = "k_plus_minus", permute: bool = False,
                  seed=None) -> np.ndarray:
     """(M, M) boolean matrix: row = input domain, column = output domain, True = trained."""
-    if not (isinstance(M, (int, np.integer)) and M >= 1):
+    if not (_is_int(M) and M >= 1):
         raise ConfigError(f"routing: M must be a positive integer, got {M!r}")
-    if not (isinstance(K, (int, np.integer)) and 1 <= K <= M):
+    if not (_is_int(K) and 1 <= K <= M):
         raise ConfigError(f"routing: K must be an integer in 1..M={M}, got {K!r}")
+    if not isinstance(permute, (bool, np.bool_)):
+        raise ConfigError(f"routing: permute must be True or False, got {permute!r}")
     if gate == "k_plus":
         shifts = range(0, K)
     elif gate == "k_plus_minus":
         shifts = range(-((K - 1) // 2), K // 2 + 1)
     else:
         raise ConfigError(f"routing: gate must be 'k_plus' or 'k_plus_minus', got {gate!r}")
+    refuse_if_no_room(M * M, "use fewer domains M", f"the {M} x {M} gate")
     trained = np.zeros((M, M), dtype=bool)
     for i in range(M):
         for d in shifts:
@@ -52,12 +61,12 @@ class RoutingTask:
 
     ``trained`` (M, M) bool; ``items`` (n_features_in, n_items) inputs as columns; ``targets``
     (n_out, n_items) targets as columns; ``data`` the training set (trained pairs only);
-    ``all_pairs`` a data set over every (i, j) pair with the same weighting.
+    ``all_pairs`` a data set over every (i, j) pair with the same weighting (built when first
+    used: its memory grows as M³).
     """
 
     network: Network
     data: Dataset
-    all_pairs: Dataset
     trained: np.ndarray
     items: np.ndarray
     targets: np.ndarray
@@ -65,6 +74,11 @@ class RoutingTask:
     K: int
     hidden: int
     sample_pairs: np.ndarray = field(repr=False)
+
+    @cached_property
+    def all_pairs(self) -> Dataset:
+        pairs = np.argwhere(np.ones((self.M, self.M), dtype=bool))
+        return _pairs_dataset(self.M, pairs, self.items, self.targets)
 
     @property
     def n_out(self) -> int:
@@ -109,6 +123,10 @@ class RoutingTask:
 def _pairs_dataset(M, pairs, items, targets):
     n_items = items.shape[1]
     P = len(pairs) * n_items
+    # M input and M output arrays of P rows, 2M gates, each built here and copied by Dataset
+    refuse_if_no_room(16 * M * P * (items.shape[0] + targets.shape[0] + 2),
+                      "use fewer domains M or trained pairs K",
+                      f"the arrays of the routing data set (M = {M})")
     inputs = {f"in_{i}": np.zeros((P, items.shape[0])) for i in range(M)}
     outs = {f"out_{j}": np.zeros((P, targets.shape[0])) for j in range(M)}
     node_gates = {**{f"in_{i}": np.zeros(P) for i in range(M)},
@@ -135,14 +153,14 @@ def routing(M: int = 7, K: int = 4, gate: str = "k_plus_minus", items: np.ndarra
     (n_out, n_items), targets as columns (default the 7 × 4 reference matrix).
     """
     trained = routing_gate(M, K, gate, permute, seed)
-    targets = REFERENCE_TARGETS if targets is None else np.asarray(targets, dtype=np.float64)
+    targets = REFERENCE_TARGETS if targets is None else _real("targets", targets)
     if targets.ndim != 2:
         raise ConfigError(f"routing: targets must be (n_out, n_items), got shape {targets.shape}")
-    items = np.eye(targets.shape[1]) if items is None else np.asarray(items, dtype=np.float64)
+    items = np.eye(targets.shape[1]) if items is None else _real("items", items)
     if items.ndim != 2 or items.shape[1] != targets.shape[1]:
         raise ConfigError(f"routing: items must be (n_features, n_items={targets.shape[1]}), "
                           f"got shape {items.shape}")
-    if not (isinstance(hidden, (int, np.integer)) and hidden >= 1):
+    if not (_is_int(hidden) and hidden >= 1):
         raise ConfigError(f"routing: hidden must be a positive integer, got {hidden!r}")
     net = Network()
     for i in range(M):
@@ -156,7 +174,12 @@ def routing(M: int = 7, K: int = 4, gate: str = "k_plus_minus", items: np.ndarra
     for j in range(M):
         net.add_edge("h2", f"out_{j}")
     pairs = np.argwhere(trained)
-    all_pairs = np.argwhere(np.ones((M, M), dtype=bool))
-    return RoutingTask(net, _pairs_dataset(M, pairs, items, targets),
-                       _pairs_dataset(M, all_pairs, items, targets), trained, items, targets,
-                       M, K, hidden, pairs)
+    return RoutingTask(net, _pairs_dataset(M, pairs, items, targets), trained, items, targets,
+                       int(M), int(K), int(hidden), pairs)
+
+
+def _real(name: str, value) -> np.ndarray:
+    try:
+        return real_array(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"routing: {name} {exc}") from None
