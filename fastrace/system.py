@@ -23,6 +23,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from ._memory import refuse_if_no_room as _refuse_if_no_room
+from .data import real_array
 from .errors import DataError
 
 try:  # the C core; absent only when the package was not built
@@ -51,12 +52,9 @@ def _real(value, name: str) -> np.ndarray:
     """value as a float64 array; DataError for anything but real numbers (numpy would drop an
     imaginary part with only a warning, and read None as NaN)."""
     try:
-        arr = np.asarray(value)
+        return real_array(value)
     except (TypeError, ValueError) as exc:
         raise DataError(f"{name} must be a real array: {exc}") from None
-    if arr.dtype.kind not in "biuf":
-        raise DataError(f"{name} must be a real array, got dtype {arr.dtype}")
-    return arr.astype(np.float64, copy=False)
 
 
 def _int_array(value, name: str, ndim: int = 1) -> np.ndarray:

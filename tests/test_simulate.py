@@ -721,6 +721,20 @@ def _kill_script_when(path, ready, script=KILL_SCRIPT) -> None:
             proc.wait()
 
 
+def _checkpointed_past(path, step: int, pause: float):
+    """A test (for _kill_script_when), after ``pause`` s, that every run of the file at
+    ``path`` has a checkpoint at ``step`` or later."""
+    def ready() -> bool:
+        time.sleep(pause)
+        try:
+            info = store.run_info(path)["runs"]
+        except fr.StoreError:
+            return False
+        return min(r["checkpoint_step"] or 0 for r in info.values()) >= step
+
+    return ready
+
+
 def _assert_resume_is_the_uninterrupted_run(path) -> None:
     """Resume KILL_SCRIPT's killed file and compare it with the run made in one go."""
     net, data, _ = case(16)
@@ -740,15 +754,7 @@ def _assert_resume_is_the_uninterrupted_run(path) -> None:
 def test_sigkill_then_resume_is_bit_for_bit(tmp_path):
     path = tmp_path / "killed.h5"
 
-    def checkpointed_past_300() -> bool:
-        time.sleep(0.05)
-        try:
-            info = store.run_info(path)["runs"]
-        except fr.StoreError:
-            return False
-        return min(r["checkpoint_step"] or 0 for r in info.values()) >= 300
-
-    _kill_script_when(path, checkpointed_past_300)
+    _kill_script_when(path, _checkpointed_past(path, 300, 0.05))
     partial = store.read_run(path, "seed_00")
     assert partial.status == "running"
     assert 0 < partial.series["t"].shape[0] < 801
@@ -785,15 +791,7 @@ def test_a_killed_samples_engine_run_in_blocks_resumes_bit_for_bit(tmp_path):
     assert len(GradientEngine(net, data, "samples")._blocks) > 1
     path = tmp_path / "samples.h5"
 
-    def checkpointed_past_40() -> bool:
-        time.sleep(0.02)
-        try:
-            info = store.run_info(path)["runs"]
-        except fr.StoreError:
-            return False
-        return min(r["checkpoint_step"] or 0 for r in info.values()) >= 40
-
-    _kill_script_when(path, checkpointed_past_40, SAMPLES_KILL_SCRIPT)
+    _kill_script_when(path, _checkpointed_past(path, 40, 0.02), SAMPLES_KILL_SCRIPT)
     assert store.read_run(path, "simulation").status == "running"
     resumed = resume(path, net, data, threads=1)
     full = simulate(net, data, init, lr=0.05, momentum=0.9, steps=150, record_every=10,
@@ -823,15 +821,7 @@ def test_a_killed_flow_run_resumes_bit_for_bit(tmp_path):
     the same numbers as the run made in one go."""
     path = tmp_path / "flow.h5"
 
-    def checkpointed_past_30() -> bool:
-        time.sleep(0.02)
-        try:
-            info = store.run_info(path)["runs"]
-        except fr.StoreError:
-            return False
-        return min(r["checkpoint_step"] or 0 for r in info.values()) >= 30
-
-    _kill_script_when(path, checkpointed_past_30, FLOW_KILL_SCRIPT)
+    _kill_script_when(path, _checkpointed_past(path, 30, 0.02), FLOW_KILL_SCRIPT)
     assert store.read_run(path, "seed_00").status == "running"
     net, data, _ = case(16)
     inits = [fr.init.gaussian(net, std=0.5, seed=s) for s in range(2)]

@@ -282,10 +282,9 @@ def _gone_within(pids: list[int], seconds: float) -> list[int]:
     return [p for p in pids if _alive(p)]
 
 
-@LINUX_PROC
-def test_workers_end_when_the_sweep_process_is_killed(tmp_path):
-    proc, out = _start_sweep(tmp_path, [10**8, 10**8])  # points that would run for minutes
-    seen: set[int] = set()
+def _kill_and_see_the_workers_end(proc, out, seen: set[int]) -> None:
+    """SIGKILL a running sweep once its workers run (their pids go into ``seen``); they must be
+    gone within 5 s."""
     try:
         workers = _running_workers(proc, out, seen)
         proc.kill()
@@ -293,6 +292,13 @@ def test_workers_end_when_the_sweep_process_is_killed(tmp_path):
         assert _gone_within(workers, 5.0) == []
     finally:
         _end(proc, seen)
+
+
+@LINUX_PROC
+def test_workers_end_when_the_sweep_process_is_killed(tmp_path):
+    proc, out = _start_sweep(tmp_path, [10**8, 10**8])  # points that would run for minutes
+    seen: set[int] = set()
+    _kill_and_see_the_workers_end(proc, out, seen)
 
 
 @LINUX_PROC
@@ -402,13 +408,7 @@ def test_a_killed_sweep_leaves_nothing_in_tmp_and_the_next_sweep_clears_its_note
     tmp = Path(env["TMPDIR"])
     proc, out = _start_sweep(tmp_path, [10**8, 10**8], env=env)
     seen: set[int] = set()
-    try:
-        workers = _running_workers(proc, out, seen)
-        proc.kill()
-        proc.wait()
-        assert _gone_within(workers, 5.0) == []
-    finally:
-        _end(proc, seen)
+    _kill_and_see_the_workers_end(proc, out, seen)
     assert list(tmp.iterdir()) == []
     left = _notes_dirs(out)
     assert [d.name.split("-")[2] for d in left] == [str(proc.pid)]
